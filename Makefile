@@ -1,0 +1,44 @@
+# imm-ray: set-up, demo, tests, benchmarks, local cluster.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.imm-installed
+RUN_DIR ?= runs/demo
+CONFIG ?= jobs/configs/demo.yaml
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+# Where the data-set presets look first (this environment keeps GSM8K/SVAMP/ASDiv beside the repo).
+ifneq ($(wildcard ../shared/data),)
+export IMM_DATA_DIR ?= $(abspath ../shared/data)
+endif
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-quick bench cluster-up cluster-down clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m jobs.imm_run --config $(CONFIG) --run-dir $(RUN_DIR)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-quick: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) tests/bench/bench_merge_dare.py
+
+cluster-up: setup
+	bash cluster/local-up.sh
+
+cluster-down:
+	bash cluster/local-down.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,75 @@
+"""The ``imm`` command: ``imm run`` (the IMM loop) and ``imm merge`` (one merge)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Sequence
+
+logger = logging.getLogger("imm_ray")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr with timestamps (the driver adds a file handler in the run directory)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _terminate_as_interrupt(signum, frame) -> None:  # noqa: ANN001
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``imm run`` / ``python -m jobs.imm_run``."""
+    parser.add_argument("--config", help="YAML config file (see jobs/configs/)")
+    parser.add_argument("--preset", help="named preset applied under the file (e.g. paper, cpu-small)")
+    parser.add_argument("--run-dir", help="run directory (default: $IMM_RUNS_DIR/<run.name>, IMM_RUNS_DIR defaulting to runs)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run or resume an IMM run."""
+    from imm_ray.config import load_config
+    from imm_ray.loop.driver import RoundDriver
+
+    cfg = load_config(args.config, args.overrides, preset=args.preset)
+    run_dir = args.run_dir or os.path.join(os.environ.get("IMM_RUNS_DIR", "runs"), cfg.run.name)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    RoundDriver(cfg, run_dir).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``imm`` argument parser with its subcommands."""
+    from imm_ray.merge.cli import add_merge_arguments, run_merge_cli
+
+    parser = argparse.ArgumentParser(prog="imm", description="Iterative Model Merging on Ray")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run or resume the IMM self-improvement loop")
+    add_run_arguments(run)
+    run.set_defaults(func=run_command)
+    merge = sub.add_parser("merge", help="merge checkpoints (DARE/IMM and other methods)")
+    add_merge_arguments(merge)
+    merge.set_defaults(func=run_merge_cli)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``imm`` console script."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        logger.error("interrupted; run the same command again to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

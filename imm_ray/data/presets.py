@@ -1,0 +1,88 @@
+"""Registry of known benchmark datasets: file layout, field names, answer format, hub source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imm_ray.data.spec import AnswerFormat
+
+__all__ = ["DatasetPreset", "DATASET_PRESETS", "register_dataset_preset", "get_dataset_preset"]
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """How to find and read one benchmark.
+
+    Local files live at <data dir>/<folder>/<split>.jsonl (or .json/.parquet). The hub copy may
+    name its columns differently (hub_question_field / hub_answer_field / hub_answer_format).
+    """
+
+    name: str
+    folder: str
+    question_field: str
+    answer_field: str
+    answer_format: AnswerFormat
+    splits: tuple[str, ...] = ("test",)
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_question_field: str | None = None
+    hub_answer_field: str | None = None
+    hub_answer_format: AnswerFormat | None = None
+
+
+DATASET_PRESETS: dict[str, DatasetPreset] = {}
+
+
+def register_dataset_preset(preset: DatasetPreset, overwrite: bool = False) -> DatasetPreset:
+    """Add a preset to DATASET_PRESETS (ValueError if the name exists and overwrite is False)."""
+    if preset.name in DATASET_PRESETS and not overwrite:
+        raise ValueError(f"dataset preset {preset.name!r} already exists (pass overwrite=True)")
+    DATASET_PRESETS[preset.name] = preset
+    return preset
+
+
+def get_dataset_preset(name: str) -> DatasetPreset:
+    """The preset called name; KeyError listing the known presets otherwise."""
+    try:
+        return DATASET_PRESETS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown dataset preset {name!r}; known: {sorted(DATASET_PRESETS)}"
+        ) from None
+
+
+register_dataset_preset(
+    DatasetPreset(
+        name="gsm8k",
+        folder="gsm8k",
+        question_field="question",
+        answer_field="answer",
+        answer_format="gsm8k",
+        splits=("train", "test"),
+        hub_id="openai/gsm8k",
+        hub_config="main",
+    )
+)
+# The hub copy (ChilleD/SVAMP) is a 700/300 train/test split with other column names; the
+# local file is the 1,000-question set packaged by the PAL project.
+register_dataset_preset(
+    DatasetPreset(
+        name="svamp",
+        folder="svamp",
+        question_field="input",
+        answer_field="target",
+        answer_format="numeric",
+        hub_id="ChilleD/SVAMP",
+        hub_question_field="question_concat",
+        hub_answer_field="Answer",
+    )
+)
+register_dataset_preset(
+    DatasetPreset(
+        name="asdiv",
+        folder="asdiv",
+        question_field="input",
+        answer_field="target",
+        answer_format="numeric",
+    )
+)

@@ -1,0 +1,13 @@
+"""Text generation: the engine interface, the ``hf`` and ``vllm`` engines, Ray generator actors."""
+
+from imm_ray.generate.engine import (
+    ENGINES,
+    Completion,
+    Engine,
+    EngineOptions,
+    SamplingSpec,
+    create_engine,
+    register_engine,
+)
+
+__all__ = ["ENGINES", "Completion", "Engine", "EngineOptions", "SamplingSpec", "create_engine", "register_engine"]

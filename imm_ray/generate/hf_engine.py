@@ -1,0 +1,93 @@
+"""The ``hf`` engine: batched transformers ``generate``, for machines without vLLM."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec, register_engine, truncate_at_stop
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "auto": "auto"}
+
+
+class HFEngine:
+    """Left-padded batched generation with transformers."""
+
+    def __init__(self, model_path: Path, options: EngineOptions) -> None:
+        self.options = options
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model_path = Path(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = self._load_model(self.model_path)
+
+    def _load_model(self, path: Path) -> torch.nn.Module:
+        if self.options.dtype not in _DTYPES:
+            raise ValueError(f"hf engine: unknown dtype {self.options.dtype!r}; use one of {sorted(_DTYPES)}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[self.options.dtype])
+        return model.to(self.device).eval()
+
+    def load(self, model_path: Path) -> None:
+        """Load another checkpoint (same tokenizer assumed)."""
+        self.model = self._load_model(Path(model_path))
+        self.model_path = Path(model_path)
+
+    def close(self) -> None:
+        """Drop the model."""
+        self.model = None
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return sorted({i for i in ids if i is not None})
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        """Generate ``sampling.n`` completions per prompt in batches of ``options.batch_size``."""
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        flat = [p for p in prompts for _ in range(sampling.n)]
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self._eos_ids()[0]
+        eos_ids = self._eos_ids()
+        out: list[Completion] = []
+        bs = max(1, self.options.batch_size)
+        for start in range(0, len(flat), bs):
+            batch = flat[start : start + bs]
+            width = max(len(p) for p in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, p in enumerate(batch):
+                ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                mask[row, width - len(p) :] = 1
+            kwargs = dict(max_new_tokens=sampling.max_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
+            if sampling.greedy:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            for row in gen[:, width:].tolist():
+                out.append(self._to_completion(row, eos_ids, pad_id, sampling))
+        return [out[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+
+    def _to_completion(self, row: list[int], eos_ids: list[int], pad_id: int, sampling: SamplingSpec) -> Completion:
+        stopped = False
+        for j, tok in enumerate(row):
+            if tok in eos_ids:
+                row, stopped = row[:j], True
+                break
+        text = self.tokenizer.decode(row, skip_special_tokens=True)
+        text, hit = truncate_at_stop(text, sampling.stop)
+        return Completion(text=text, finish_reason="stop" if (stopped or hit) else "length", num_tokens=len(row))
+
+
+@register_engine("hf")
+def _make_hf(model_path: Path, options: EngineOptions) -> HFEngine:
+    return HFEngine(model_path, options)

@@ -1,0 +1,1 @@
+"""The round loop: run directory, stage state and the driver."""

@@ -1,0 +1,314 @@
+"""The round driver: generate -> verify -> SFT -> merge -> evaluate, resumable stage by stage.
+
+Every stage writes its outputs atomically into the round folder and is then marked done in
+``state.json``. A stage that started but was not marked done is cleared and redone on resume;
+a finished stage is never redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+import yaml
+from transformers import AutoTokenizer
+
+from imm_ray.config import RESUMABLE_CHANGES, ConfigError, ImmConfig, config_differences, config_to_yaml
+from imm_ray.data import DatasetSpec, Problem, load_problems
+from imm_ray.data.prompts import default_stop_strings, encode_prompt, render_prompt
+from imm_ray.evaluate import score_completions
+from imm_ray.generate.actors import GeneratorPool, PoolSpec
+from imm_ray.generate.engine import EngineOptions, SamplingSpec
+from imm_ray.loop.remote import merge_remote, verify_remote
+from imm_ray.loop.rundir import RunDir, atomic_write_json, atomic_write_text, read_jsonl, remove_path, write_jsonl
+from imm_ray.loop.summary import format_table, metrics_rows
+from imm_ray.models import resolve_model
+from imm_ray.train import run_sft
+from imm_ray.verify import select_accepted
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(cfg: ImmConfig) -> None:
+    """Connect to the configured cluster, the one a Ray job runs in, or start a local head on loopback."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        logger.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local head bound to 127.0.0.1 only; Ray then enables token auth unless told otherwise.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    logger.info("starting a local Ray head on loopback (num_cpus=%s)", cfg.ray.num_cpus)
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
+
+
+class RoundDriver:
+    """Runs the configured arms for the configured number of rounds in one run directory."""
+
+    def __init__(self, cfg: ImmConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.rd = RunDir(run_dir)
+        self._problems: dict[str, list[Problem]] = {}
+        self._pool: GeneratorPool | None = None
+        self.original: Path | None = None
+        self.tokenizer = None
+
+    # --- set-up -----------------------------------------------------------------------------
+    def _save_config(self) -> None:
+        new = yaml.safe_load(config_to_yaml(self.cfg))
+        if self.rd.config_path.exists():
+            old = yaml.safe_load(self.rd.config_path.read_text())
+            blocking = [d for d in config_differences(old, new) if not d.startswith(RESUMABLE_CHANGES)]
+            if blocking:
+                raise ConfigError(
+                    f"{self.rd.root} was started with a different config ({', '.join(blocking)} differ). "
+                    "Resume with the same config and overrides, or use a new --run-dir."
+                )
+        atomic_write_text(self.rd.config_path, config_to_yaml(self.cfg))
+
+    def _data_dir(self) -> str | None:
+        return self.cfg.data.dir
+
+    def problems(self, spec: DatasetSpec) -> list[Problem]:
+        """Load (once) the problems of a data set."""
+        if spec.name not in self._problems:
+            res = load_problems(spec, data_dir=self._data_dir())
+            if res.malformed:
+                logger.warning("%s: skipped %d malformed rows of %s", spec.name, res.malformed, res.source)
+            if not res.problems:
+                raise ConfigError(f"data set {spec.name!r} ({res.source}) has no usable problems")
+            logger.info("%s: %d problems from %s", spec.name, len(res.problems), res.source)
+            self._problems[spec.name] = res.problems
+        return self._problems[spec.name]
+
+    def pool(self) -> GeneratorPool:
+        """The generator pool, created on first use."""
+        if self._pool is None:
+            g = self.cfg.generate
+            e = g.engine
+            options = EngineOptions(
+                dtype=e.dtype, max_model_len=e.max_model_len, kv_cache_gb=e.kv_cache_gb, batch_size=e.batch_size,
+                enforce_eager=e.enforce_eager, gpu_memory_utilization=e.gpu_memory_utilization, seed=g.seed,
+            )
+            spec = PoolSpec(
+                engine=e.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
+                num_gpus=g.resources.num_gpus, chunk_size=g.chunk_size,
+            )
+            self._pool = GeneratorPool(spec, progress=self.cfg.run.progress)
+        return self._pool
+
+    def prompts(self, problems: list[Problem]) -> list[dict[str, Any]]:
+        """Render and tokenise the prompt of each problem."""
+        d = self.cfg.data
+        out = []
+        for p in problems:
+            kwargs = {"system_prompt": d.system_prompt}
+            if d.instruction_suffix is not None:
+                kwargs["instruction_suffix"] = d.instruction_suffix
+            text = render_prompt(p.question, d.prompt_template, self.tokenizer, **kwargs)
+            out.append({"text": text, "ids": encode_prompt(self.tokenizer, text)})
+        return out
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = self.cfg.generate.stop
+        return tuple(stop if stop is not None else default_stop_strings(self.cfg.data.prompt_template))
+
+    # --- stage bookkeeping ------------------------------------------------------------------
+    @contextmanager
+    def stage(self, key: str, outputs: list[Path]) -> Iterator[dict[str, Any]]:
+        """Run a stage: clear half-written outputs, time it, mark it done with its info."""
+        for path in outputs:
+            remove_path(path)
+        self.rd.mark_started(key)
+        logger.info("[%s] started", key)
+        info: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        yield info
+        seconds = time.perf_counter() - t0
+        self.rd.mark_done(key, seconds, info)
+        logger.info("[%s] done in %.1f s: %s", key, seconds, _brief(info))
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """Run (or resume) every arm and round; return the metrics rows."""
+        self.rd.lock()
+        log_handler = _file_log_handler(self.rd.log_path)
+        try:
+            self._save_config()
+            logger.info("run directory %s\nresolved config:\n%s", self.rd.root, config_to_yaml(self.cfg))
+            self.original = resolve_model(self.cfg.model.ref, self.cfg.model.cache_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.original)
+            init_ray(self.cfg)
+            if self.cfg.evaluate.baseline:
+                self._baseline()
+            for arm in self.cfg.run.arms:
+                current = self.original
+                for t in range(1, self.cfg.run.rounds + 1):
+                    current = self._round(arm, t, current)
+                    self._write_metrics()
+            rows = self._write_metrics()
+            logger.info("IMM run finished: %s\n%s", self.rd.root, format_table(rows))
+            return rows
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+            logging.getLogger().removeHandler(log_handler)
+            log_handler.close()
+            self.rd.unlock()
+
+    def _write_metrics(self) -> list[dict[str, Any]]:
+        rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)
+        write_jsonl(self.rd.metrics_path, rows)
+        return rows
+
+    def _baseline(self) -> None:
+        key = "baseline/evaluate"
+        if self.rd.is_done(key):
+            logger.info("[%s] already done, skipping", key)
+            return
+        self._evaluate(key, self.original, self.rd.baseline_dir)
+
+    def _round(self, arm: str, t: int, current: Path) -> Path:
+        """Run the unfinished stages of round ``t`` of ``arm``; return the round's model."""
+        rdir = self.rd.round_dir(arm, t)
+        prefix = f"{arm}/round-{t:03d}"
+        samples, accepted = rdir / "samples.jsonl", rdir / "accepted.jsonl"
+
+        if not self.rd.is_done(f"{prefix}/generate"):
+            with self.stage(f"{prefix}/generate", [samples]) as info:
+                info.update(self._generate(current, samples, t))
+        if not self.rd.is_done(f"{prefix}/verify"):
+            with self.stage(f"{prefix}/verify", [accepted]) as info:
+                info.update(self._verify(samples, accepted))
+
+        model = current
+        if not self.rd.is_done(f"{prefix}/sft"):
+            with self.stage(f"{prefix}/sft", [rdir / "sft", rdir / "_ray_train"]) as info:
+                info.update(self._sft(current, accepted, rdir))
+        sft_info = self.rd.stage(f"{prefix}/sft")["info"]
+        if not sft_info.get("skipped"):
+            model = rdir / "sft"
+            if arm == "imm":
+                if not self.rd.is_done(f"{prefix}/merge"):
+                    with self.stage(f"{prefix}/merge", [rdir / "merged"]) as info:
+                        info.update(self._merge(model, rdir / "merged"))
+                model = rdir / "merged"
+        if not self.rd.is_done(f"{prefix}/evaluate"):
+            self._evaluate(f"{prefix}/evaluate", model, rdir)
+        return model
+
+    # --- stages -----------------------------------------------------------------------------
+    def _generate(self, model: Path, out: Path, t: int) -> dict[str, Any]:
+        g = self.cfg.generate
+        problems = self.problems(self.cfg.data.train)
+        prompts = self.prompts(problems)
+        sampling = SamplingSpec(
+            n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
+            stop=self.stop_strings(), seed=g.seed + t,
+        )
+        pool = self.pool()
+        pool.load(model)
+        outs = pool.generate([p["ids"] for p in prompts], sampling, desc=f"generate round {t}")
+        rows = [
+            {
+                "problem_id": prob.id, "dataset": prob.dataset, "question": prob.question, "gold": prob.answer,
+                "prompt": prompt["text"], "sample": j, "completion": c.text, "finish_reason": c.finish_reason,
+                "num_tokens": c.num_tokens,
+            }
+            for prob, prompt, comps in zip(problems, prompts, outs)
+            for j, c in enumerate(comps)
+        ]
+        write_jsonl(out, rows)
+        return {
+            "generated": len(rows), "questions": len(problems), "model": str(model),
+            "sampling": {"n": g.samples_per_question, "temperature": g.temperature, "top_p": g.top_p,
+                         "max_tokens": g.max_tokens, "greedy": sampling.greedy},
+            "truncated": sum(r["finish_reason"] == "length" for r in rows),
+            "tokens": sum(r["num_tokens"] for r in rows),
+        }
+
+    def _verify(self, samples: Path, out: Path) -> dict[str, Any]:
+        v = self.cfg.verify
+        rows = read_jsonl(samples)
+        verdicts = verify_remote(
+            [(r["completion"], r["gold"]) for r in rows], v.verifier, v.batch_size, v.resources.num_cpus
+        )
+        kept = select_accepted(rows, verdicts, dedup=v.dedup)
+        write_jsonl(out, kept)
+        return {
+            "generated": len(rows),
+            "correct": sum(vd.correct for vd in verdicts),
+            "unparseable": sum(vd.extracted is None for vd in verdicts),
+            "accepted": len(kept),
+            "questions_solved": len({r["problem_id"] for r in kept}),
+        }
+
+    def _sft(self, model: Path, accepted: Path, rdir: Path) -> dict[str, Any]:
+        n = len(read_jsonl(accepted))
+        if n == 0:
+            logger.warning("no sample was accepted this round: SFT skipped, the model stays %s", model)
+            return {"skipped": True, "reason": "no accepted samples", "examples": 0}
+        res = run_sft(model, accepted, rdir / "sft", self.cfg.train, storage_dir=rdir / "_ray_train")
+        remove_path(rdir / "_ray_train")
+        return {
+            "skipped": False, "examples": res.examples, "dropped": res.dropped, "steps": res.steps,
+            "final_loss": res.final_loss, "checkpoint": str(res.checkpoint_dir),
+        }
+
+    def _merge(self, sft: Path, out: Path) -> dict[str, Any]:
+        m = self.cfg.merge
+        anchor = self.original if m.anchor == "original" else resolve_model(m.anchor, self.cfg.model.cache_dir)
+        merged = merge_remote(
+            m.method, anchor, [sft], out, dict(m.params), m.seed, m.resources.num_cpus, m.resources.num_gpus
+        )
+        return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": str(anchor),
+                "checkpoint": str(merged)}
+
+    def _evaluate(self, key: str, model: Path, folder: Path) -> None:
+        eval_json, eval_samples = folder / "eval.json", folder / "eval_samples.jsonl"
+        with self.stage(key, [eval_json, eval_samples]) as info:
+            specs = self.cfg.data.eval
+            sets = [(s.name, self.problems(s)) for s in specs]
+            all_problems = [p for _, probs in sets for p in probs]
+            prompts = self.prompts(all_problems)
+            sampling = SamplingSpec(n=1, temperature=0.0, max_tokens=self.cfg.evaluate.max_tokens,
+                                    stop=self.stop_strings(), seed=None)
+            pool = self.pool()
+            pool.load(model)
+            outs = pool.generate([p["ids"] for p in prompts], sampling, desc=f"evaluate {key.split('/evaluate')[0]}")
+            texts = [o[0].text for o in outs]
+            results, start, rows = {}, 0, []
+            for name, probs in sets:
+                chunk = texts[start : start + len(probs)]
+                start += len(probs)
+                score = score_completions(probs, chunk, verifier=self.cfg.verify.verifier)
+                results[name] = {"accuracy": score.accuracy, "n": score.n, "correct": score.correct,
+                                 "unparseable": score.unparseable}
+                rows += [{"dataset": name, "problem_id": p.id, "gold": p.answer, "completion": c}
+                         for p, c in zip(probs, chunk)]
+            write_jsonl(eval_samples, rows)
+            atomic_write_json(eval_json, {"model": str(model), "datasets": results})
+            info.update({"model": str(model), "datasets": results})
+
+
+def _brief(info: dict[str, Any]) -> str:
+    keys = ("generated", "correct", "accepted", "questions_solved", "steps", "final_loss", "skipped")
+    parts = [f"{k}={info[k]}" for k in keys if k in info]
+    if "datasets" in info:
+        parts += [f"{n}={100 * d['accuracy']:.1f}%" for n, d in info["datasets"].items()]
+    return ", ".join(parts)
+
+
+def _file_log_handler(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler

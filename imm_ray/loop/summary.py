@@ -1,0 +1,63 @@
+"""Per-round metrics rows and the summary table printed in the log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+STAGES = ("generate", "verify", "sft", "merge", "evaluate")
+
+
+def metrics_rows(state: dict[str, Any], arms: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Build one metrics row per finished round and arm (plus the baseline) from ``state.json``."""
+    stages = state.get("stages", {})
+    rows: list[dict[str, Any]] = []
+    base = stages.get("baseline/evaluate")
+    if base and base.get("status") == "done":
+        rows.append(_row(0, "base", {"evaluate": base}))
+    for arm in arms:
+        for t in range(1, rounds + 1):
+            recs = {s: stages.get(f"{arm}/round-{t:03d}/{s}") for s in STAGES}
+            ev = recs["evaluate"]
+            if not ev or ev.get("status") != "done":
+                break
+            rows.append(_row(t, arm, {k: v for k, v in recs.items() if v and v.get("status") == "done"}))
+    return rows
+
+
+def _row(round_idx: int, arm: str, recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    gen = recs.get("generate", {}).get("info", {})
+    ver = recs.get("verify", {}).get("info", {})
+    sft = recs.get("sft", {}).get("info", {})
+    ev = recs["evaluate"]["info"]
+    return {
+        "round": round_idx,
+        "arm": arm,
+        "generated": gen.get("generated", 0),
+        "accepted": ver.get("accepted", 0),
+        "correct": ver.get("correct", 0),
+        "questions_solved": ver.get("questions_solved", 0),
+        "accuracy": {name: d["accuracy"] for name, d in ev["datasets"].items()},
+        "eval": ev["datasets"],
+        "sft": sft,
+        "model": ev.get("model"),
+        "seconds": {name: rec["seconds"] for name, rec in recs.items()},
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table: arm, round, samples, accuracy per data set, seconds per stage."""
+    if not rows:
+        return "(no finished rounds yet)"
+    datasets = list(rows[0]["accuracy"])
+    head = ["arm", "round", "generated", "accepted"] + datasets + [f"{s} s" for s in STAGES]
+    body = []
+    for r in rows:
+        cells = [r["arm"], str(r["round"]), str(r["generated"]), str(r["accepted"])]
+        cells += [f"{100 * r['accuracy'].get(d, float('nan')):.1f}%" for d in datasets]
+        cells += [f"{r['seconds'][s]:.0f}" if s in r["seconds"] else "-" for s in STAGES]
+        body.append(cells)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*b) for b in body]
+    return "\n".join(lines)

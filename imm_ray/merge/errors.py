@@ -1,0 +1,10 @@
+"""Errors raised by the merge engine."""
+
+from __future__ import annotations
+
+
+class MergeError(Exception):
+    """A merge cannot be performed (bad method, parameters, inputs or a bad result).
+
+    Raised before anything is published: when it comes from the engine, ``out_dir`` does not exist.
+    """

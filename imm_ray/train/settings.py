@@ -1,0 +1,38 @@
+"""SFT settings (defaults = the paper preset) and the stage's error type."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SFTError(RuntimeError):
+    """The SFT stage cannot run or training failed."""
+
+
+class SFTSettings(BaseModel):
+    """Full fine-tune settings; defaults follow the authors' scripts (see docs/method.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    micro_batch_size: int = Field(4, ge=1)
+    effective_batch_size: int = Field(64, ge=1)
+    max_length: int = Field(512, ge=2)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    seed: int = 0
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    save_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    log_every_steps: int = Field(10, ge=1)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each worker (at least 1)."""
+        return max(1, self.effective_batch_size // (self.micro_batch_size * world_size))

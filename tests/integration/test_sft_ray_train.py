@@ -1,0 +1,128 @@
+"""run_sft on a local Ray: a real TorchTrainer fine-tune of the tiny model (1 worker and 2-worker DDP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from imm_ray.train import SFTError, SFTSettings, run_sft
+from imm_ray.train.loop import STATE_FILE
+from imm_ray.train.sft_data import collate, read_rows, tokenize_rows
+
+pytestmark = pytest.mark.slow
+
+# New problems (the tiny model memorized others), so the SFT loss has room to fall.
+PAIRS = [(5, 4), (8, 3), (6, 7), (2, 9), (11, 5), (13, 4), (3, 3), (10, 10)]
+SETTINGS = dict(epochs=2, micro_batch_size=2, effective_batch_size=4, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sft_data(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Chat-formatted prompt/completion rows, as the round driver writes them."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path_factory.mktemp("sft-data") / "accepted.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for a, b in PAIRS:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                tokenize=False, add_generation_prompt=True)
+            completion = f"{a} plus {b} is {a + b}. The answer is {a + b}."
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return path
+
+
+def completion_loss(model_dir: Path, data_path: Path) -> float:
+    """Mean completion-token loss of a saved model on the SFT data (fp32, no Ray)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, _ = tokenize_rows(tokenizer, read_rows(data_path), max_length=512)
+    batch = collate(examples, pad_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def check_checkpoint(out: Path, source: Path, data_path: Path, dtype: torch.dtype) -> None:
+    """`out` is a loadable HF folder with new, still tied weights and a lower loss on the data."""
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == dtype
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    before = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+    after = model.float().state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"
+    loss_before, loss_after = completion_loss(source, data_path), completion_loss(out, data_path)
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+    assert AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
+
+
+def test_sft_single_worker(ray_local, tiny_model_dir, sft_data, tmp_path):
+    out = tmp_path / "sft-model"
+    result = run_sft(tiny_model_dir, sft_data, out, SFTSettings(**SETTINGS), tmp_path / "storage")
+
+    assert result.checkpoint_dir == out
+    assert (result.examples, result.dropped) == (len(PAIRS), 0)
+    assert result.steps == 4  # 8 examples / (2 x 2 accumulated) per step, 2 epochs
+    assert 0 < result.final_loss < 10 and result.seconds > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft-model", "storage"]  # no temp left
+    check_checkpoint(out, tiny_model_dir, sft_data, torch.float32)
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["world_size"] == 1 and len(state["history"]) == 4
+    assert state["history"][1]["lr"] == pytest.approx(1e-3)  # 1 warmup step, then the peak
+
+
+def test_sft_ddp_two_workers_bf16_save(ray_local, tiny_model_dir, sft_data, tmp_path):
+    out = tmp_path / "sft-model"
+    settings = SFTSettings(**SETTINGS, num_workers=2, save_dtype="bfloat16")
+    result = run_sft(tiny_model_dir, sft_data, out, settings, tmp_path / "storage")
+
+    assert result.steps == 4  # 4 examples per worker, micro 2, no accumulation, 2 epochs
+    check_checkpoint(out, tiny_model_dir, sft_data, torch.bfloat16)
+    assert json.loads((out / STATE_FILE).read_text())["world_size"] == 2
+
+
+def test_worker_failure_surfaces_root_cause(ray_local, tiny_model_dir, sft_data, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "sft-model"
+    with pytest.raises(SFTError, match=r"rank 0: SafetensorError"):
+        run_sft(broken, sft_data, out, SFTSettings(**SETTINGS), tmp_path / "storage")
+    assert not out.exists()
+
+
+def test_bad_inputs_fail_before_training(tiny_model_dir, sft_data, tmp_path):
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    with pytest.raises(SFTError, match="already exists"):
+        run_sft(tiny_model_dir, sft_data, existing, SFTSettings(), tmp_path / "storage")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SFTError, match="no examples"):
+        run_sft(tiny_model_dir, empty, tmp_path / "out", SFTSettings(), tmp_path / "storage")
+    with pytest.raises(SFTError, match="every prompt reaches max_length"):
+        run_sft(tiny_model_dir, sft_data, tmp_path / "out", SFTSettings(max_length=4),
+                tmp_path / "storage")
+    assert not (tmp_path / "out").exists()

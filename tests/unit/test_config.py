@@ -1,0 +1,88 @@
+"""Config tree: defaults, presets, YAML files, overrides and their errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imm_ray.config import (
+    ConfigError,
+    apply_override,
+    config_differences,
+    config_to_yaml,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_match_the_paper_merge():
+    cfg = load_config()
+    assert cfg.merge.method == "imm"
+    assert cfg.merge.params == {"lam": 0.5, "drop_rate": 0.2}
+    assert cfg.data.eval[0].name == "gsm8k"
+
+
+def test_paper_preset_applies_under_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: paper\ntrain: {epochs: 1}\n")
+    cfg = load_config(f)
+    assert cfg.train.lr == 2e-5 and cfg.train.warmup_ratio == 0.03 and cfg.train.effective_batch_size == 64
+    assert cfg.train.epochs == 1  # the file wins over the preset
+    assert cfg.run.arms == ["imm", "si"]
+    assert cfg.data.prompt_template == "alpaca"
+
+
+def test_overrides_parse_yaml_values_and_index_lists(tmp_path):
+    cfg = load_config(REPO / "jobs/configs/demo.yaml", ["run.rounds=5", "data.eval.1.limit=7", "run.arms=[imm, si]"])
+    assert cfg.run.rounds == 5
+    assert cfg.data.eval[1].limit == 7
+    assert cfg.run.arms == ["imm", "si"]
+
+
+@pytest.mark.parametrize("override", ["run.rounds", "data.eval.9.limit=1", "=3"])
+def test_bad_override_says_what_is_wrong(override):
+    with pytest.raises(ConfigError):
+        load_config(REPO / "jobs/configs/demo.yaml", [override])
+
+
+def test_unknown_key_and_bad_value_name_the_key():
+    with pytest.raises(ConfigError, match="run.roundz"):
+        load_config(None, ["run.roundz=3"])
+    with pytest.raises(ConfigError, match="run.rounds"):
+        load_config(None, ["run.rounds=0"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config(None, preset="nope")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "paper-qwen2.5-0.5b.yaml"])
+def test_shipped_configs_validate_and_round_trip(name):
+    cfg = load_config(REPO / "jobs/configs" / name)
+    again = yaml.safe_load(config_to_yaml(cfg))
+    assert config_differences(cfg.model_dump(mode="json"), again) == []
+
+
+def test_demo_config_is_what_the_issue_asks():
+    cfg = load_config(REPO / "jobs/configs/demo.yaml")
+    assert cfg.model.ref == "embedded:smollm2-135m-instruct"
+    assert cfg.generate.engine.name == "vllm"
+    assert cfg.data.train.limit == 128 and cfg.generate.samples_per_question == 4
+    assert [(d.name, d.limit) for d in cfg.data.eval] == [("gsm8k", 100), ("svamp", 100), ("asdiv", 100)]
+    assert cfg.run.rounds == 2 and cfg.run.arms == ["imm"]
+
+
+def test_config_differences_lists_dotted_keys():
+    tree = {"a": {"b": 1, "c": [1]}, "d": 2}
+    other = {"a": {"b": 2, "c": [1]}, "d": 2, "e": 1}
+    assert config_differences(tree, other) == ["a.b", "e"]
+    apply_override(tree, "a.b=2")
+    assert tree["a"]["b"] == 2
