@@ -35,9 +35,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Run or resume an IMM run."""
     from imm_ray.config import load_config
-    from imm_ray.loop.driver import RoundDriver
+    from imm_ray.ray_env import use_loopback_ray
 
     cfg = load_config(args.config, args.overrides, preset=args.preset)
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        use_loopback_ray()  # before Ray is imported: a local head listens on 127.0.0.1 only
+    from imm_ray.loop.driver import RoundDriver
+
     run_dir = args.run_dir or os.path.join(os.environ.get("IMM_RUNS_DIR", "runs"), cfg.run.name)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     RoundDriver(cfg, run_dir).run()

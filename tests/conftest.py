@@ -8,14 +8,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Before anything imports huggingface_hub/transformers/vLLM (they read these at import time).
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-}.items():
+from imm_ray.generate.vllm_engine import cpu_engine_env  # noqa: E402  (imports neither torch nor vllm)
+from imm_ray.ray_env import use_loopback_ray  # noqa: E402
+
+# Before anything imports ray/huggingface_hub/transformers/vLLM (they read these at import time):
+# offline, and a local Ray head on 127.0.0.1 only.
+use_loopback_ray()
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **cpu_engine_env(1)}.items():
     os.environ.setdefault(_key, _value)
 
 import pytest  # noqa: E402

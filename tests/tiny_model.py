@@ -137,8 +137,18 @@ def build_tiny_model(out_dir: str | Path, memorize_steps: int = 300, seed: int =
     """Build, train (memorize TINY_PROBLEMS) and save the tiny model into `out_dir`.
 
     Raises RuntimeError when greedy decoding reproduces fewer than 6 of the 8 solutions.
+    Runs single-threaded: the tensors are tiny, and torch's thread pool slows down many-fold
+    when other processes (a vLLM engine, Ray workers) busy the cores.
     """
-    out_dir = Path(out_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_tiny_model(Path(out_dir), memorize_steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_tiny_model(out_dir: Path, memorize_steps: int, seed: int) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()

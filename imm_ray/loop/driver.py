@@ -28,6 +28,7 @@ from imm_ray.loop.remote import merge_remote, verify_remote
 from imm_ray.loop.rundir import RunDir, atomic_write_json, atomic_write_text, read_jsonl, remove_path, write_jsonl
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
+from imm_ray.ray_env import ray_binds_loopback
 from imm_ray.train import run_sft
 from imm_ray.verify import select_accepted
 
@@ -43,9 +44,11 @@ def init_ray(cfg: ImmConfig) -> None:
         logger.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    # A local head bound to 127.0.0.1 only; Ray then enables token auth unless told otherwise.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray_binds_loopback():
+        logger.warning(
+            "Ray was imported before imm_ray.ray_env.use_loopback_ray(): the local head will listen on "
+            "the machine's external interface, not only 127.0.0.1"
+        )
     logger.info("starting a local Ray head on loopback (num_cpus=%s)", cfg.ray.num_cpus)
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
 

@@ -1,8 +1,8 @@
-"""The Ray Train worker loop: full fine-tune of a causal LM on pre-tokenized SFT examples.
+"""The Ray Train worker loop: full fine-tune of a causal LM on tokenized SFT examples.
 
 Config keys (built by `imm_ray.train.trainer.run_sft`): ``model_path`` (str), ``examples``
-(list of TokenizedExample), ``pad_id`` (int), ``save_dtype`` ("float32", "bfloat16", ...),
-``settings`` (SFTSettings as a dict).
+(object ref to a list of TokenizedExample), ``pad_id`` (int), ``save_dtype`` (torch dtype
+name), ``settings`` (SFTSettings as a dict).
 """
 
 from __future__ import annotations
@@ -13,26 +13,27 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from imm_ray.train.schedule import lr_factor, warmup_steps
 from imm_ray.train.settings import SFTSettings
 from imm_ray.train.sft_data import IGNORE_INDEX, TokenizedExample, collate
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "sft_state.json"
-
-_SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -68,12 +69,36 @@ def _windows(batches: Iterable[dict[str, torch.Tensor]],
         yield window
 
 
-def _global_sum(value: torch.Tensor, distributed: bool) -> torch.Tensor:
-    """Sum a float64 scalar across workers (identity on a single worker)."""
-    value = value.detach().to(torch.float64)
-    if distributed:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+def _global_sum(value: float, device: torch.device, distributed: bool) -> float:
+    """Sum a scalar across workers (identity on a single worker)."""
+    if not distributed:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.item()
+
+
+def _accumulate(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
+                device: torch.device, bf16: bool, world_size: int) -> tuple[float, float]:
+    """Forward/backward every micro-batch of one optimizer step; returns (loss sum, tokens),
+    both summed over all workers. Gradients end up as the mean over those tokens."""
+    distributed = world_size > 1
+    window = [{k: v.to(device) for k, v in b.items()} for b in window]
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    tokens = max(_global_sum(float(local_tokens), device, distributed), 1.0)
+    loss_sum = 0.0
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        sync = contextlib.nullcontext() if last or not distributed else model.no_sync()
+        with sync:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"], use_cache=False).logits
+            micro_loss = token_loss_sum(logits, batch["labels"])
+            # DDP averages gradients over workers, hence the world_size factor.
+            (micro_loss * (world_size / tokens)).backward()
+        loss_sum += micro_loss.item()
+    return _global_sum(loss_sum, device, distributed), tokens
 
 
 def _save_checkpoint(model: PreTrainedModel, model_path: str, out_dir: str, save_dtype: str,
@@ -88,7 +113,7 @@ def _save_checkpoint(model: PreTrainedModel, model_path: str, out_dir: str, save
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Fine-tune on this worker's shard; rank 0 saves and reports the final HF checkpoint."""
     settings = SFTSettings.model_validate(config["settings"])
-    examples: Sequence[TokenizedExample] = config["examples"]
+    examples: Sequence[TokenizedExample] = ray.get(config["examples"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     distributed = world_size > 1
@@ -115,15 +140,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = settings.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(unwrapped.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(_SCHEDULERS[settings.lr_scheduler], optimizer,
-                              num_warmup_steps=math.ceil(settings.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    warmup = warmup_steps(total_steps, settings.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total_steps=total_steps, warmup=warmup,
+                           kind=settings.lr_scheduler))
     if rank == 0:
         logger.info("SFT: %d examples, %d worker(s), micro batch %d x accum %d = %d per step, "
-                    "%d epochs x %d steps = %d steps, bf16 autocast %s, device %s",
+                    "%d epochs x %d steps = %d steps (%d warmup, %s), bf16 autocast %s, device %s",
                     len(examples), world_size, settings.micro_batch_size, accum,
                     settings.micro_batch_size * accum * world_size, settings.epochs,
-                    steps_per_epoch, total_steps, bf16, device)
+                    steps_per_epoch, total_steps, warmup, settings.lr_scheduler, bf16, device)
 
     model.train()
     history: list[dict[str, float]] = []
@@ -134,24 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sampler.set_epoch(epoch)
         epoch_loss, epoch_tokens = 0.0, 0.0
         for window in _windows(loader, accum):
-            window = [{k: v.to(device) for k, v in b.items()} for b in window]
-            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-            tokens = max(_global_sum(torch.tensor(local_tokens), distributed).item(), 1.0)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for i, batch in enumerate(window):
-                last = i == len(window) - 1
-                sync = contextlib.nullcontext() if last or not distributed else model.no_sync()
-                with sync:
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                        enabled=bf16):
-                        logits = model(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"],
-                                       use_cache=False).logits
-                    micro_loss = token_loss_sum(logits, batch["labels"])
-                    # DDP averages gradients over workers: scale so the result is the mean over
-                    # all completion tokens of the step on all workers.
-                    (micro_loss * (world_size / tokens)).backward()
-                loss_sum += micro_loss.detach().to(torch.float64)
+            loss_sum, tokens = _accumulate(model, window, device, bf16, world_size)
             grad_norm = (torch.nn.utils.clip_grad_norm_(unwrapped.parameters(), settings.grad_clip)
                          if settings.grad_clip > 0 else None)
             lr = scheduler.get_last_lr()[0]
@@ -160,10 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            step_loss_sum = _global_sum(loss_sum, distributed).item()
-            epoch_loss += step_loss_sum
+            epoch_loss += loss_sum
             epoch_tokens += tokens
-            record = {"step": step, "epoch": epoch + 1, "loss": step_loss_sum / tokens, "lr": lr,
+            record = {"step": step, "epoch": epoch + 1, "loss": loss_sum / tokens, "lr": lr,
                       "tokens": tokens}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)

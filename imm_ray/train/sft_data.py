@@ -6,13 +6,14 @@ Pure data code (torch and a tokenizer only, no Ray) so it is unit-testable on it
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from imm_ray.data.prompts import encode_prompt
 from imm_ray.train.settings import SFTError
 
 IGNORE_INDEX = -100
@@ -28,7 +29,7 @@ class SFTRow:
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """Token ids of prompt + completion (+ eos), already truncated; the first `prompt_len` are masked."""
+    """Ids of prompt + completion + eos, truncated; the first `prompt_len` positions are masked."""
 
     input_ids: list[int]
     prompt_len: int
@@ -38,11 +39,6 @@ class TokenizedExample:
         """Targets aligned with `input_ids`: IGNORE_INDEX on the prompt, the token id elsewhere."""
         n = min(self.prompt_len, len(self.input_ids))
         return [IGNORE_INDEX] * n + self.input_ids[n:]
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of an already rendered prompt, with no special tokens added."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def read_rows(path: str | Path) -> list[SFTRow]:
@@ -75,6 +71,8 @@ def tokenize_row(tokenizer: PreTrainedTokenizerBase, row: SFTRow,
                  max_length: int) -> TokenizedExample | None:
     """Tokenize prompt and completion separately, append eos once, truncate to `max_length`.
 
+    The prompt goes through `encode_prompt`, exactly as the generation engines tokenize it.
+
     Returns None when the prompt alone fills `max_length` (no completion token would remain).
     """
     eos_token, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
@@ -104,7 +102,7 @@ def tokenize_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[SFTRow],
 
 
 def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids (pad_id), attention_mask (0 on padding), labels (-100 on padding)."""
+    """Right-pad a batch: input_ids (pad_id), attention_mask and labels (0 / -100 on padding)."""
     width = max(len(ex.input_ids) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -119,7 +117,9 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id used for padding: the tokenizer's pad token, else its eos token."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
     if pad_id is None:
         raise SFTError("the tokenizer has neither a pad nor an eos token")
     return int(pad_id)

@@ -1,4 +1,4 @@
-"""`run_sft`: tokenize the SFT data, fine-tune with a Ray Train TorchTrainer, publish the checkpoint."""
+"""`run_sft`: tokenize the SFT data, fine-tune with a Ray Train TorchTrainer, publish the result."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import ray.train
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -35,7 +36,7 @@ class SFTResult:
 
 
 def _save_dtype(model_path: Path, choice: str) -> str:
-    """The torch dtype name to save in; "auto" = the input checkpoint's config dtype (fp32 if unset)."""
+    """Torch dtype name to save in; "auto": the input config's dtype (float32 if unset)."""
     if choice != "auto":
         return choice
     dtype = AutoConfig.from_pretrained(model_path).dtype
@@ -72,7 +73,7 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
 
     Trains with a TorchTrainer (Ray Train run stored under `storage_dir`) and publishes the final
     Hugging Face checkpoint atomically as `out_dir`, which must not exist yet. Works inside an
-    existing Ray session (ray.init is otherwise left to Ray Train). Raises SFTError for bad
+    existing Ray session (otherwise Ray auto-starts a local one). Raises SFTError for bad
     inputs and, with the workers' root cause, for failed training.
     """
     start = time.perf_counter()
@@ -100,7 +101,8 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
         train_loop_per_worker,
         train_loop_config={
             "model_path": str(model_path),
-            "examples": examples,
+            # An object ref, not the list: Ray Train stringifies the config for its state API.
+            "examples": ray.put(examples),
             "pad_id": pad_token_id(tokenizer),
             "save_dtype": _save_dtype(model_path, settings.save_dtype),
             "settings": settings.model_dump(),

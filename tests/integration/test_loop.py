@@ -46,7 +46,7 @@ def tiny_config(model_dir: Path, data_dir: Path, **over) -> dict:
             "engine": {"name": "hf", "dtype": "float32", "batch_size": 16},
             "samples_per_question": 2, "temperature": 0.7, "max_tokens": 40, "chunk_size": 4,
         },
-        "train": {"epochs": 1, "lr": 1e-4, "micro_batch_size": 4, "effective_batch_size": 8, "max_length": 128},
+        "train": {"epochs": 2, "lr": 1e-4, "micro_batch_size": 4, "effective_batch_size": 4, "max_length": 128},
         "merge": {"params": {"lam": 0.5, "drop_rate": 0.2}},
         "evaluate": {"max_tokens": 40},
     }

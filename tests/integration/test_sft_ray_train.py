@@ -1,4 +1,4 @@
-"""run_sft on a local Ray: a real TorchTrainer fine-tune of the tiny model (1 worker and 2-worker DDP)."""
+"""run_sft on a local Ray: real TorchTrainer fine-tunes of the tiny model (1 worker and DDP)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from imm_ray.ray_env import LOOPBACK_RAY_ENV, ray_binds_loopback
 from imm_ray.train import SFTError, SFTSettings, run_sft
 from imm_ray.train.loop import STATE_FILE
 from imm_ray.train.sft_data import collate, read_rows, tokenize_rows
@@ -26,8 +27,9 @@ SETTINGS = dict(epochs=2, micro_batch_size=2, effective_batch_size=4, lr=1e-3)
 
 @pytest.fixture(scope="module")
 def ray_local():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    for key, value in LOOPBACK_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    assert ray_binds_loopback(), "ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     ray.init(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
@@ -90,7 +92,7 @@ def test_sft_single_worker(ray_local, tiny_model_dir, sft_data, tmp_path):
     check_checkpoint(out, tiny_model_dir, sft_data, torch.float32)
     state = json.loads((out / STATE_FILE).read_text())
     assert state["world_size"] == 1 and len(state["history"]) == 4
-    assert state["history"][1]["lr"] == pytest.approx(1e-3)  # 1 warmup step, then the peak
+    assert [r["lr"] for r in state["history"]] == pytest.approx([1e-3, 1e-3, 7.5e-4, 2.5e-4])
 
 
 def test_sft_ddp_two_workers_bf16_save(ray_local, tiny_model_dir, sft_data, tmp_path):

@@ -1,4 +1,5 @@
-"""SFT data: prompt masking, eos handling, truncation, collation, JSONL reading, settings."""
+"""SFT data: prompt masking, eos handling, truncation, collation, JSONL reading; settings and
+the lr schedule."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from imm_ray.data.prompts import encode_prompt
 from imm_ray.train import SFTError, SFTSettings
+from imm_ray.train.schedule import lr_factor, warmup_steps
 from imm_ray.train.sft_data import (
     IGNORE_INDEX,
     SFTRow,
@@ -26,27 +29,43 @@ from imm_ray.train.sft_data import (
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "q1", "q2", "q3", "a1", "a2", "a3"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (one token per word) whose post-processor would add a BOS token."""
+def word_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (one token per word); optionally its post-processor prepends BOS."""
     vocab = {word: i for i, word in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return word_tokenizer(adds_bos=False)
 
 
 def ids(*words: str) -> list[int]:
     return [WORDS.index(w) for w in words]
 
 
-def test_prompt_positions_masked_exactly_and_no_bos_added(tokenizer):
+def test_prompt_positions_masked_exactly(tokenizer):
     example = tokenize_row(tokenizer, SFTRow("q1 q2 q3", "a1 a2"), max_length=32)
     assert example is not None
     assert example.input_ids == ids("q1", "q2", "q3", "a1", "a2", "</s>")
     assert example.prompt_len == 3
     assert example.labels == [IGNORE_INDEX] * 3 + ids("a1", "a2", "</s>")
+
+
+def test_prompt_tokens_match_generation_and_bos_is_masked():
+    bos_tokenizer = word_tokenizer(adds_bos=True)
+    example = tokenize_row(bos_tokenizer, SFTRow("q1 q2", "a1"), max_length=32)
+    assert example is not None
+    prompt_ids = encode_prompt(bos_tokenizer, "q1 q2")  # what the engines feed the model
+    assert prompt_ids == ids("<s>", "q1", "q2")
+    assert example.input_ids == prompt_ids + ids("a1", "</s>")  # no BOS before the completion
+    assert example.labels == [IGNORE_INDEX] * 3 + ids("a1", "</s>")
 
 
 @pytest.mark.parametrize("completion", ["a1 a2", "a1 a2</s>", "a1 a2 </s>"])
@@ -128,3 +147,23 @@ def test_settings_preset_and_accumulation():
     assert SFTSettings(micro_batch_size=8, effective_batch_size=4).grad_accum_steps(2) == 1
     with pytest.raises(pydantic.ValidationError):
         SFTSettings(learning_rate=1e-5)
+
+
+def test_warmup_steps_round_up():
+    assert warmup_steps(700, 0.03) == 21
+    assert warmup_steps(1, 0.03) == 1
+    assert warmup_steps(10, 0.0) == 0
+
+
+def test_every_step_trains_even_a_single_one():
+    assert lr_factor(0, total_steps=1, warmup=1, kind="cosine") == 1.0
+    assert [lr_factor(s, 4, 2, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("cosine", [0.5, 1.0, 1.0, 0.75, 0.25]),  # peak after warmup, then half a cosine
+    ("linear", [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
+])
+def test_decay_after_warmup(kind, expected):
+    factors = [lr_factor(s, total_steps=5, warmup=2, kind=kind) for s in range(5)]
+    assert factors == pytest.approx(expected)
