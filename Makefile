@@ -14,7 +14,7 @@ export IMM_DATA_DIR ?= $(abspath ../shared/data)
 endif
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-quick bench cluster-up cluster-down clean
+.PHONY: setup demo test test-quick bench bench-merge bench-serve compare cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,13 @@ test: setup
 test-quick: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
-	$(PY) tests/bench/bench_merge_dare.py
+bench: bench-merge bench-serve
+
+bench-merge: setup
+	$(PY) tests/bench/bench_merge.py
+
+bench-serve: setup
+	$(PY) tests/bench/bench_serve_hotswap.py
 
 cluster-up: setup
 	bash cluster/local-up.sh

@@ -11,6 +11,8 @@ if [ -z "${IMM_DATA_DIR:-}" ] && [ -d "$here/../shared/data" ]; then
   export IMM_DATA_DIR=$(cd "$here/../shared/data" && pwd)
 fi
 export IMM_RUNS_DIR=${IMM_RUNS_DIR:-$here/runs}
+# A job's `python` is the head's: put the project's virtual environment first.
+export PATH="$VENV/bin:$PATH"
 mkdir -p "$IMM_RUNS_DIR"
 "$VENV/bin/ray" start --head --num-cpus "${RAY_NUM_CPUS:-4}" --dashboard-host 127.0.0.1 \
   --dashboard-port "${RAY_DASHBOARD_PORT:-8265}" --include-dashboard true --disable-usage-stats

@@ -1,4 +1,4 @@
-"""The ``imm`` command: ``imm run`` (the IMM loop) and ``imm merge`` (one merge)."""
+"""The ``imm`` command: ``run`` (the IMM loop), ``merge``, ``eval``, ``serve``, ``report``, ``analyze``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``imm`` argument parser with its subcommands."""
+    from imm_ray.evaluate.cli import add_eval_arguments, run_eval_cli
     from imm_ray.merge.cli import add_merge_arguments, run_merge_cli
 
     parser = argparse.ArgumentParser(prog="imm", description="Iterative Model Merging on Ray")
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge checkpoints (DARE/IMM and other methods)")
     add_merge_arguments(merge)
     merge.set_defaults(func=run_merge_cli)
+    ev = sub.add_parser("eval", help="evaluate a model on math benchmarks (accuracy, pass@k, maj@k, diversity)")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=run_eval_cli)
     return parser
 
 

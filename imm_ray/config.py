@@ -30,6 +30,9 @@ class ModelConfig(_Strict):
     """Which model the run starts from."""
 
     ref: str = "embedded:smollm2-135m-instruct"
+    # Distillation: a (stronger) teacher writes the training data every round; the student
+    # (``ref``) is fine-tuned and merged with its own original weights.
+    teacher: str | None = None
     cache_dir: str | None = None
 
 
@@ -131,7 +134,9 @@ class RunSettings(_Strict):
 
     name: str = "imm"
     rounds: int = Field(2, ge=1)
-    arms: list[Literal["imm", "si"]] = Field(default_factory=lambda: ["imm"])
+    # imm: SFT the current model, merge with the original. si: SFT the current model, no merge.
+    # rest: ReST-EM/STaR style, SFT the ORIGINAL model on data the current model wrote.
+    arms: list[Literal["imm", "si", "rest"]] = Field(default_factory=lambda: ["imm"])
     progress: bool = True
 
     @field_validator("arms")

@@ -1,5 +1,50 @@
-"""Scoring of model completions on benchmark problems (no Ray dependency)."""
+"""Evaluation: scoring, pass@k / maj@k / bootstrap metrics, collapse (diversity) metrics, and the
+``imm eval`` harness. Nothing here imports Ray unless a Ray address is given to the harness."""
 
 from imm_ray.evaluate.accuracy import DatasetScore, score_completions, score_verdicts
+from imm_ray.evaluate.diversity import (
+    bleu,
+    distinct_n,
+    diversity_metrics,
+    group_by_question,
+    mean_token_entropy,
+    self_bleu,
+    token_entropy,
+)
+from imm_ray.evaluate.harness import EvalSettings, evaluate_model
+from imm_ray.evaluate.metrics import (
+    bootstrap_ci,
+    maj_at_k,
+    majority_vote,
+    mean_maj_at_k,
+    mean_pass_at_k,
+    pass_at_k,
+)
+from imm_ray.evaluate.scoring import DatasetEvaluation, evaluate_completions, pick_verifier
+from imm_ray.evaluate.specs import parse_dataset_arg, parse_dataset_args
 
-__all__ = ["DatasetScore", "score_completions", "score_verdicts"]
+__all__ = [
+    "DatasetEvaluation",
+    "DatasetScore",
+    "EvalSettings",
+    "bleu",
+    "bootstrap_ci",
+    "distinct_n",
+    "diversity_metrics",
+    "evaluate_completions",
+    "evaluate_model",
+    "group_by_question",
+    "maj_at_k",
+    "majority_vote",
+    "mean_maj_at_k",
+    "mean_pass_at_k",
+    "mean_token_entropy",
+    "parse_dataset_arg",
+    "parse_dataset_args",
+    "pass_at_k",
+    "pick_verifier",
+    "score_completions",
+    "score_verdicts",
+    "self_bleu",
+    "token_entropy",
+]

@@ -14,13 +14,18 @@ __all__ = ["DatasetScore", "score_completions", "score_verdicts"]
 
 @dataclass
 class DatasetScore:
-    """Accuracy on one dataset; unparseable counts completions with no extractable answer."""
+    """Accuracy on one dataset.
+
+    unparseable counts completions with no extractable answer; timeouts counts those whose
+    verification hit the verifier's hard timeout (scored wrong, and not counted as unparseable).
+    """
 
     dataset: str
     n: int
     correct: int
     accuracy: float
     unparseable: int
+    timeouts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -30,13 +35,15 @@ def score_verdicts(dataset: str, verdicts: Sequence[Verdict]) -> DatasetScore:
     """DatasetScore from already computed verdicts (accuracy is 0.0 for an empty set)."""
     n = len(verdicts)
     correct = sum(v.correct for v in verdicts)
-    unparseable = sum(v.extracted is None for v in verdicts)
+    timeouts = sum(v.timed_out for v in verdicts)
+    unparseable = sum(v.extracted is None and not v.timed_out for v in verdicts)
     return DatasetScore(
         dataset=dataset,
         n=n,
         correct=correct,
         accuracy=correct / n if n else 0.0,
         unparseable=unparseable,
+        timeouts=timeouts,
     )
 
 

@@ -102,11 +102,16 @@ class GeneratorPool:
                 bar.update(count)
         return results  # type: ignore[return-value]
 
-    def shutdown(self) -> None:
-        """Close the engines and stop the actors."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the actors; ``graceful`` first lets each engine shut down its own processes.
+
+        After an error or an interrupt, actors may still be busy with queued chunks: they are
+        killed at once (vLLM's engine process exits when its parent dies).
+        """
         for actor in self.actors:
             try:
-                ray.get(actor.close.remote(), timeout=60)
+                if graceful:
+                    ray.get(actor.close.remote(), timeout=60)
             finally:
                 ray.kill(actor)
         self.actors = []

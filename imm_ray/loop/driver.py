@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from imm_ray.config import RESUMABLE_CHANGES, ConfigError, ImmConfig, config_differences, config_to_yaml
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings, encode_prompt, render_prompt
-from imm_ray.evaluate import score_completions
+from imm_ray.evaluate import diversity_metrics, evaluate_completions, group_by_question, mean_pass_at_k
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
 from imm_ray.generate.engine import EngineOptions, SamplingSpec
 from imm_ray.loop.remote import merge_remote, verify_remote
@@ -33,6 +33,9 @@ from imm_ray.train import run_sft
 from imm_ray.verify import select_accepted
 
 logger = logging.getLogger(__name__)
+
+# What each round's eval.json keeps per data set (evaluate_completions computes more).
+_EVAL_KEYS = ("accuracy", "accuracy_ci95", "n", "correct", "unparseable", "timeouts")
 
 
 def init_ray(cfg: ImmConfig) -> None:
@@ -60,8 +63,9 @@ class RoundDriver:
         self.cfg = cfg
         self.rd = RunDir(run_dir)
         self._problems: dict[str, list[Problem]] = {}
-        self._pool: GeneratorPool | None = None
+        self._pools: dict[str, GeneratorPool] = {}
         self.original: Path | None = None
+        self.teacher: Path | None = None
         self.tokenizer = None
 
     # --- set-up -----------------------------------------------------------------------------
@@ -92,9 +96,9 @@ class RoundDriver:
             self._problems[spec.name] = res.problems
         return self._problems[spec.name]
 
-    def pool(self) -> GeneratorPool:
-        """The generator pool, created on first use."""
-        if self._pool is None:
+    def pool(self, role: str = "student") -> GeneratorPool:
+        """The generator pool of ``role`` (``student`` or ``teacher``), created on first use."""
+        if role not in self._pools:
             g = self.cfg.generate
             e = g.engine
             options = EngineOptions(
@@ -105,19 +109,20 @@ class RoundDriver:
                 engine=e.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
                 num_gpus=g.resources.num_gpus, chunk_size=g.chunk_size,
             )
-            self._pool = GeneratorPool(spec, progress=self.cfg.run.progress)
-        return self._pool
+            self._pools[role] = GeneratorPool(spec, progress=self.cfg.run.progress)
+        return self._pools[role]
 
-    def prompts(self, problems: list[Problem]) -> list[dict[str, Any]]:
-        """Render and tokenise the prompt of each problem."""
+    def prompts(self, problems: list[Problem], tokenizer: Any = None) -> list[dict[str, Any]]:
+        """Render and tokenise the prompt of each problem (with the student's tokenizer by default)."""
         d = self.cfg.data
+        tokenizer = tokenizer or self.tokenizer
+        kwargs: dict[str, Any] = {"system_prompt": d.system_prompt}
+        if d.instruction_suffix is not None:
+            kwargs["instruction_suffix"] = d.instruction_suffix
         out = []
         for p in problems:
-            kwargs = {"system_prompt": d.system_prompt}
-            if d.instruction_suffix is not None:
-                kwargs["instruction_suffix"] = d.instruction_suffix
-            text = render_prompt(p.question, d.prompt_template, self.tokenizer, **kwargs)
-            out.append({"text": text, "ids": encode_prompt(self.tokenizer, text)})
+            text = render_prompt(p.question, d.prompt_template, tokenizer, **kwargs)
+            out.append({"text": text, "ids": encode_prompt(tokenizer, text)})
         return out
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -144,10 +149,13 @@ class RoundDriver:
         """Run (or resume) every arm and round; return the metrics rows."""
         self.rd.lock()
         log_handler = _file_log_handler(self.rd.log_path)
+        finished = False
         try:
             self._save_config()
             logger.info("run directory %s\nresolved config:\n%s", self.rd.root, config_to_yaml(self.cfg))
             self.original = resolve_model(self.cfg.model.ref, self.cfg.model.cache_dir)
+            if self.cfg.model.teacher:
+                self.teacher = resolve_model(self.cfg.model.teacher, self.cfg.model.cache_dir)
             self.tokenizer = AutoTokenizer.from_pretrained(self.original)
             init_ray(self.cfg)
             if self.cfg.evaluate.baseline:
@@ -156,13 +164,14 @@ class RoundDriver:
                 current = self.original
                 for t in range(1, self.cfg.run.rounds + 1):
                     current = self._round(arm, t, current)
-                    self._write_metrics()
+                    logger.info("after %s round %d:\n%s", arm, t, format_table(self._write_metrics()))
             rows = self._write_metrics()
+            finished = True
             logger.info("IMM run finished: %s\n%s", self.rd.root, format_table(rows))
             return rows
         finally:
-            if self._pool is not None:
-                self._pool.shutdown()
+            for pool in self._pools.values():
+                pool.shutdown(graceful=finished)
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
             self.rd.unlock()
@@ -187,15 +196,19 @@ class RoundDriver:
 
         if not self.rd.is_done(f"{prefix}/generate"):
             with self.stage(f"{prefix}/generate", [samples]) as info:
-                info.update(self._generate(current, samples, t))
+                if self.teacher is not None:
+                    info.update(self._generate(self.teacher, samples, t, role="teacher"))
+                else:
+                    info.update(self._generate(current, samples, t))
         if not self.rd.is_done(f"{prefix}/verify"):
             with self.stage(f"{prefix}/verify", [accepted]) as info:
                 info.update(self._verify(samples, accepted))
 
         model = current
+        init = self.original if arm == "rest" else current
         if not self.rd.is_done(f"{prefix}/sft"):
             with self.stage(f"{prefix}/sft", [rdir / "sft", rdir / "_ray_train"]) as info:
-                info.update(self._sft(current, accepted, rdir))
+                info.update(self._sft(init, accepted, rdir))
         sft_info = self.rd.stage(f"{prefix}/sft")["info"]
         if not sft_info.get("skipped"):
             model = rdir / "sft"
@@ -209,17 +222,18 @@ class RoundDriver:
         return model
 
     # --- stages -----------------------------------------------------------------------------
-    def _generate(self, model: Path, out: Path, t: int) -> dict[str, Any]:
+    def _generate(self, model: Path, out: Path, t: int, role: str = "student") -> dict[str, Any]:
         g = self.cfg.generate
         problems = self.problems(self.cfg.data.train)
-        prompts = self.prompts(problems)
+        prompts = self.prompts(problems)  # the student's prompts: what SFT trains on
+        gen_prompts = prompts if role == "student" else self.prompts(problems, AutoTokenizer.from_pretrained(model))
         sampling = SamplingSpec(
             n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
             stop=self.stop_strings(), seed=g.seed + t,
         )
-        pool = self.pool()
+        pool = self.pool(role)
         pool.load(model)
-        outs = pool.generate([p["ids"] for p in prompts], sampling, desc=f"generate round {t}")
+        outs = pool.generate([p["ids"] for p in gen_prompts], sampling, desc=f"generate round {t}")
         rows = [
             {
                 "problem_id": prob.id, "dataset": prob.dataset, "question": prob.question, "gold": prob.answer,
@@ -231,7 +245,7 @@ class RoundDriver:
         ]
         write_jsonl(out, rows)
         return {
-            "generated": len(rows), "questions": len(problems), "model": str(model),
+            "generated": len(rows), "questions": len(problems), "model": str(model), "generator": role,
             "sampling": {"n": g.samples_per_question, "temperature": g.temperature, "top_p": g.top_p,
                          "max_tokens": g.max_tokens, "greedy": sampling.greedy},
             "truncated": sum(r["finish_reason"] == "length" for r in rows),
@@ -246,12 +260,18 @@ class RoundDriver:
         )
         kept = select_accepted(rows, verdicts, dedup=v.dedup)
         write_jsonl(out, kept)
+        verified = [{**r, "extracted": vd.extracted, "correct": vd.correct} for r, vd in zip(rows, verdicts)]
+        k = self.cfg.generate.samples_per_question
         return {
             "generated": len(rows),
             "correct": sum(vd.correct for vd in verdicts),
             "unparseable": sum(vd.extracted is None for vd in verdicts),
+            "timeouts": sum(vd.timed_out for vd in verdicts),
             "accepted": len(kept),
             "questions_solved": len({r["problem_id"] for r in kept}),
+            f"train_pass@{k}": mean_pass_at_k(list(group_by_question(verified, field="correct").values()), k),
+            # Collapse metrics on the k samples per training question.
+            "diversity": diversity_metrics(group_by_question(verified), group_by_question(verified, field="extracted")),
         }
 
     def _sft(self, model: Path, accepted: Path, rdir: Path) -> dict[str, Any]:
@@ -262,7 +282,7 @@ class RoundDriver:
         res = run_sft(model, accepted, rdir / "sft", self.cfg.train, storage_dir=rdir / "_ray_train")
         remove_path(rdir / "_ray_train")
         return {
-            "skipped": False, "examples": res.examples, "dropped": res.dropped, "steps": res.steps,
+            "skipped": False, "init_model": str(model), "examples": res.examples, "dropped": res.dropped, "steps": res.steps,
             "final_loss": res.final_loss, "checkpoint": str(res.checkpoint_dir),
         }
 
@@ -292,11 +312,11 @@ class RoundDriver:
             for name, probs in sets:
                 chunk = texts[start : start + len(probs)]
                 start += len(probs)
-                score = score_completions(probs, chunk, verifier=self.cfg.verify.verifier)
-                results[name] = {"accuracy": score.accuracy, "n": score.n, "correct": score.correct,
-                                 "unparseable": score.unparseable}
-                rows += [{"dataset": name, "problem_id": p.id, "gold": p.answer, "completion": c}
-                         for p, c in zip(probs, chunk)]
+                ev = evaluate_completions(name, probs, chunk, verifier=self.cfg.verify.verifier)
+                results[name] = {key: ev.metrics[key] for key in _EVAL_KEYS}
+                rows += [{"dataset": name, "problem_id": p.id, "gold": p.answer, "completion": c,
+                          "extracted": vd.extracted, "correct": vd.correct}
+                         for p, c, vd in zip(probs, chunk, ev.greedy_verdicts)]
             write_jsonl(eval_samples, rows)
             atomic_write_json(eval_json, {"model": str(model), "datasets": results})
             info.update({"model": str(model), "datasets": results})

@@ -25,10 +25,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Verdict:
-    """Outcome of verifying one completion: correctness and the answer that was extracted."""
+    """Outcome of verifying one completion: correctness and the answer that was extracted.
+
+    timed_out marks a verification that was cut off by its verifier's hard timeout: it counts
+    as not correct, and callers report it separately (it is neither right nor unparseable).
+    """
 
     correct: bool
     extracted: str | None
+    timed_out: bool = False
 
 
 @runtime_checkable
@@ -94,9 +99,22 @@ def get_verifier(name: str | Verifier, **kwargs: Any) -> Verifier:
 def verify_batch(
     items: Sequence[tuple[str, str]], verifier: str | Verifier = "numeric", **kwargs: Any
 ) -> list[Verdict]:
-    """Verify (completion, gold) pairs with one verifier; kwargs go to its constructor."""
+    """Verify (completion, gold) pairs with one verifier; kwargs go to its constructor.
+
+    A verifier with a ``verify_many(items)`` method (e.g. the process-pool ``math`` verifier)
+    gets the whole batch at once. A verifier built here from its name is closed afterwards
+    when it has a ``close()`` method; an instance passed in stays open for its owner.
+    """
     instance = get_verifier(verifier, **kwargs)
-    return [instance.verify(completion, gold) for completion, gold in items]
+    try:
+        verify_many = getattr(instance, "verify_many", None)
+        if verify_many is not None:
+            return list(verify_many(items))
+        return [instance.verify(completion, gold) for completion, gold in items]
+    finally:
+        close = getattr(instance, "close", None)
+        if isinstance(verifier, str) and close is not None:
+            close()
 
 
 def _dedup_key(text: str) -> str:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -19,19 +17,10 @@ from imm_ray.loop.rundir import read_jsonl
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def tiny_config(model_dir: Path, data_dir: Path, **over) -> dict:
-    """A run config on the tiny memorising model: 1 round, both arms, the hf engine."""
+    """A run config on the tiny memorising model: 1 round, all arms, the hf engine."""
     tree = {
-        "run": {"name": "tiny", "rounds": 1, "arms": ["imm", "si"], "progress": False},
+        "run": {"name": "tiny", "rounds": 1, "arms": ["imm", "si", "rest"], "progress": False},
         "model": {"ref": str(model_dir)},
         "data": {
             "dir": str(data_dir),
@@ -63,16 +52,19 @@ def one_round(ray_local, tiny_model_dir, tiny_data_dir, tmp_path_factory):
     return run_dir, rows
 
 
-def test_one_round_of_both_arms(one_round, tiny_model_dir):
+def test_one_round_of_every_arm(one_round, tiny_model_dir):
     run_dir, rows = one_round
-    assert [(r["arm"], r["round"]) for r in rows] == [("base", 0), ("imm", 1), ("si", 1)]
-    base, imm, si = rows
+    assert [(r["arm"], r["round"]) for r in rows] == [("base", 0), ("imm", 1), ("si", 1), ("rest", 1)]
+    base, imm, si, rest = rows
     assert base["accuracy"]["tiny-test"] >= 0.5  # the tiny model memorised its problems
-    for row in (imm, si):
+    for row in (imm, si, rest):
         assert row["generated"] == 16 and 0 < row["accepted"] <= 16
         assert set(row["accuracy"]) == {"tiny-test", "tiny-ood"}
         assert row["sft"]["steps"] >= 1
         assert set(row["seconds"]) >= {"generate", "verify", "sft", "evaluate"}
+        assert 0 < row["diversity"]["distinct_1"] <= 1 and row["diversity"]["distinct_answers"] >= 1
+        lo, hi = row["eval"]["tiny-test"]["accuracy_ci95"]
+        assert lo <= row["accuracy"]["tiny-test"] <= hi
     assert "merge" in imm["seconds"] and "merge" not in si["seconds"]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(rows))
@@ -112,7 +104,14 @@ def test_resume_redoes_only_the_interrupted_stage(one_round, tiny_model_dir, tin
 
     monkeypatch.undo()
     rows = RoundDriver(cfg, run_dir).run()
-    assert [(r["arm"], r["round"]) for r in rows] == [("base", 0), ("imm", 1), ("imm", 2), ("si", 1), ("si", 2)]
+    assert [(r["arm"], r["round"]) for r in rows] == [
+        ("base", 0), ("imm", 1), ("imm", 2), ("si", 1), ("si", 2), ("rest", 1), ("rest", 2)]
+    sft_from = {(r["arm"], r["round"]): Path(r["sft"]["init_model"]) for r in rows if r["round"]}
+    assert sft_from[("imm", 2)] == run_dir / "imm/round-001/merged"  # IMM: from the merged model
+    assert sft_from[("si", 2)] == run_dir / "si/round-001/sft"  # SI: from the previous SFT
+    assert sft_from[("rest", 2)] == sft_from[("rest", 1)] == Path(tiny_model_dir).resolve()  # ReST: original
+    gen = json.loads((run_dir / "state.json").read_text())["stages"]["rest/round-002/generate"]["info"]
+    assert Path(gen["model"]) == run_dir / "rest/round-001/sft"  # ...on data the current model wrote
     assert round1.stat().st_mtime_ns == mtime  # round 1 never redone
     assert (run_dir / "imm/round-002/samples.jsonl").stat().st_mtime_ns == gen2  # nor round 2's generation
     assert not (run_dir / "imm/round-002/sft/half-written.bin").exists()

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from imm_ray.ray_env import LOOPBACK_RAY_ENV, ray_binds_loopback
 from imm_ray.train import SFTError, SFTSettings, run_sft
 from imm_ray.train.loop import STATE_FILE
 from imm_ray.train.sft_data import collate, read_rows, tokenize_rows
@@ -23,16 +20,6 @@ pytestmark = pytest.mark.slow
 # New problems (the tiny model memorized others), so the SFT loss has room to fall.
 PAIRS = [(5, 4), (8, 3), (6, 7), (2, 9), (11, 5), (13, 4), (3, 3), (10, 10)]
 SETTINGS = dict(epochs=2, micro_batch_size=2, effective_batch_size=4, lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    for key, value in LOOPBACK_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    assert ray_binds_loopback(), "ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,143 @@
+"""``imm eval``: command-line front end of :func:`imm_ray.evaluate.harness.evaluate_model`.
+
+The lead wires ``add_eval_arguments`` / ``run_eval_cli`` into the top-level ``imm`` command;
+``python -m imm_ray.evaluate.cli`` also works on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imm_ray.evaluate.harness import EvalSettings, evaluate_model
+from imm_ray.generate.engine import EngineOptions
+
+__all__ = ["add_eval_arguments", "run_eval_cli", "settings_from_args", "format_results"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``imm eval`` options to ``parser``."""
+    parser.add_argument("--model", required=True,
+                        help="model: embedded:<name>, a local HF folder or a hub id")
+    parser.add_argument("--dataset", action="append", required=True, dest="datasets", metavar="SPEC",
+                        help="preset (gsm8k = its test split, svamp, asdiv) or PATH[:QUESTION_FIELD:ANSWER_FIELD"
+                             "[:FORMAT]], e.g. mawps.jsonl:input:target; repeat for several")
+    parser.add_argument("--limit", type=int, help="first N problems of each dataset")
+    parser.add_argument("--samples", type=int, default=1, metavar="K",
+                        help="samples per question for pass@k / maj@k / diversity (needs --temperature > 0)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature of the k samples (accuracy is always greedy); default 0")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the k samples")
+    parser.add_argument("--max-tokens", type=int, default=512, help="max new tokens (default 512)")
+    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm", help="generation engine")
+    parser.add_argument("--template", choices=("chat", "alpaca"), default="chat", help="prompt template")
+    parser.add_argument("--system-prompt", help="system message of the chat template (default none)")
+    parser.add_argument("--instruction-suffix", default=None, metavar="TEXT",
+                        help="text appended to each question under the chat template "
+                             "(default: ask for 'The answer is <number>.'; '' for none)")
+    parser.add_argument("--verifier", default="auto",
+                        help="auto (numeric when all gold answers are numbers, else math), numeric or math")
+    parser.add_argument("--verify-timeout", type=float, default=5.0, metavar="S",
+                        help="hard timeout per answer of the math verifier (default 5 s)")
+    parser.add_argument("--data-dir", help="data root with <dataset>/<split>.jsonl (default $IMM_DATA_DIR)")
+    parser.add_argument("--out", help="write the results JSON here (printed to stdout otherwise)")
+    parser.add_argument("--save-samples", metavar="FILE", help="write every completion and verdict as JSONL")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    parser.add_argument("--dtype", default="auto", help="model dtype for the engine (default: the checkpoint's)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
+    parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="vLLM CPU KV cache (GiB)")
+    parser.add_argument("--batch-size", type=int, default=16, help="hf engine batch size")
+    parser.add_argument("--chunk-size", type=int, default=128, help="prompts per engine call (progress step)")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="generate on Ray: a cluster address, or 'local' for a loopback head "
+                             "(default: the engine runs in this process)")
+    parser.add_argument("--actors", type=int, default=1, help="generator actors on Ray")
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per generator actor on Ray")
+    parser.add_argument("--cache-dir", help="imm-ray cache (converted embedded models)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    """EvalSettings from parsed ``imm eval`` arguments."""
+    options = EngineOptions(dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+                            batch_size=args.batch_size, seed=args.seed)
+    suffix = {} if args.instruction_suffix is None else {"instruction_suffix": args.instruction_suffix}
+    return EvalSettings(
+        engine=args.engine, template=args.template, system_prompt=args.system_prompt, **suffix,
+        samples=args.samples, temperature=args.temperature,
+        top_p=args.top_p, max_tokens=args.max_tokens, verifier=args.verifier,
+        verify_timeout_s=args.verify_timeout, seed=args.seed, engine_options=options,
+        ray_address=args.ray_address, actors=args.actors, num_gpus=args.gpus_per_actor,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table of the main metrics, one row per dataset."""
+    header = f"{'dataset':<16} {'n':>5} {'acc%':>6} {'ci95%':>13} {'pass@k%':>8} {'maj@k%':>7} {'k':>3} " \
+             f"{'unparse':>7} {'timeout':>7} {'sec':>7}"
+    lines = [header]
+    for name, m in results.items():
+        lo, hi = m["accuracy_ci95"] or (None, None)
+        lines.append(
+            f"{name[:16]:<16} {m['n']:>5} {_pct(m['accuracy']):>6} {_pct(lo) + '-' + _pct(hi):>13} "
+            f"{_pct(m['pass@k']):>8} {_pct(m['maj@k']):>7} {m['k']:>3} {m['unparseable']:>7} "
+            f"{m['timeouts'] + m.get('sample_timeouts', 0):>7} {m['seconds']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    """Run ``imm eval``; 0 on success, 2 on bad input (dataset, model or option errors)."""
+    from imm_ray.data import DataError
+    from imm_ray.models import ModelError
+
+    try:
+        results = evaluate_model(
+            args.model, args.datasets, settings_from_args(args), data_dir=args.data_dir, limit=args.limit,
+            cache_dir=args.cache_dir, samples_path=args.save_samples,
+        )
+    except (DataError, ModelError, ValueError, KeyError) as exc:
+        logger.error("imm eval failed: %s", exc)
+        return 2
+    if args.out:
+        _write_json(Path(args.out), results)
+        logger.info("wrote %s", args.out)
+    else:
+        print(json.dumps(results, indent=2))
+    print(format_results(results), file=sys.stderr if not args.out else sys.stdout)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m imm_ray.evaluate.cli``: the same as ``imm eval``."""
+    parser = argparse.ArgumentParser(prog="imm eval", description="Evaluate a model on math benchmarks")
+    parser.add_argument("--log-level", default="INFO")
+    add_eval_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_eval_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

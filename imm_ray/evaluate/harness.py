@@ -1,0 +1,198 @@
+"""evaluate_model: load datasets, generate with an engine, score, and return the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imm_ray.data import DataError, DatasetSpec, Problem, load_problems
+from imm_ray.data.prompts import DEFAULT_INSTRUCTION_SUFFIX, default_stop_strings, encode_prompt, render_prompt
+from imm_ray.evaluate.generation import Generator, open_generator
+from imm_ray.evaluate.scoring import DatasetEvaluation, evaluate_completions, pick_verifier
+from imm_ray.evaluate.specs import parse_dataset_arg
+from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec
+from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier
+
+__all__ = ["EvalSettings", "evaluate_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    """How to generate and score (defaults: the paper's zero-shot greedy evaluation)."""
+
+    engine: str = "vllm"
+    template: str = "chat"
+    system_prompt: str | None = None
+    instruction_suffix: str | None = DEFAULT_INSTRUCTION_SUFFIX
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    verifier: str = "auto"
+    verify_timeout_s: float = 5.0
+    seed: int = 0
+    bootstrap_resamples: int = 1000
+    engine_options: EngineOptions = field(default_factory=lambda: EngineOptions(dtype="auto"))
+    ray_address: str | None = None
+    actors: int = 1
+    num_gpus: float = 0.0
+    chunk_size: int = 128
+    progress: bool = True
+
+    def check(self) -> None:
+        """ValueError on inconsistent settings."""
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise ValueError("samples > 1 needs temperature > 0: greedy samples are all the same")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.verifier != "auto" and self.verifier not in VERIFIERS:
+            raise ValueError(f"unknown verifier {self.verifier!r}; use auto or one of {sorted(VERIFIERS)}")
+
+    def summary(self) -> dict[str, Any]:
+        """The settings that shape the completions (recorded with every dataset's metrics)."""
+        keys = ("engine", "template", "system_prompt", "instruction_suffix", "samples", "temperature",
+                "top_p", "max_tokens", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+class _Verifiers:
+    """Verifier instances shared across datasets (a math pool starts once), closed at the end."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.instances: dict[str, Verifier] = {}
+
+    def get(self, name: str) -> Verifier:
+        if name not in self.instances:
+            kwargs = {"timeout_s": self.timeout_s} if name == "math" else {}
+            self.instances[name] = get_verifier(name, **kwargs)
+        return self.instances[name]
+
+    def close(self) -> None:
+        for instance in self.instances.values():
+            close = getattr(instance, "close", None)
+            if close is not None:
+                close()
+
+
+def _load(specs: Sequence[DatasetSpec], data_dir: str | Path | None) -> list[tuple[DatasetSpec, Any]]:
+    loaded = []
+    for spec in specs:
+        result = load_problems(spec, data_dir=data_dir)
+        if not result.problems:
+            raise DataError(f"dataset {spec.name!r} ({result.source}) has no usable problems")
+        logger.info("%s: %d problems from %s (%d malformed rows skipped)",
+                    spec.name, len(result.problems), result.source, result.malformed)
+        loaded.append((spec, result))
+    return loaded
+
+
+def _sample_rows(name: str, problems: Sequence[Problem], evaluation: DatasetEvaluation,
+                 greedy: Sequence[Completion], sampled: Sequence[Sequence[Completion]] | None) -> list[dict]:
+    def row(p: Problem, kind: str, j: int, c: Completion, v: Any) -> dict:
+        return {"dataset": name, "problem_id": p.id, "gold": p.answer, "kind": kind, "sample": j,
+                "completion": c.text, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+                "extracted": v.extracted, "correct": v.correct, "timed_out": v.timed_out}
+
+    rows = [row(p, "greedy", 0, c, v) for p, c, v in zip(problems, greedy, evaluation.greedy_verdicts)]
+    if sampled is not None and evaluation.sample_verdicts is not None:
+        rows += [row(p, "sample", j, c, v)
+                 for p, comps, verdicts in zip(problems, sampled, evaluation.sample_verdicts)
+                 for j, (c, v) in enumerate(zip(comps, verdicts))]
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_model(
+    model: str | Path,
+    datasets: Sequence[str | DatasetSpec],
+    settings: EvalSettings | None = None,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+    samples_path: str | Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate a model on datasets; returns {dataset name: metrics} (see evaluate_completions).
+
+    model: any reference resolve_model accepts. datasets: DatasetSpecs or ``--dataset`` strings
+    (see parse_dataset_arg). Every dataset gets one greedy pass (accuracy); with temperature > 0
+    also a pass of `settings.samples` samples per question (pass@k, maj@k, diversity).
+    samples_path: write every completion with its verdict as JSONL there.
+    Raises DataError / ModelError / ValueError before any model is loaded when inputs are bad.
+    """
+    from transformers import AutoTokenizer
+
+    from imm_ray.models import resolve_model
+
+    settings = settings or EvalSettings()
+    settings.check()
+    specs = [parse_dataset_arg(d, limit) if isinstance(d, str) else d for d in datasets]
+    loaded = _load(specs, data_dir)
+    model_path = resolve_model(str(model), cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    stop = tuple(default_stop_strings(settings.template))
+    greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=settings.max_tokens, stop=stop, seed=None)
+    sample_spec = SamplingSpec(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                               max_tokens=settings.max_tokens, stop=stop, seed=settings.seed)
+    verifiers = _Verifiers(settings.verify_timeout_s)
+    generator: Generator | None = None
+    results: dict[str, dict[str, Any]] = {}
+    rows: list[dict] = []
+    try:
+        generator = open_generator(
+            settings.engine, model_path, settings.engine_options, settings.ray_address, settings.actors,
+            num_gpus=settings.num_gpus, chunk_size=settings.chunk_size, progress=settings.progress,
+        )
+        for spec, result in loaded:
+            problems = result.problems
+            t0 = time.perf_counter()
+            prompts = [encode_prompt(tokenizer, render_prompt(p.question, settings.template, tokenizer,
+                                                              settings.system_prompt, settings.instruction_suffix))
+                       for p in problems]
+            greedy = [c[0] for c in generator.generate(prompts, greedy_spec, desc=f"{spec.name} greedy")]
+            sampled = None
+            if settings.temperature > 0:
+                sampled = generator.generate(prompts, sample_spec, desc=f"{spec.name} k={settings.samples}")
+            generate_s = time.perf_counter() - t0
+            verifier = pick_verifier(problems, settings.verifier)
+            evaluation = evaluate_completions(
+                spec.name, problems, [c.text for c in greedy],
+                [[c.text for c in comps] for comps in sampled] if sampled is not None else None,
+                verifier=verifiers.get(verifier), seed=settings.seed, resamples=settings.bootstrap_resamples,
+            )
+            metrics = evaluation.metrics
+            metrics.update({
+                "truncated": sum(c.finish_reason == "length" for c in greedy),
+                "verifier": verifier, "source": result.source, "malformed": result.malformed,
+                "generate_seconds": round(generate_s, 2), "seconds": round(time.perf_counter() - t0, 2),
+                "model": str(model), "settings": settings.summary(),
+            })
+            results[spec.name] = metrics
+            rows += _sample_rows(spec.name, problems, evaluation, greedy, sampled)
+            logger.info("%s: accuracy %.1f%% [%.1f, %.1f] (n=%d, unparseable %d, timeouts %d) in %.1f s",
+                        spec.name, 100 * metrics["accuracy"], *(100 * x for x in metrics["accuracy_ci95"]),
+                        metrics["n"], metrics["unparseable"], metrics["timeouts"], metrics["seconds"])
+    finally:
+        verifiers.close()
+        if generator is not None:
+            generator.close()
+    if samples_path is not None:
+        _write_jsonl(Path(samples_path), rows)
+    return results
+
