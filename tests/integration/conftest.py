@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import ray
+import torch
+from transformers import AutoModelForCausalLM
 
 from imm_ray.ray_env import ray_binds_loopback
 
@@ -15,3 +20,19 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def scrambled_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with re-initialised weights: same shapes, forgets its answers."""
+    out = tmp_path_factory.mktemp("scrambled")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(out)
+    for f in Path(tiny_model_dir).iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out

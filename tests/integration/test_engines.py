@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from imm_ray.data.prompts import encode_prompt, render_prompt
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
@@ -16,22 +14,6 @@ from imm_ray.verify import extract_answer
 from tiny_model import TINY_PROBLEMS
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def scrambled_model(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with re-initialised weights: same shapes, forgets its answers."""
-    out = tmp_path_factory.mktemp("scrambled")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(out)
-    for f in Path(tiny_model_dir).iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
 
 
 def prompts(model_dir: Path) -> list[list[int]]:

@@ -123,3 +123,16 @@ def test_resume_with_another_config_is_refused(one_round, tiny_model_dir, tiny_d
     cfg = config_from_dict(tiny_config(tiny_model_dir, tiny_data_dir, merge={"seed": 7}))
     with pytest.raises(ConfigError, match="merge.seed"):
         RoundDriver(cfg, run_dir).run()
+
+
+def test_distillation_teacher_writes_the_data(ray_local, tiny_model_dir, scrambled_model, tiny_data_dir, tmp_path):
+    """A teacher that knows the answers writes the data for a student that knows nothing."""
+    tree = tiny_config(scrambled_model, tiny_data_dir, run={"arms": ["imm"]}, evaluate={"baseline": False})
+    tree["model"]["teacher"] = str(tiny_model_dir)
+    rows = RoundDriver(config_from_dict(tree), tmp_path).run()
+    gen = json.loads((tmp_path / "state.json").read_text())["stages"]["imm/round-001/generate"]["info"]
+    assert gen["generator"] == "teacher" and Path(gen["model"]) == Path(tiny_model_dir).resolve()
+    assert rows[0]["accepted"] > 0  # the scrambled student alone would get nothing right
+    assert Path(rows[0]["sft"]["init_model"]) == Path(scrambled_model).resolve()
+    merge = json.loads((tmp_path / "state.json").read_text())["stages"]["imm/round-001/merge"]["info"]
+    assert Path(merge["anchor"]) == Path(scrambled_model).resolve()  # merged with the student's own weights
