@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml scripts/setup.sh
 demo: setup
 	$(PY) -m jobs.imm_run --config $(CONFIG) --run-dir $(RUN_DIR)
 
+compare: setup
+	$(PY) -m jobs.imm_run --config jobs/configs/compare-cpu.yaml --run-dir $(if $(filter command line,$(origin RUN_DIR)),$(RUN_DIR),runs/compare-cpu)
+
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 

@@ -50,8 +50,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``imm`` argument parser with its subcommands."""
+    from imm_ray.analysis.cli import add_analyze_arguments, run_analyze_cli
     from imm_ray.evaluate.cli import add_eval_arguments, run_eval_cli
     from imm_ray.merge.cli import add_merge_arguments, run_merge_cli
+    from imm_ray.report.cli import add_report_arguments, run_report_cli
 
     parser = argparse.ArgumentParser(prog="imm", description="Iterative Model Merging on Ray")
     parser.add_argument("--log-level", default="INFO")
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model on math benchmarks (accuracy, pass@k, maj@k, diversity)")
     add_eval_arguments(ev)
     ev.set_defaults(func=run_eval_cli)
+    rep = sub.add_parser("report", help="write report.md and plots/ for a run directory")
+    add_report_arguments(rep)
+    rep.set_defaults(func=run_report_cli)
+    ana = sub.add_parser("analyze", help="per-layer parameter change vs layer importance")
+    add_analyze_arguments(ana)
+    ana.set_defaults(func=run_analyze_cli)
     return parser
 
 

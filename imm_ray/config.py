@@ -138,6 +138,10 @@ class RunSettings(_Strict):
     # rest: ReST-EM/STaR style, SFT the ORIGINAL model on data the current model wrote.
     arms: list[Literal["imm", "si", "rest"]] = Field(default_factory=lambda: ["imm"])
     progress: bool = True
+    report: bool = True  # write report.md + plots/ at the end of every run
+    analyze: bool = False  # layer analysis (parameter change vs importance) at the end of the run
+    analyze_probe_size: int = Field(16, ge=1)
+    metric_sinks: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
 
     @field_validator("arms")
     @classmethod
@@ -297,7 +301,10 @@ def config_to_yaml(cfg: ImmConfig) -> str:
 
 
 # Keys that may change when a run is resumed: they do not change what finished stages produced.
-RESUMABLE_CHANGES = ("run.rounds", "run.progress", "ray.", "generate.num_actors", "generate.chunk_size")
+RESUMABLE_CHANGES = (
+    "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.",
+    "generate.num_actors", "generate.chunk_size",
+)
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

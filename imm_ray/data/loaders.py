@@ -195,6 +195,9 @@ def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None) -> Load
         logger.info("dataset %r: loading %s", spec.name, path)
         return _build(iter_file_rows(path), spec, _field_map(spec, preset, hub=False), str(path))
 
+    if preset is not None and preset.builder is not None and not spec.path:
+        logger.info("dataset %r: generating preset %s split %s", spec.name, preset.name, spec.split)
+        return preset.builder(spec)
     hub_id = spec.hub_id or (preset.hub_id if preset and not spec.path else None)
     if hub_id is None:
         raise DataError(

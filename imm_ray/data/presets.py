@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imm_ray.data.spec import AnswerFormat
+from collections.abc import Callable
+
+from imm_ray.data.problems import LoadResult
+from imm_ray.data.spec import AnswerFormat, DatasetSpec
+from imm_ray.data.synthetic import load_synthetic
 
 __all__ = ["DatasetPreset", "DATASET_PRESETS", "register_dataset_preset", "get_dataset_preset"]
 
@@ -27,6 +31,8 @@ class DatasetPreset:
     hub_config: str | None = None
     hub_question_field: str | None = None
     hub_answer_field: str | None = None
+    # Generated sets: build the problems in memory when no local file exists.
+    builder: Callable[[DatasetSpec], LoadResult] | None = None
     hub_answer_format: AnswerFormat | None = None
 
 
@@ -84,5 +90,19 @@ register_dataset_preset(
         question_field="input",
         answer_field="target",
         answer_format="numeric",
+    )
+)
+# Synthetic arithmetic word problems (imm_ray.data.synthetic): ID train/test and three OOD
+# families, generated in memory (or read from <data dir>/synthetic/<split>.jsonl when written there
+# with `python -m imm_ray.data.synthetic DATA_DIR`).
+register_dataset_preset(
+    DatasetPreset(
+        name="synthetic",
+        folder="synthetic",
+        question_field="question",
+        answer_field="answer",
+        answer_format="numeric",
+        splits=("train", "test", "ood-mul-div", "ood-two-step", "ood-reworded"),
+        builder=load_synthetic,
     )
 )

@@ -18,6 +18,7 @@ import ray
 import yaml
 from transformers import AutoTokenizer
 
+from imm_ray.analysis.cli import analyze_run
 from imm_ray.config import RESUMABLE_CHANGES, ConfigError, ImmConfig, config_differences, config_to_yaml
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings, encode_prompt, render_prompt
@@ -29,6 +30,7 @@ from imm_ray.loop.rundir import RunDir, atomic_write_json, atomic_write_text, re
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
 from imm_ray.ray_env import ray_binds_loopback
+from imm_ray.report import write_report
 from imm_ray.train import run_sft
 from imm_ray.verify import select_accepted
 
@@ -166,6 +168,7 @@ class RoundDriver:
                     current = self._round(arm, t, current)
                     logger.info("after %s round %d:\n%s", arm, t, format_table(self._write_metrics()))
             rows = self._write_metrics()
+            self._finish_outputs()
             finished = True
             logger.info("IMM run finished: %s\n%s", self.rd.root, format_table(rows))
             return rows
@@ -175,6 +178,15 @@ class RoundDriver:
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
             self.rd.unlock()
+
+    def _finish_outputs(self) -> None:
+        """Layer analysis (when asked for) and the report with its plots."""
+        run = self.cfg.run
+        if run.analyze:
+            path = analyze_run(self.rd.root, "--probe-size", str(run.analyze_probe_size))
+            logger.info("layer analysis: %s", path)
+        if run.report:
+            logger.info("report: %s", write_report(self.rd.root, sinks=tuple(run.metric_sinks)))
 
     def _write_metrics(self) -> list[dict[str, Any]]:
         rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)

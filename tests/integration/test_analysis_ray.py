@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -18,15 +16,7 @@ from imm_ray.analysis.cli import add_analyze_arguments, run_analyze_cli
 from imm_ray.report import write_report
 from tiny_model import TINY_PROBLEMS
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.slow  # ray_local: tests/integration/conftest.py
 
 
 def _round_model(src: Path, dst: Path, scale: float, layer: str) -> None:

@@ -64,9 +64,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "paper-qwen2.5-0.5b.yaml"])
-def test_shipped_configs_validate_and_round_trip(name):
-    cfg = load_config(REPO / "jobs/configs" / name)
+@pytest.mark.parametrize("path", sorted((REPO / "jobs/configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate_and_round_trip(path):
+    cfg = load_config(path)
     again = yaml.safe_load(config_to_yaml(cfg))
     assert config_differences(cfg.model_dump(mode="json"), again) == []
 

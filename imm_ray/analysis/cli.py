@@ -1,0 +1,218 @@
+"""``imm analyze``: layer analysis of a run directory (or of explicit checkpoints).
+
+``imm analyze RUN_DIR`` compares every round's sft/merged model with the run's original model,
+measures layer importance on the original with the run's in-domain test set, and writes
+RUN_DIR/analysis.json. ``imm analyze --original DIR --model [LABEL=]DIR ... --out FILE`` does
+the same for any checkpoints (importance needs --probe-preset/--probe-path then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from imm_ray.analysis.importance import ProbeSpec, PromptStyle
+from imm_ray.analysis.pipeline import (
+    ANALYSIS_FILE,
+    IMPORTANCE_MEASURES,
+    AnalysisPlan,
+    run_analysis,
+)
+from imm_ray.analysis.probes import (
+    ModelEntry,
+    discover_models,
+    probe_from_run,
+    read_references,
+    run_config,
+)
+
+__all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``imm analyze`` options to ``parser``."""
+    parser.add_argument("run_dir", nargs="?", help="run directory (reads run.yaml and round models)")
+    parser.add_argument("--original", help="original model folder (default: the run's model.ref)")
+    parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]DIR",
+                        help="a checkpoint to compare with the original (repeatable)")
+    parser.add_argument("--out", help=f"output JSON (default RUN_DIR/{ANALYSIS_FILE})")
+    parser.add_argument("--measures", default="accuracy,loss",
+                        help="importance measures: accuracy (greedy probe), loss (proxy); "
+                             "'none' skips importance (default accuracy,loss)")
+    parser.add_argument("--importance-model", help="model whose layers are probed (default the original)")
+    parser.add_argument("--probe-size", type=int, default=32, help="probe problems (default 32)")
+    parser.add_argument("--reference-size", type=int, default=32, help="reference solutions (default 32)")
+    parser.add_argument("--max-new-tokens", type=int, help="probe generation length (default: the "
+                        "run's evaluate.max_tokens, at most 256)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--probe-preset", help="probe data set preset (e.g. gsm8k, synthetic)")
+    parser.add_argument("--probe-split", default="test")
+    parser.add_argument("--probe-path", help="probe data file (JSONL/JSON/Parquet)")
+    parser.add_argument("--answer-format", default="plain", choices=("plain", "numeric", "gsm8k"))
+    parser.add_argument("--data-dir", help="data root for presets (default $IMM_DATA_DIR)")
+    parser.add_argument("--references", help="JSONL of reference solutions (prompt+completion or "
+                        "question+solution); default: round 1's accepted samples, else the "
+                        "original's correct probe completions")
+    parser.add_argument("--prompt-template", help="prompt template (default: the run's, else chat)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-ray", action="store_true", help="run in this process, one call at a time")
+    parser.add_argument("--tasks", type=int, help="parallel importance tasks (default: cluster CPUs "
+                        "/ --cpus-per-task)")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0)
+    parser.add_argument("--gpus-per-task", type=float, default=0.0)
+    parser.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local head)")
+
+
+def _parse_models(items: list[str]) -> list[ModelEntry]:
+    entries = []
+    for i, item in enumerate(items, start=1):
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).name, item
+        entries.append(ModelEntry(label, i, "model", Path(path).resolve()))
+    return entries
+
+
+def _probe_from_flags(args: argparse.Namespace) -> ProbeSpec:
+    from imm_ray.data import DatasetSpec, load_problems
+
+    name = args.probe_preset or Path(args.probe_path).stem
+    spec = DatasetSpec(name=name, preset=args.probe_preset, path=args.probe_path,
+                       split=args.probe_split,
+                       **({"answer_format": args.answer_format} if args.probe_path else {}))
+    problems = load_problems(spec, data_dir=args.data_dir).problems[: args.probe_size]
+    return ProbeSpec(problems=tuple(problems), prompt=PromptStyle(args.prompt_template or "chat"),
+                     max_new_tokens=args.max_new_tokens or 256)
+
+
+def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Path]:
+    """The analysis plan and the output path the arguments describe (ValueError if incomplete)."""
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+    measures = tuple(m for m in args.measures.split(",") if m and m != "none")
+    unknown = set(measures) - set(IMPORTANCE_MEASURES)
+    if unknown:
+        raise ValueError(f"unknown --measures {sorted(unknown)}; use {sorted(IMPORTANCE_MEASURES)}")
+    models = _parse_models(args.model)
+    if run_dir is not None:
+        cfg = run_config(run_dir)
+        if not cfg and not args.original:
+            raise ValueError(f"{run_dir} has no run.yaml; pass --original")
+        if args.original:
+            original = Path(args.original).resolve()
+        else:
+            from imm_ray.models import resolve_model
+
+            model_cfg = cfg.get("model") or {}
+            original = resolve_model(model_cfg.get("ref"), model_cfg.get("cache_dir"))
+        models = discover_models(run_dir) + models
+        out = Path(args.out) if args.out else run_dir / ANALYSIS_FILE
+    else:
+        if not args.original or not args.out:
+            raise ValueError("without RUN_DIR, pass --original DIR, --model DIR ... and --out FILE")
+        original, out = Path(args.original).resolve(), Path(args.out)
+    probe, source = None, ""
+    if measures:
+        if args.probe_preset or args.probe_path:
+            probe = _probe_from_flags(args)
+        elif run_dir is not None:
+            probe, source = probe_from_run(run_dir, args.probe_size, args.reference_size,
+                                           args.max_new_tokens)
+            if args.prompt_template:
+                probe = replace(probe, prompt=replace(probe.prompt, template=args.prompt_template))
+        else:
+            raise ValueError("layer importance needs a probe: --probe-preset or --probe-path "
+                             "(or --measures none)")
+        if args.references:
+            refs = tuple(read_references(args.references, args.reference_size))
+            probe, source = replace(probe, references=refs), args.references
+        probe = replace(probe, batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+    plan = AnalysisPlan(
+        original=original, models=models, probe=probe, measures=measures,
+        importance_model=Path(args.importance_model).resolve() if args.importance_model else None,
+        reference_size=args.reference_size, references_source=source, run_dir=run_dir,
+        num_tasks=args.tasks or 1,
+    )
+    return plan, out
+
+
+def analyze(plan: AnalysisPlan, out: str | Path, use_ray: bool = True, ray_address: str | None = None,
+            cpus_per_task: float = 1.0, gpus_per_task: float = 0.0,
+            num_tasks: int | None = None) -> dict[str, Any]:
+    """Run the plan (as Ray tasks unless use_ray is False) and write the JSON to ``out``."""
+    from imm_ray.loop.rundir import atomic_write_json
+
+    runner = None
+    if use_ray:
+        from imm_ray.ray_env import use_loopback_ray
+
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            use_loopback_ray()
+        import ray
+
+        from imm_ray.analysis.remote import default_num_tasks, ray_runner
+
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False) if address else ray.init(
+                include_dashboard=False)
+        runner = ray_runner(cpus_per_task, gpus_per_task)
+        plan.num_tasks = num_tasks or default_num_tasks(cpus_per_task)
+    elif num_tasks:
+        plan.num_tasks = num_tasks
+    result = run_analysis(plan, runner) if runner is not None else run_analysis(plan)
+    atomic_write_json(Path(out), result)
+    logger.info("layer analysis written to %s (%.0f s)", out, result["seconds"])
+    return result
+
+
+def analyze_run(run_dir: str | Path, *flags: str) -> Path:
+    """Analyse a run directory as ``imm analyze RUN_DIR FLAGS...`` does; returns the JSON path.
+
+    Uses the Ray connection already open in this process (a driver's), else starts one.
+    Raises ValueError (and DataError/ModelError) when the run cannot be analysed.
+    """
+    parser = argparse.ArgumentParser(prog="imm analyze")
+    add_analyze_arguments(parser)
+    args = parser.parse_args([str(run_dir), *flags])
+    plan, out = build_plan(args)
+    analyze(plan, out, use_ray=not args.no_ray, ray_address=args.ray_address,
+            cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, num_tasks=args.tasks)
+    return out
+
+
+def run_analyze_cli(args: argparse.Namespace) -> int:
+    """Run ``imm analyze`` from parsed arguments; 0 on success, 2 on a usage or data error."""
+    from imm_ray.data import DataError
+    from imm_ray.models import ModelError
+
+    try:
+        plan, out = build_plan(args)
+    except (ValueError, DataError, ModelError, OSError) as exc:
+        logger.error("analyze: %s", exc)
+        return 2
+    if not plan.models and plan.probe is None:
+        logger.error("analyze: nothing to do (no models found and no importance measures)")
+        return 2
+    analyze(plan, out, use_ray=not args.no_ray, ray_address=args.ray_address,
+            cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, num_tasks=args.tasks)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imm_ray.analysis.cli``."""
+    parser = argparse.ArgumentParser(prog="imm analyze", description=__doc__)
+    add_analyze_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_analyze_cli(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

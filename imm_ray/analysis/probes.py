@@ -1,0 +1,145 @@
+"""Probe sets for layer importance: problems, prompt style and reference solutions.
+
+From a run directory the probe follows the run: the in-domain test set (data.eval[0]), its
+prompt template, verifier, stop strings and evaluation length; reference solutions are the
+accepted (verified-correct) samples of round 1, which the original model wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imm_ray.analysis.importance import ProbeSpec, PromptStyle, Reference
+from imm_ray.data import DatasetSpec, Problem, load_problems
+from imm_ray.data.prompts import default_stop_strings
+
+__all__ = ["ModelEntry", "discover_models", "probe_from_run", "read_references",
+           "references_from_completions", "run_config"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_KINDS = ("sft", "merged")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One checkpoint to compare with the original: which arm and round, and sft or merged."""
+
+    arm: str
+    round: int
+    kind: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm}/r{self.round}/{self.kind}"
+
+
+def run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config tree saved as RUN_DIR/run.yaml ({} when absent)."""
+    path = Path(run_dir) / "run.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def discover_models(run_dir: str | Path) -> list[ModelEntry]:
+    """Every RUN_DIR/<arm>/round-NNN/{sft,merged} folder holding a config.json, sorted."""
+    entries = []
+    for folder in sorted(Path(run_dir).glob("*/round-*/*")):
+        arm, round_name, kind = folder.parts[-3:]
+        if kind not in MODEL_KINDS or not (folder / "config.json").is_file():
+            continue
+        try:
+            round_idx = int(round_name.removeprefix("round-"))
+        except ValueError:
+            continue
+        entries.append(ModelEntry(arm, round_idx, kind, folder))
+    return sorted(entries, key=lambda e: (e.arm, e.round, MODEL_KINDS.index(e.kind)))
+
+
+def read_references(path: str | Path, limit: int | None = None,
+                    style: PromptStyle | None = None, tokenizer: Any = None) -> list[Reference]:
+    """Reference solutions from JSONL: rows with prompt + completion (accepted.jsonl), or
+    question + solution (rendered with ``style``, which then needs ``tokenizer``).
+
+    One reference per problem_id when rows carry one; at most ``limit``.
+    """
+    refs: list[Reference] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            pid = row.get("problem_id")
+            if pid is not None and pid in seen:
+                continue
+            solution = row.get("completion", row.get("solution"))
+            prompt = row.get("prompt")
+            if prompt is None and "question" in row and style is not None:
+                prompt = style.render(row["question"], tokenizer)
+            if not isinstance(prompt, str) or not isinstance(solution, str):
+                continue
+            if pid is not None:
+                seen.add(pid)
+            refs.append(Reference(prompt, solution))
+            if limit is not None and len(refs) >= limit:
+                break
+    return refs
+
+
+def references_from_completions(problems: Sequence[Problem], completions: Sequence[str],
+                                prompts: Sequence[str], verifier: str = "numeric",
+                                limit: int | None = None) -> list[Reference]:
+    """The model's own correct greedy completions as reference solutions."""
+    from imm_ray.verify.verifiers import verify_batch
+
+    verdicts = verify_batch([(c, p.answer) for p, c in zip(problems, completions)], verifier=verifier)
+    refs = [Reference(prompt, text) for prompt, text, v in zip(prompts, completions, verdicts)
+            if v.correct]
+    return refs[:limit] if limit is not None else refs
+
+
+def _first_accepted(run_dir: Path) -> Path | None:
+    candidates = sorted(run_dir.glob("*/round-001/accepted.jsonl"))
+    return next((p for p in candidates if p.stat().st_size > 0), None)
+
+
+def probe_from_run(run_dir: str | Path, probe_size: int = 32, reference_size: int = 32,
+                   max_new_tokens: int | None = None, **overrides: Any) -> tuple[ProbeSpec, str]:
+    """The probe a run implies (see module doc) and a note on where its references came from.
+
+    ``overrides`` replace ProbeSpec fields (batch_size, dtype, device, ...).
+    """
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    data = cfg.get("data", {})
+    evals = data.get("eval") or []
+    if not evals:
+        raise ValueError(f"{run_dir}/run.yaml names no data.eval set to probe with")
+    spec = DatasetSpec(**evals[0])
+    problems = load_problems(spec, data_dir=data.get("dir")).problems[:probe_size]
+    template = data.get("prompt_template", "chat")
+    stop = (cfg.get("generate") or {}).get("stop")
+    eval_tokens = (cfg.get("evaluate") or {}).get("max_tokens", 256)
+    probe = ProbeSpec(
+        problems=tuple(problems),
+        prompt=PromptStyle(template, data.get("system_prompt"), data.get("instruction_suffix")),
+        max_new_tokens=max_new_tokens or min(int(eval_tokens), 256),
+        verifier=(cfg.get("verify") or {}).get("verifier", "numeric"),
+        stop_strings=tuple(stop if stop is not None else default_stop_strings(template)),
+    )
+    source = "baseline greedy completions (correct ones)"
+    accepted = _first_accepted(run_dir)
+    if accepted is not None and reference_size > 0:
+        refs = read_references(accepted, reference_size)
+        if refs:
+            probe = replace(probe, references=tuple(refs))
+            source = str(accepted)
+    return replace(probe, **overrides), source

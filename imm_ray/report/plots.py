@@ -1,0 +1,241 @@
+"""PNG plots of a run (matplotlib, Agg backend): accuracy and diversity by round, and the
+layer heat map of relative parameter change beside layer importance."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from imm_ray.report.metrics import RunMetrics
+
+__all__ = ["arm_colours", "plot_accuracy", "plot_accuracy_by_dataset", "plot_diversity",
+           "plot_layer_analysis", "plot_module_changes", "write_plots"]
+
+logger = logging.getLogger(__name__)
+
+_COLOURS = plt.get_cmap("tab10").colors
+_KNOWN_ARMS = {"imm": 0, "si": 3, "rest": 2, "base": 7}
+
+
+def arm_colours(arms: list[str]) -> dict[str, Any]:
+    """A fixed colour per arm (imm blue, si red, rest green, others in tab10 order)."""
+    out, free = {}, [c for i, c in enumerate(_COLOURS) if i not in _KNOWN_ARMS.values()]
+    for arm in arms:
+        out[arm] = _COLOURS[_KNOWN_ARMS[arm]] if arm in _KNOWN_ARMS else free.pop(0) if free else "k"
+    return out
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _series(rows: list[dict[str, Any]], get: Callable[[dict[str, Any]], float | None]
+            ) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        value = get(row)
+        if value is not None:
+            xs.append(row["round"])
+            ys.append(value)
+    return xs, ys
+
+
+def _round_axis(ax: Any, run: RunMetrics) -> None:
+    rounds = sorted({r["round"] for r in run.rows})
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round (0 = original model)")
+    ax.grid(alpha=0.3)
+
+
+def plot_accuracy(run: RunMetrics, path: Path) -> Path | None:
+    """Accuracy by round: one colour per arm, ID solid (95% CI shaded), OOD mean dashed."""
+    if not run.arms or run.id_dataset is None:
+        return None
+    colours = arm_colours(run.arms)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in run.arms:
+        rows = run.arm_rows(arm)
+        xs, ys = _series(rows, lambda r: run.accuracy(r, run.id_dataset))
+        ax.plot(xs, [100 * y for y in ys], "-o", color=colours[arm], label=f"{arm} ID ({run.id_dataset})")
+        cis = [(r["round"], run.ci95(r, run.id_dataset)) for r in rows]
+        cis = [(x, ci) for x, ci in cis if ci is not None]
+        if cis:
+            ax.fill_between([x for x, _ in cis], [100 * c[0] for _, c in cis],
+                            [100 * c[1] for _, c in cis], color=colours[arm], alpha=0.12)
+        if run.ood_datasets:
+            xs, ys = _series(rows, run.ood_mean)
+            label = "OOD" if len(run.ood_datasets) == 1 else "OOD mean"
+            ax.plot(xs, [100 * y for y in ys], "--s", color=colours[arm],
+                    label=f"{arm} {label} ({', '.join(run.ood_datasets)})")
+    _round_axis(ax, run)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy by round")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _grid(n: int, width: float = 4.0, height: float = 3.2) -> tuple[Figure, list[Any]]:
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def plot_accuracy_by_dataset(run: RunMetrics, path: Path) -> Path | None:
+    """One panel per evaluation set: accuracy by round per arm, 95% CI as error bars."""
+    if not run.arms or not run.datasets:
+        return None
+    colours = arm_colours(run.arms)
+    fig, axes = _grid(len(run.datasets))
+    for i, (ax, dataset) in enumerate(zip(axes, run.datasets)):
+        for arm in run.arms:
+            rows = [r for r in run.arm_rows(arm) if run.accuracy(r, dataset) is not None]
+            ys = [100 * run.accuracy(r, dataset) for r in rows]
+            errs = [run.ci95(r, dataset) for r in rows]
+            yerr = None
+            if all(e is not None for e in errs) and errs:
+                yerr = [[y - 100 * e[0] for y, e in zip(ys, errs)],
+                        [100 * e[1] - y for y, e in zip(ys, errs)]]
+            ax.errorbar([r["round"] for r in rows], ys, yerr=yerr, fmt="-o" if i == 0 else "--s",
+                        color=colours[arm], capsize=3, label=arm)
+        _round_axis(ax, run)
+        ax.set_title(f"{'ID' if i == 0 else 'OOD'}: {dataset}")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_diversity(run: RunMetrics, path: Path) -> Path | None:
+    """One panel per diversity metric, by round per arm (None when no row has diversity)."""
+    keys = run.diversity_keys
+    if not keys or not run.arms:
+        return None
+    colours = arm_colours(run.arms)
+    fig, axes = _grid(len(keys), 3.6, 2.9)
+    for ax, key in zip(axes, keys):
+        for arm in run.arms:
+            xs, ys = _series(run.arm_rows(arm), lambda r, k=key: run.diversity(r, k))
+            ax.plot(xs, ys, "-o", color=colours[arm], label=arm)
+        _round_axis(ax, run)
+        ax.set_title(key)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Output diversity by round")
+    return _save(fig, path)
+
+
+def _model_label(m: dict[str, Any]) -> str:
+    return f"{m['arm']} r{m['round']} {m['kind']}"
+
+
+def plot_layer_analysis(analysis: dict[str, Any], path: Path) -> Path | None:
+    """Heat map of per-layer relative change (layers x models) beside layer importance bars."""
+    import numpy as np
+
+    models = [m for m in analysis.get("models", []) if m.get("change", {}).get("per_layer")]
+    importance = analysis.get("importance")
+    if not models and not importance:
+        return None
+    n_layers = max([len(m["change"]["per_layer"]) for m in models]
+                   + [len((importance or {}).get("layers", []))])
+    fig, (ax_heat, ax_imp) = plt.subplots(
+        1, 2, figsize=(3 + 0.9 * max(len(models), 2) + 4, 1.2 + 0.28 * max(n_layers, 4)),
+        gridspec_kw={"width_ratios": [max(len(models), 1), 2.5]}, sharey=True, squeeze=True)
+    if models:
+        grid = np.full((n_layers, len(models)), np.nan)
+        for j, m in enumerate(models):
+            for i, v in enumerate(m["change"]["per_layer"]):
+                grid[i, j] = np.nan if v is None else v
+        image = ax_heat.imshow(grid, aspect="auto", cmap="viridis", origin="lower",
+                               extent=(-0.5, len(models) - 0.5, -0.5, n_layers - 0.5))
+        fig.colorbar(image, ax=ax_heat, label="||W_t - W_0|| / ||W_0||", pad=0.02)
+        ax_heat.set_xticks(range(len(models)))
+        ax_heat.set_xticklabels([_model_label(m) for m in models], rotation=60, ha="right", fontsize=8)
+    ax_heat.set_ylabel("decoder layer")
+    ax_heat.set_title("relative parameter change")
+    if importance:
+        layers = importance.get("layers", [])
+        ys = [row["layer"] for row in layers]
+        # accuracy drop (fraction) on the bottom axis, loss rise (nats) on a twin top axis
+        axes = {"accuracy_drop": ax_imp, "loss_rise": ax_imp.twiny()}
+        for column, colour, label, offset in (("accuracy_drop", "tab:red", "accuracy drop", -0.2),
+                                              ("loss_rise", "tab:purple", "loss rise (nats)", 0.2)):
+            ax = axes[column]
+            values = [row.get(column) for row in layers]
+            if any(v is not None for v in values):
+                ax.barh([y + offset for y in ys], [v if v is not None else 0 for v in values],
+                        height=0.4, color=colour, label=label)
+            ax.set_xlabel(label, color=colour)
+            ax.tick_params(axis="x", colors=colour)
+        ax_imp.axvline(0, color="k", lw=0.6)
+    ax_imp.set_title("importance when skipped", pad=28)
+    ax_imp.set_ylim(-0.5, n_layers - 0.5)
+    ax_heat.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return _save(fig, path)
+
+
+def plot_module_changes(analysis: dict[str, Any], path: Path) -> Path | None:
+    """Per arm, its last model's relative change per (module type, layer)."""
+    import numpy as np
+
+    last: dict[str, dict[str, Any]] = {}
+    for m in analysis.get("models", []):
+        if m.get("change", {}).get("per_layer_module"):
+            last[m["arm"]] = m  # models are sorted by arm, round, kind
+    if not last:
+        return None
+    fig, axes = plt.subplots(1, len(last), figsize=(5.5 * len(last), 4), squeeze=False)
+    for ax, m in zip(axes[0], last.values()):
+        cells = m["change"]["per_layer_module"]
+        modules = sorted(cells)
+        grid = np.array([[np.nan if v is None else v for v in cells[k]] for k in modules])
+        image = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(modules)))
+        ax.set_yticklabels(modules, fontsize=8)
+        ax.set_xlabel("decoder layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(_model_label(m))
+        fig.colorbar(image, ax=ax)
+    fig.suptitle("relative change per module type and layer")
+    return _save(fig, path)
+
+
+def write_plots(run: RunMetrics, folder: Path) -> list[Path]:
+    """Write every plot the run's data supports into folder; return the files written."""
+    makers: list[tuple[str, Callable[[], Path | None]]] = [
+        ("accuracy.png", lambda: plot_accuracy(run, folder / "accuracy.png")),
+        ("accuracy_by_dataset.png", lambda: plot_accuracy_by_dataset(run, folder / "accuracy_by_dataset.png")),
+        ("diversity.png", lambda: plot_diversity(run, folder / "diversity.png")),
+    ]
+    if run.analysis:
+        makers += [
+            ("layer_change.png", lambda: plot_layer_analysis(run.analysis, folder / "layer_change.png")),
+            ("module_change.png", lambda: plot_module_changes(run.analysis, folder / "module_change.png")),
+        ]
+    written = []
+    for name, make in makers:
+        try:
+            out = make()
+        except Exception:  # a broken plot must not cost the report (the log says which)
+            logger.exception("report: plot %s failed", name)
+            continue
+        if out is not None:
+            written.append(out)
+    return written

@@ -1,0 +1,107 @@
+"""write_report: RUN_DIR/report.md and RUN_DIR/plots/*.png from the run's metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from imm_ray.report.metrics import RunMetrics, load_run_metrics
+from imm_ray.report.plots import write_plots
+from imm_ray.report.sinks import make_sink, publish_rows
+from imm_ray.report.tables import analysis_table, rounds_table, summary_lines
+
+__all__ = ["REPORT_FILE", "render_report", "write_report"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+_PLOT_TITLES = {
+    "accuracy.png": "Accuracy by round (ID solid, OOD dashed)",
+    "accuracy_by_dataset.png": "Accuracy per evaluation set",
+    "diversity.png": "Output diversity by round",
+    "layer_change.png": "Relative parameter change per layer beside layer importance",
+    "module_change.png": "Relative change per module type and layer (last round per arm)",
+}
+
+
+def _config_lines(config: dict[str, Any]) -> list[str]:
+    if not config:
+        return []
+    run, data, merge = config.get("run") or {}, config.get("data") or {}, config.get("merge") or {}
+    gen = config.get("generate") or {}
+    train = (data.get("train") or {}).get("name")
+    evals = [d.get("name") for d in data.get("eval") or []]
+    lines = [f"- model: `{(config.get('model') or {}).get('ref')}`",
+             f"- arms: {', '.join(run.get('arms') or [])}; rounds: {run.get('rounds')}",
+             f"- train pool: {train}; evaluation: {', '.join(n for n in evals if n)} (first = ID)"]
+    if gen:
+        lines.append(f"- sampling: {gen.get('samples_per_question')} per question, temperature "
+                     f"{gen.get('temperature')}, max {gen.get('max_tokens')} tokens")
+    if merge:
+        lines.append(f"- merge: {merge.get('method')} {merge.get('params')}")
+    return lines
+
+
+def _analysis_section(run: RunMetrics, plots: Sequence[str]) -> list[str]:
+    analysis = run.analysis
+    if not analysis:
+        return []
+    lines = ["## Layer analysis", ""]
+    imp = analysis.get("importance")
+    if imp:
+        probe, base = imp.get("probe") or {}, imp.get("baseline") or {}
+        acc = base.get("accuracy")
+        lines += [
+            f"Layer importance of `{imp.get('model')}`: each decoder layer skipped in turn on "
+            f"{probe.get('problems')} probe problems of {probe.get('dataset')} (accuracy "
+            f"{'-' if acc is None else f'{100 * acc:.1f}%'} unmodified) and "
+            f"{probe.get('references')} reference solutions ({probe.get('references_source')}).",
+            "rho is Spearman's rank correlation between a layer's importance and its relative "
+            "change: near zero or negative means updates land in layers that matter little.",
+            "",
+        ]
+    lines += [analysis_table(analysis), ""]
+    lines += [f"![{_PLOT_TITLES[p]}]({PLOTS_DIR}/{p})\n" for p in plots
+              if p in ("layer_change.png", "module_change.png")]
+    return lines
+
+
+def render_report(run: RunMetrics, plots: Sequence[str]) -> str:
+    """The markdown text of the report (plots: names of the PNGs written under plots/)."""
+    name = (run.config.get("run") or {}).get("name") or run.run_dir.name
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# IMM run report: {name}", "", f"Run directory `{run.run_dir}`, written {now}.", ""]
+    lines += _config_lines(run.config) + [""]
+    lines += ["## Results by round", "", rounds_table(run), ""]
+    if run.rows and any(run.ci95(r, d) for r in run.rows for d in run.datasets):
+        lines += ["Accuracy cells show the 95% confidence interval in brackets.", ""]
+    summary = summary_lines(run)
+    if summary:
+        lines += summary + [""]
+    curve_plots = [p for p in plots if p in ("accuracy.png", "accuracy_by_dataset.png", "diversity.png")]
+    if curve_plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{_PLOT_TITLES[p]}]({PLOTS_DIR}/{p})\n" for p in curve_plots]
+    lines += _analysis_section(run, plots)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dir: str | Path, sinks: Sequence[str] = (), **sink_options: Any) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the report path.
+
+    sinks: also publish the metrics rows to these sinks ("tensorboard", "mlflow").
+    """
+    from imm_ray.loop.rundir import atomic_write_text
+
+    run = load_run_metrics(run_dir)
+    plots = write_plots(run, run.run_dir / PLOTS_DIR)
+    path = run.run_dir / REPORT_FILE
+    atomic_write_text(path, render_report(run, [p.name for p in plots]))
+    if sinks:
+        publish_rows(run.rows, [make_sink(kind, run.run_dir, **sink_options) for kind in sinks])
+    logger.info("report written to %s (%d rows, %d plots)", path, len(run.rows), len(plots))
+    return path

@@ -1,0 +1,134 @@
+"""Reports: report.md and PNG plots from a fabricated run directory; metric sinks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imm_ray.report import flatten_row, load_run_metrics, publish_rows, write_report
+from imm_ray.report.cli import add_report_arguments, run_report_cli
+from imm_ray.report.sinks import TensorBoardSink, make_sink
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(arm: str, t: int, id_acc: float, ood_acc: float, *, ci: bool = False,
+         diversity: bool = False) -> dict:
+    ev = {"id-set": {"accuracy": id_acc, "n": 100, "correct": int(100 * id_acc), "unparseable": 2},
+          "ood-set": {"accuracy": ood_acc, "n": 50, "correct": int(50 * ood_acc), "unparseable": 1}}
+    if ci:
+        for entry in ev.values():
+            entry["accuracy_ci95"] = [entry["accuracy"] - 0.05, entry["accuracy"] + 0.05]
+    row = {"round": t, "arm": arm, "generated": 0 if t == 0 else 64, "accepted": 0 if t == 0 else 20 + t,
+           "accuracy": {k: v["accuracy"] for k, v in ev.items()}, "eval": ev, "model": f"/m/{arm}/{t}",
+           "seconds": {"evaluate": 12.0} if t == 0 else
+           {"generate": 30.0, "verify": 1.0, "sft": 50.0, "evaluate": 12.0, **({"merge": 4.0} if arm == "imm" else {})}}
+    if diversity:
+        row["diversity"] = {"questions": 16, "samples": 64, "distinct_1": 0.5 - 0.05 * t,
+                            "distinct_2": 0.7, "self_bleu": 0.3 + 0.1 * t, "distinct_answers": 2.0,
+                            "mean_token_entropy": None}
+    return row
+
+
+def _analysis() -> dict:
+    def model(arm, t, kind, scale):
+        return {"arm": arm, "round": t, "kind": kind, "model": f"/m/{arm}/{t}/{kind}",
+                "change": {"total": 0.01 * scale, "per_layer": [0.01 * scale, 0.02 * scale, None],
+                           "per_layer_module": {"attn_q": [0.01, 0.02, None], "mlp_up": [0.03, 0.01, None]}},
+                "spearman": {"accuracy_drop": -0.5, "loss_rise": 0.5}}
+    return {"version": 1, "original": "/m/orig",
+            "importance": {"model": "/m/orig", "probe": {"dataset": "id-set", "problems": 8, "references": 6,
+                                                         "references_source": "x"},
+                           "baseline": {"accuracy": 0.5, "loss": 1.0},
+                           "layers": [{"layer": i, "accuracy_drop": d, "loss_rise": r}
+                                      for i, (d, r) in enumerate([(0.4, 2.0), (0.1, 0.3), (None, None)])]},
+            "models": [model("imm", 1, "sft", 1), model("imm", 1, "merged", 0.5), model("si", 1, "sft", 1.2)]}
+
+
+def _write_run(root: Path, rows: list[dict], analysis: dict | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "run.yaml").write_text(yaml.safe_dump({
+        "run": {"name": "fab", "rounds": 2, "arms": ["imm", "si"]}, "model": {"ref": "tiny"},
+        "data": {"train": {"name": "id-train"}, "eval": [{"name": "id-set"}, {"name": "ood-set"}]},
+        "merge": {"method": "imm", "params": {"lam": 0.5}}}))
+    if analysis is not None:
+        (root / "analysis.json").write_text(json.dumps(analysis))
+    return root
+
+
+@pytest.fixture
+def full_run(tmp_path) -> Path:
+    rows = [_row("base", 0, 0.30, 0.20, ci=True)]
+    rows += [_row("imm", t, 0.30 + 0.05 * t, 0.20 + 0.01 * t, ci=True, diversity=t == 2) for t in (1, 2)]
+    rows += [_row("si", t, 0.30 + 0.07 * t, 0.20 - 0.03 * t, ci=True, diversity=t == 2) for t in (1, 2)]
+    return _write_run(tmp_path / "run", rows, _analysis())
+
+
+def test_report_and_plots(full_run):
+    path = write_report(full_run)
+    assert path == full_run / "report.md"
+    text = path.read_text()
+    assert "| arm | round | generated | accepted | ID: id-set | OOD: ood-set |" in text.splitlines()[
+        next(i for i, line in enumerate(text.splitlines()) if line.startswith("| arm | round | generated"))]
+    assert "40.0% [35.0, 45.0]" in text  # imm round 2 ID accuracy with its CI
+    assert "distinct_1" in text and "self_bleu" in text
+    assert "| si | 2 |" in text and "| base | 0 |" in text
+    assert "**si** after round 2: ID 44.0% (+14.0 pt vs base), OOD 14.0% (-6.0 pt vs base)" in text
+    assert "## Layer analysis" in text and "-0.50" in text
+    for name in ("accuracy", "accuracy_by_dataset", "diversity", "layer_change", "module_change"):
+        png = full_run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC, name
+        assert f"plots/{name}.png" in text
+
+
+def test_report_without_optional_parts(tmp_path):
+    rows = [_row("base", 0, 0.3, 0.2), _row("imm", 1, 0.35, 0.22)]
+    run = _write_run(tmp_path / "plain", rows)
+    text = write_report(run).read_text()
+    assert "[" not in text.split("## Results by round")[1].split("##")[0].replace("](", "")
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["accuracy.png", "accuracy_by_dataset.png"]
+    assert "Layer analysis" not in text
+
+
+def test_report_of_empty_run(tmp_path):
+    text = write_report(tmp_path).read_text()
+    assert "No finished rounds yet" in text
+
+
+def test_run_metrics_names(full_run):
+    run = load_run_metrics(full_run)
+    assert run.datasets == ["id-set", "ood-set"] and run.id_dataset == "id-set"
+    assert run.arms == ["imm", "si"]
+    assert run.stages == ["generate", "verify", "sft", "merge", "evaluate"]
+    assert run.diversity_keys == ["distinct_1", "distinct_2", "self_bleu", "distinct_answers"]
+    assert [r["round"] for r in run.arm_rows("si")] == [0, 1, 2]
+
+
+def test_flatten_row_and_tensorboard_sink(full_run):
+    row = load_run_metrics(full_run).rows[-1]
+    flat = flatten_row(row)
+    assert flat["accuracy/id-set"] == pytest.approx(0.44)
+    assert flat["accuracy_ci95_high/ood-set"] == pytest.approx(0.19)
+    assert flat["diversity/self_bleu"] == pytest.approx(0.5)
+    assert flat["seconds/sft"] == 50.0 and "diversity/mean_token_entropy" not in flat
+    sink = make_sink("tensorboard", full_run)
+    assert isinstance(sink, TensorBoardSink)
+    assert publish_rows(load_run_metrics(full_run).rows, [sink]) == 5
+    for arm in ("imm", "si"):
+        assert list((full_run / "tensorboard" / arm).glob("events.out.tfevents.*"))
+    with pytest.raises(ValueError, match="unknown metrics sink"):
+        make_sink("wandb", full_run)
+
+
+def test_report_cli(full_run, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_report_arguments(parser)
+    assert run_report_cli(parser.parse_args([str(full_run), "--sink", "tensorboard"])) == 0
+    assert (full_run / "report.md").is_file() and (full_run / "tensorboard").is_dir()
+    assert run_report_cli(parser.parse_args([str(tmp_path / "missing")])) == 2
