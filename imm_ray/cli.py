@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from imm_ray.evaluate.cli import add_eval_arguments, run_eval_cli
     from imm_ray.merge.cli import add_merge_arguments, run_merge_cli
     from imm_ray.report.cli import add_report_arguments, run_report_cli
+    from imm_ray.serve.cli import add_serve_arguments, run_serve_cli
 
     parser = argparse.ArgumentParser(prog="imm", description="Iterative Model Merging on Ray")
     parser.add_argument("--log-level", default="INFO")
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model on math benchmarks (accuracy, pass@k, maj@k, diversity)")
     add_eval_arguments(ev)
     ev.set_defaults(func=run_eval_cli)
+    srv = sub.add_parser("serve", help="serve a run's rounds over an OpenAI-compatible HTTP API")
+    add_serve_arguments(srv)
+    srv.set_defaults(func=run_serve_cli)
     rep = sub.add_parser("report", help="write report.md and plots/ for a run directory")
     add_report_arguments(rep)
     rep.set_defaults(func=run_report_cli)

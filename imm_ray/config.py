@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imm_ray.data import DatasetSpec
+from imm_ray.serve.settings import ServeSettings
 from imm_ray.train import SFTSettings
 
 
@@ -164,6 +165,7 @@ class ImmConfig(_Strict):
     merge: MergeConfig = MergeConfig()
     evaluate: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
+    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
     def _check(self) -> "ImmConfig":
@@ -302,7 +304,7 @@ def config_to_yaml(cfg: ImmConfig) -> str:
 
 # Keys that may change when a run is resumed: they do not change what finished stages produced.
 RESUMABLE_CHANGES = (
-    "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.",
+    "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.", "serve.",
     "generate.num_actors", "generate.chunk_size",
 )
 

@@ -31,6 +31,8 @@ from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
 from imm_ray.ray_env import ray_binds_loopback
 from imm_ray.report import write_report
+from imm_ray.serve.cli import serve_command
+from imm_ray.serve.deploy import start_serving
 from imm_ray.train import run_sft
 from imm_ray.verify import select_accepted
 
@@ -155,11 +157,17 @@ class RoundDriver:
         try:
             self._save_config()
             logger.info("run directory %s\nresolved config:\n%s", self.rd.root, config_to_yaml(self.cfg))
+            done = [k for k in self.rd.state["stages"] if self.rd.is_done(k)]
+            if done:
+                logger.info("resuming: %d stages already done and kept (last: %s)", len(done), done[-1])
             self.original = resolve_model(self.cfg.model.ref, self.cfg.model.cache_dir)
             if self.cfg.model.teacher:
                 self.teacher = resolve_model(self.cfg.model.teacher, self.cfg.model.cache_dir)
             self.tokenizer = AutoTokenizer.from_pretrained(self.original)
             init_ray(self.cfg)
+            if self.cfg.serve.enabled:
+                # The app follows state.json: every finished round becomes servable by itself.
+                start_serving(self.cfg.serve.run_dir or self.rd.root, self.cfg.serve)
             if self.cfg.evaluate.baseline:
                 self._baseline()
             for arm in self.cfg.run.arms:
@@ -170,7 +178,8 @@ class RoundDriver:
             rows = self._write_metrics()
             self._finish_outputs()
             finished = True
-            logger.info("IMM run finished: %s\n%s", self.rd.root, format_table(rows))
+            logger.info("IMM run finished: %s\n%s\nserve its rounds over HTTP (OpenAI-compatible):\n  %s",
+                        self.rd.root, format_table(rows), serve_command(self.rd.root))
             return rows
         finally:
             for pool in self._pools.values():

@@ -1,0 +1,73 @@
+"""``imm serve``: serve a run directory's rounds over HTTP until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``imm serve``."""
+    parser.add_argument("--run-dir", required=True, help="run directory to follow (its state.json)")
+    parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    parser.add_argument("--engine", choices=["vllm", "hf"], default=None, help="inference engine (default vllm)")
+    parser.add_argument("--config", help="YAML with serve settings (a ServeSettings mapping or an imm config)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a local loopback head)")
+    parser.add_argument("overrides", nargs="*", help="serve settings key=value (dotted keys nest), e.g. resident_models=3")
+
+
+def settings_from_cli(args: argparse.Namespace):
+    """(ServeSettings, run_dir) from the parsed flags: file, then key=value overrides, then flags."""
+    from imm_ray.serve.deploy import settings_from_args
+
+    bad = [kv for kv in args.overrides if "=" not in kv]
+    if bad:
+        raise ValueError(f"overrides must be key=value, got {bad}")
+    raw: dict[str, object] = dict(kv.split("=", 1) for kv in args.overrides)
+    raw["run_dir"] = args.run_dir
+    if args.config:
+        raw["config"] = args.config
+    for key in ("host", "port", "engine"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    return settings_from_args(raw)
+
+
+def run_serve_cli(args: argparse.Namespace) -> int:
+    """Start the app and block until SIGINT/SIGTERM."""
+    from imm_ray.ray_env import use_loopback_ray
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        use_loopback_ray()  # before Ray is imported
+    from imm_ray.serve.deploy import start_serving
+
+    settings, run_dir = settings_from_cli(args)
+
+    import ray
+    from ray import serve
+
+    ray.init(address=address, namespace="serve", include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        start_serving(run_dir, settings)
+        logger.info("serving %s at http://%s:%d/v1 (Ctrl-C to stop)", run_dir, settings.host, settings.port)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def serve_command(run_dir: str, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """The shell command that serves ``run_dir`` (for the end of ``make demo``)."""
+    flags = "" if (host, port) == ("127.0.0.1", 8000) else f" --host {host} --port {port}"
+    return f".venv/bin/imm serve --run-dir {run_dir}{flags}"

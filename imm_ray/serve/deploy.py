@@ -1,0 +1,95 @@
+"""Ray Serve plumbing: deployment options from the settings, the app graph, start/stop helpers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from imm_ray.serve.auth import load_api_keys
+from imm_ray.serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+# Passed to the replicas (which may run on other nodes than the caller).
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE",
+                 "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+def deployment_options(s: ServeSettings) -> dict[str, Any]:
+    """``Deployment.options(...)`` kwargs: replicas or autoscaling, resources, concurrency, backpressure."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        # Overload: Serve answers 429 + Retry-After instead of queueing without bound.
+        "backpressure_config": {"status_code": 429, "retry_after_s": s.retry_after_s},
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": {"env_vars": env}},
+        "graceful_shutdown_timeout_s": 30,
+    }
+    a = s.autoscaling
+    if a.enabled:
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "target_ongoing_requests": a.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def settings_from_args(args: dict[str, Any]) -> tuple[ServeSettings, str]:
+    """Settings and run dir from ``serve run`` builder args (``key=value``, dotted keys nest).
+
+    ``config=FILE`` reads a YAML file first: either ServeSettings or an imm config with a ``serve``
+    section; ``run_dir`` is required (or ``serve.run_dir`` in the file).
+    """
+    import yaml
+
+    data: dict[str, Any] = {}
+    args = dict(args)
+    if cfg := args.pop("config", None):
+        loaded = yaml.safe_load(Path(cfg).read_text()) or {}
+        data = loaded.get("serve", loaded) if isinstance(loaded, dict) else {}
+    for key, value in args.items():
+        node = data
+        *parents, leaf = key.replace("-", "_").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    run_dir = data.pop("run_dir", None)
+    if not run_dir:
+        raise ValueError("give the run directory: run_dir=DIR")
+    return ServeSettings.model_validate(data), str(run_dir)
+
+
+def build_application(settings: ServeSettings, run_dir: str | Path):
+    """The bound Serve application (import of Ray happens here, not at module import)."""
+    from services.app import ImmOpenAI
+
+    keys = load_api_keys(settings.api_keys_file)
+    logger.info("serving run %s with engine %s; API keys %s", run_dir, settings.engine,
+                f"on ({len(keys)})" if keys else "off")
+    deployment = ImmOpenAI.options(**deployment_options(settings))
+    return deployment.bind(settings.model_dump(), str(Path(run_dir).resolve()), list(keys))
+
+
+def start_serving(run_dir: str | Path, settings: ServeSettings, blocking: bool = False):
+    """Start Serve's HTTP proxy on ``settings.host:port`` and deploy the app; return its handle.
+
+    Call after ``ray.init`` (the driver) or let this start a local Ray. The app follows
+    ``RUN_DIR/state.json``: the driver publishes a round just by marking its evaluate stage done.
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = build_application(settings, run_dir)
+    handle = serve.run(app, name=settings.app_name, route_prefix=settings.route_prefix, blocking=blocking)
+    logger.info("serving %s at http://%s:%d%s", run_dir, settings.host, settings.port, settings.route_prefix)
+    return handle
+
+
+def stop_serving(settings: ServeSettings) -> None:
+    """Delete the app (the Serve instance keeps running for other apps)."""
+    from ray import serve
+
+    serve.delete(settings.app_name)

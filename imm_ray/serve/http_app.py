@@ -1,0 +1,169 @@
+"""The FastAPI app: OpenAI routes, API keys, body bounds and OpenAI-style errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imm_ray.serve.auth import KeyChecker
+from imm_ray.serve.backends import Backend
+from imm_ray.serve.metrics import CONTENT_TYPE, ServerMetrics
+from imm_ray.serve.protocol import (APIError, ChatRequest, CompletionRequest, GenParams, chat_response, chunk,
+                                    completion_response, models_list, new_id, parse_request, sse, usage,
+                                    usage_chunk)
+from imm_ray.serve.server import OpenAIServer
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def _route(request: Request) -> str:
+    """The path below the app's route prefix (Serve mounts the app at ``root_path``)."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | None = None) -> FastAPI:
+    """The ASGI app of one replica."""
+    metrics = metrics or ServerMetrics()
+    limits = server.settings.limits
+    app = FastAPI(title="imm-ray OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        t0 = time.monotonic()
+        route = _route(request)
+        if route not in OPEN_PATHS and not keys.check(request.headers.get("authorization")):
+            resp: Response = error_response(APIError(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                type_="authentication_error", code="invalid_api_key"))
+        else:
+            try:
+                resp = await call_next(request)
+            except Exception:  # never let a replica answer a bare 500 page
+                logger.exception("unhandled error on %s", route)
+                resp = error_response(APIError(500, "internal server error", type_="server_error"))
+        metrics.requests.labels(route, str(resp.status_code)).inc()
+        metrics.latency.labels(route).observe(time.monotonic() - t0)
+        return resp
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        latest = server.latest
+        body = {"status": "ok" if latest else "loading", "run": server.run,
+                "latest": server.follower.catalog.model_id(latest[0]) if latest else None,
+                "resident": [str(p) for p in server.pool.resident()], "spare_engines": server.pool.spares}
+        return JSONResponse(body, status_code=200 if latest else 503)
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        metrics.resident.set(len(server.pool.resident()))
+        if server.latest:
+            metrics.latest_round.set(server.latest[0])
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(models_list(server.model_ids()))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        server.resolve(model_id)
+        return JSONResponse(models_list([model_id])["data"][0])
+
+    async def generate(request: Request, cls: type[ChatRequest] | type[CompletionRequest]) -> Response:
+        req = parse_request(cls, await read_body(request, limits.max_body_bytes), limits)
+        chat = cls is ChatRequest
+        stack = AsyncExitStack()
+        try:
+            model_id, backend, params = await server.prepare(req, stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _stream(backend, params, stack, rid, model_id, chat, include_usage, metrics)
+            return StreamingResponse(body, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        metrics.in_flight.inc()
+        try:
+            choices, tokens = await server.collect(backend, params)
+        finally:
+            metrics.in_flight.dec()
+            await stack.aclose()
+        metrics.tokens.labels(model_id).inc(tokens)
+        build = chat_response if chat else completion_response
+        return JSONResponse(build(rid, model_id, choices, usage(len(params.prompt_ids), tokens)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, ChatRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, CompletionRequest)
+
+    return app
+
+
+async def _stream(backend: Backend, params: GenParams, stack: AsyncExitStack, rid: str, model_id: str, chat: bool,
+                  include_usage: bool, metrics: ServerMetrics) -> AsyncIterator[bytes]:
+    """Server-sent events in the OpenAI format, ending with ``data: [DONE]``; releases the lease."""
+    tokens = 0
+    metrics.in_flight.inc()
+    try:
+        if chat:
+            for i in range(params.n):
+                yield sse(chunk(rid, model_id, True, i, "", None, role=True))
+        async for d in backend.stream(params):
+            tokens += d.num_tokens
+            if d.text:
+                yield sse(chunk(rid, model_id, chat, d.index, d.text, None))
+            if d.finish_reason:
+                yield sse(chunk(rid, model_id, chat, d.index, None if chat else "", d.finish_reason))
+        if include_usage:
+            yield sse(usage_chunk(rid, model_id, chat, usage(len(params.prompt_ids), tokens)))
+        yield sse("[DONE]")
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        logger.exception("generation failed in a stream")
+        yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
+                             "code": None}})
+    finally:
+        metrics.in_flight.dec()
+        metrics.tokens.labels(model_id).inc(tokens)
+        await stack.aclose()

@@ -1,0 +1,173 @@
+"""The OpenAI-compatible server of one replica: follows a run directory and serves its rounds.
+
+`OpenAIServer` holds the state (catalog, resident engines, the served ``latest``); `create_app`
+wraps it in a FastAPI app. Neither imports Ray: services/app.py puts them in a Serve deployment,
+and tests can drive them with any backend loader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from imm_ray.data.prompts import encode_prompt
+from imm_ray.generate.engine import EngineOptions
+from imm_ray.serve.backends import Backend, start_backend
+from imm_ray.serve.catalog import LATEST, RunFollower, UnknownModelError
+from imm_ray.serve.pool import ModelPool
+from imm_ray.serve.protocol import APIError, ChatRequest, CompletionRequest, GenParams, gen_params
+from imm_ray.serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+BackendLoader = Callable[[Path], Awaitable[Backend]]
+
+
+def engine_options(settings: ServeSettings) -> EngineOptions:
+    """Engine options of the serving engines."""
+    return EngineOptions(dtype=settings.dtype, max_model_len=settings.max_model_len, kv_cache_gb=settings.kv_cache_gb,
+                         gpu_memory_utilization=settings.gpu_memory_utilization, seed=settings.seed, batch_size=8)
+
+
+class OpenAIServer:
+    """Rounds of one run, an LRU of loaded engines, and ``latest`` moved only once loaded."""
+
+    def __init__(self, settings: ServeSettings, run_dir: str | Path, loader: BackendLoader | None = None) -> None:
+        self.settings = settings
+        self.follower = RunFollower(run_dir, settings.arm, settings.run_name)
+        options = engine_options(settings)
+        self._loader = loader or (lambda path: start_backend(settings.engine, path, options))
+        self.pool: ModelPool[Backend] = ModelPool(self._loader, lambda b: b.close(), settings.resident_models,
+                                                  reload=lambda b, path: b.reload(path), spares=settings.spare_engines)
+        self.latest: tuple[int, Path] | None = None  # the newest round whose engine is loaded
+        self._task: asyncio.Task | None = None
+        self._swap_lock = asyncio.Lock()
+        self._failed: Path | None = None  # a newest round that did not load; retried when state.json changes
+
+    @property
+    def run(self) -> str:
+        return self.follower.catalog.run
+
+    # --- following the run ------------------------------------------------------------------
+    async def start(self, wait: bool = True) -> None:
+        """Load the newest round (if any) and start following ``state.json``."""
+        self.follower.poll()
+        if wait:
+            await self.refresh_latest()
+        self._task = asyncio.ensure_future(self._follow())
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                if self.follower.poll():
+                    self._failed = None
+                if self.follower.catalog.latest_path != self._failed:
+                    await self.refresh_latest()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad checkpoint must not stop the follower; the old latest stays
+                self._failed = self.follower.catalog.latest_path
+                logger.exception("could not load %s; latest stays on the previous round until state.json "
+                                 "changes", self._failed)
+            await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def refresh_latest(self) -> None:
+        """Load the catalog's newest round, then point ``latest`` at it (old requests finish on the old)."""
+        cat = self.follower.catalog
+        n, path = cat.latest_round, cat.latest_path
+        if path is None or (self.latest and self.latest[1] == path):
+            return
+        async with self._swap_lock:
+            if self.latest and self.latest[1] == path:
+                return
+            t0 = time.monotonic()
+            self.pool.pinned.add(path)
+            try:
+                await self.pool.ensure(path)
+            except BaseException:
+                self.pool.pinned.discard(path)
+                raise
+            old, self.latest = self.latest, (n, path)
+            if old and old[1] != path:
+                self.pool.pinned.discard(old[1])
+                self.pool.evict()
+            self.pool.replenish(path)
+            logger.info("latest -> %s (%s) after %.1f s", cat.model_id(n), path, time.monotonic() - t0)
+
+    @property
+    def following(self) -> bool:
+        """Whether the follower task runs (False before `start` or after it died)."""
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.pool.close_all()
+
+    # --- models -----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.latest is not None
+
+    def model_ids(self) -> list[str]:
+        """Ids a client may ask for now."""
+        cat = self.follower.catalog
+        if self.settings.load_on_demand:
+            ids = [cat.model_id(n) for n in sorted(cat.rounds)]
+        else:
+            resident = set(self.pool.resident())
+            ids = [cat.model_id(n) for n in sorted(cat.rounds) if cat.rounds[n] in resident]
+        return ids + [f"{self.run}/{LATEST}"] if self.latest else ids
+
+    def resolve(self, model: str) -> tuple[str, Path]:
+        """(concrete round id, folder) for a requested id; `APIError` 404 lists the available ids."""
+        cat = self.follower.catalog
+        if model == f"{self.run}/{LATEST}" and self.latest:
+            return cat.model_id(self.latest[0]), self.latest[1]
+        try:
+            n, path = cat.resolve(model)
+        except UnknownModelError:
+            n = path = None
+        if path is None or (not self.settings.load_on_demand and not self.pool.is_resident(path)):
+            available = self.model_ids()
+            raise APIError(404, f"The model {model!r} does not exist or is not loaded; available models: "
+                           f"{', '.join(available) or 'none yet'}", param="model", code="model_not_found")
+        return cat.model_id(n), path
+
+    # --- generation -------------------------------------------------------------------------
+    async def prepare(self, req: ChatRequest | CompletionRequest, stack: AsyncExitStack
+                      ) -> tuple[str, Backend, GenParams]:
+        """Resolve the model, lease its engine on ``stack``, tokenize and bound the request."""
+        if not self.ready:
+            raise APIError(503, "no checkpoint of this run is loaded yet", type_="service_unavailable",
+                           code="not_ready", headers={"Retry-After": str(max(1, self.settings.retry_after_s))})
+        model_id, path = self.resolve(req.model)
+        backend = await stack.enter_async_context(self.pool.lease(path))
+        ids = self._tokenize(req, backend.tokenizer)
+        return model_id, backend, gen_params(req, ids, self.settings.limits, self.settings.max_model_len)
+
+    @staticmethod
+    def _tokenize(req: ChatRequest | CompletionRequest, tokenizer) -> list[int]:
+        if isinstance(req, CompletionRequest):
+            return encode_prompt(tokenizer, req.prompt)
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template: use /v1/completions", code="no_chat_template")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return encode_prompt(tokenizer, text)
+
+    @staticmethod
+    async def collect(backend: Backend, params: GenParams) -> tuple[list[tuple[str, str]], int]:
+        """Run to the end: (text, finish_reason) per choice and the completion tokens."""
+        texts, reasons, tokens = [""] * params.n, ["stop"] * params.n, 0
+        async for d in backend.stream(params):
+            texts[d.index] += d.text
+            tokens += d.num_tokens
+            if d.finish_reason:
+                reasons[d.index] = d.finish_reason
+        return list(zip(texts, reasons)), tokens
+

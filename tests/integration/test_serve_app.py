@@ -1,0 +1,149 @@
+"""The Ray Serve app end to end with the official openai client: vLLM (AsyncLLM) with API keys,
+the hf engine without, and `latest` following a new round written into state.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+import torch
+from ray import serve
+from transformers import AutoModelForCausalLM
+
+from imm_ray.serve.deploy import start_serving
+from imm_ray.serve.settings import LimitSettings, ServeSettings
+from tiny_model import TINY_PROBLEMS
+
+pytestmark = pytest.mark.slow
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def publish(run: Path, rounds: dict[int, Path]) -> None:
+    stages = {f"imm/round-{n:03d}/evaluate": {"status": "done", "info": {"model": str(p)}} for n, p in rounds.items()}
+    tmp = run / ".state.tmp"
+    tmp.write_text(json.dumps({"stages": stages}))
+    os.replace(tmp, run / "state.json")
+
+
+@pytest.fixture(scope="module")
+def scrambled(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("round2")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(out)
+    for f in Path(tiny_model_dir).iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    """One Serve instance on 127.0.0.1 with two apps over the same run: vllm+keys and hf+open."""
+    run = tmp_path_factory.mktemp("serve-run") / "tinyrun"
+    run.mkdir()
+    publish(run, {1: tiny_model_dir})
+    port = free_port()
+    os.environ["IMM_API_KEYS"] = KEY
+    # Ray runs workers at niceness 15: on a busy shared box a replica starting vLLM then starves.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
+    common = dict(port=port, dtype="float32", max_model_len=256, kv_cache_gb=1, poll_interval_s=0.5,
+                  resident_models=2, limits=LimitSettings(max_tokens=64, max_prompt_tokens=128))
+    try:
+        start_serving(run, ServeSettings(engine="vllm", app_name="vllm", route_prefix="/vllm", **common))
+        os.environ.pop("IMM_API_KEYS")
+        start_serving(run, ServeSettings(engine="hf", app_name="hf", route_prefix="/hf", **common))
+        yield run, f"http://127.0.0.1:{port}"
+    finally:
+        os.environ.pop("IMM_API_KEYS", None)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def client(base: str, prefix: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/{prefix}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+Q, _, GOLD = TINY_PROBLEMS[0]
+MSG = [{"role": "user", "content": Q}]
+
+
+@pytest.mark.parametrize("prefix, key", [("vllm", KEY), ("hf", "anything")])
+def test_openai_sdk_against_the_app(served, prefix, key):
+    run, base = served
+    c = client(base, prefix, key)
+    assert [m.id for m in c.models.list()] == ["tinyrun/round-1", "tinyrun/latest"]
+
+    chat = c.chat.completions.create(model="tinyrun/latest", messages=MSG, max_tokens=40, temperature=0)
+    assert chat.model == "tinyrun/round-1" and GOLD in chat.choices[0].message.content
+    assert chat.choices[0].finish_reason == "stop" and chat.usage.prompt_tokens > 0
+
+    comp = c.completions.create(model="tinyrun/round-1", prompt="The answer is", max_tokens=5, temperature=0)
+    assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 5
+
+    stream = c.chat.completions.create(model="tinyrun/latest", messages=MSG, max_tokens=40, temperature=0, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert text == chat.choices[0].message.content
+
+    with pytest.raises(openai.NotFoundError, match="tinyrun/round-1"):
+        c.chat.completions.create(model="tinyrun/round-7", messages=MSG)
+    with pytest.raises(openai.BadRequestError, match="unknown parameter"):
+        c.chat.completions.create(model="tinyrun/latest", messages=MSG, extra_body={"best_of": 3})
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.chat.completions.create(model="tinyrun/latest", messages=MSG, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.chat.completions.create(model="tinyrun/latest", messages=MSG, temperature=9)
+    with pytest.raises(openai.BadRequestError, match="prompt has"):
+        c.completions.create(model="tinyrun/latest", prompt="1 + 1 " * 200)
+    headers = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(f"{base}/{prefix}/v1/chat/completions", content=b"{broken", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(f"{base}/{prefix}/v1/completions", content=b"x" * 2_000_000, headers=headers)
+    assert r.status_code == 413
+    assert httpx.get(f"{base}/{prefix}/health").json()["latest"] == "tinyrun/round-1"
+    assert b"imm_serve_requests_total" in httpx.get(f"{base}/{prefix}/metrics", headers=headers).content
+    # still healthy after every error path
+    assert c.completions.create(model="tinyrun/latest", prompt="2", max_tokens=2).choices
+
+
+def test_api_key_is_required_when_configured(served):
+    _, base = served
+    with pytest.raises(openai.AuthenticationError):
+        client(base, "vllm", "wrong").models.list()
+    assert httpx.get(f"{base}/vllm/health").status_code == 200  # no key needed
+    assert httpx.get(f"{base}/vllm/metrics").status_code == 401
+
+
+def test_latest_follows_a_new_round(served, scrambled, tiny_model_dir):
+    """On the hf app (it loads in a second); the vLLM hot swap under load is the bench's job."""
+    run, base = served
+    c = client(base, "hf")
+    publish(run, {1: tiny_model_dir, 2: scrambled})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        chat = c.chat.completions.create(model="tinyrun/latest", messages=MSG, max_tokens=8, temperature=0)
+        if chat.model == "tinyrun/round-2":
+            break
+        time.sleep(1)
+    assert chat.model == "tinyrun/round-2"
+    assert [m.id for m in c.models.list()] == ["tinyrun/round-1", "tinyrun/round-2", "tinyrun/latest"]
+    old = c.chat.completions.create(model="tinyrun/round-1", messages=MSG, max_tokens=40, temperature=0)
+    assert GOLD in old.choices[0].message.content  # the older round stays resident and queryable
