@@ -59,24 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imm", description="Iterative Model Merging on Ray")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run or resume the IMM self-improvement loop")
-    add_run_arguments(run)
-    run.set_defaults(func=run_command)
-    merge = sub.add_parser("merge", help="merge checkpoints (DARE/IMM and other methods)")
-    add_merge_arguments(merge)
-    merge.set_defaults(func=run_merge_cli)
-    ev = sub.add_parser("eval", help="evaluate a model on math benchmarks (accuracy, pass@k, maj@k, diversity)")
-    add_eval_arguments(ev)
-    ev.set_defaults(func=run_eval_cli)
-    srv = sub.add_parser("serve", help="serve a run's rounds over an OpenAI-compatible HTTP API")
-    add_serve_arguments(srv)
-    srv.set_defaults(func=run_serve_cli)
-    rep = sub.add_parser("report", help="write report.md and plots/ for a run directory")
-    add_report_arguments(rep)
-    rep.set_defaults(func=run_report_cli)
-    ana = sub.add_parser("analyze", help="per-layer parameter change vs layer importance")
-    add_analyze_arguments(ana)
-    ana.set_defaults(func=run_analyze_cli)
+    commands = [
+        ("run", "run or resume the IMM self-improvement loop", add_run_arguments, run_command),
+        ("merge", "merge checkpoints (DARE/IMM and other methods)", add_merge_arguments, run_merge_cli),
+        ("eval", "evaluate a model on math benchmarks (accuracy, pass@k, maj@k, diversity)",
+         add_eval_arguments, run_eval_cli),
+        ("serve", "serve a run's rounds over an OpenAI-compatible HTTP API", add_serve_arguments, run_serve_cli),
+        ("report", "write report.md and plots/ for a run directory", add_report_arguments, run_report_cli),
+        ("analyze", "per-layer parameter change vs layer importance", add_analyze_arguments, run_analyze_cli),
+    ]
+    for name, help_text, add_arguments, func in commands:
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=func)
     return parser
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -14,9 +13,7 @@ import httpx
 import openai
 import pytest
 import ray
-import torch
 from ray import serve
-from transformers import AutoModelForCausalLM
 
 from imm_ray.serve.deploy import start_serving
 from imm_ray.serve.settings import LimitSettings, ServeSettings
@@ -37,21 +34,6 @@ def publish(run: Path, rounds: dict[int, Path]) -> None:
     tmp = run / ".state.tmp"
     tmp.write_text(json.dumps({"stages": stages}))
     os.replace(tmp, run / "state.json")
-
-
-@pytest.fixture(scope="module")
-def scrambled(tiny_model_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("round2")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(out)
-    for f in Path(tiny_model_dir).iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +114,11 @@ def test_api_key_is_required_when_configured(served):
     assert httpx.get(f"{base}/vllm/metrics").status_code == 401
 
 
-def test_latest_follows_a_new_round(served, scrambled, tiny_model_dir):
+def test_latest_follows_a_new_round(served, scrambled_model, tiny_model_dir):
     """On the hf app (it loads in a second); the vLLM hot swap under load is the bench's job."""
     run, base = served
     c = client(base, "hf")
-    publish(run, {1: tiny_model_dir, 2: scrambled})
+    publish(run, {1: tiny_model_dir, 2: scrambled_model})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         chat = c.chat.completions.create(model="tinyrun/latest", messages=MSG, max_tokens=8, temperature=0)
