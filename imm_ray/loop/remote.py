@@ -26,8 +26,8 @@ def verify_remote(pairs: list[tuple[str, str]], verifier: str, batch_size: int, 
 
 @ray.remote
 def merge_task(method: str, anchor: str, models: list[str], out_dir: str, params: dict[str, Any], seed: int) -> str:
-    """Run one merge on a worker; returns the output folder."""
-    return str(merge_checkpoints(method, anchor, models, out_dir, params=params, seed=seed))
+    """Run one merge on a worker; returns the output folder (fsynced: the stage is then marked done)."""
+    return str(merge_checkpoints(method, anchor, models, out_dir, params=params, seed=seed, fsync=True))
 
 
 def merge_remote(

@@ -1,15 +1,18 @@
-"""Model merging for IMM (pure: torch + safetensors, no Ray).
+"""Model merging for IMM (pure: torch + numpy + safetensors layout, no Ray).
 
-``merge_checkpoints`` streams HF safetensors checkpoints tensor by tensor through a registered merge
-method (``imm``, ``linear``, ``task_arithmetic``, ``dare_linear``) and publishes an HF folder
-atomically, with a ``merge_provenance.json``.
+``merge_checkpoints`` streams HF safetensors checkpoints block by block through a registered merge
+method (``imm``, ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+``breadcrumbs``, ``breadcrumbs_ties``, ``slerp``) on all cores and publishes an HF folder atomically,
+with a ``merge_provenance.json``.
 """
 
-from .dare import dare_drop, drop_mask, task_vector_merge, weighted_average
+from .core import slerp, task_vector_merge, weighted_average
 from .engine import PROVENANCE_FILE, check_compatible, merge_checkpoints
 from .errors import MergeError
 from .methods import MERGE_METHODS, MergeMethod, get_merge_method, register_merge_method
 from .params import ParamSpec
+from .rng import TensorRNG
+from .sparsify import dare_drop, magnitude_mask, sparsify
 
 __all__ = [
     "MERGE_METHODS",
@@ -17,12 +20,15 @@ __all__ = [
     "MergeError",
     "MergeMethod",
     "ParamSpec",
+    "TensorRNG",
     "check_compatible",
     "dare_drop",
-    "drop_mask",
     "get_merge_method",
+    "magnitude_mask",
     "merge_checkpoints",
     "register_merge_method",
+    "slerp",
+    "sparsify",
     "task_vector_merge",
     "weighted_average",
 ]

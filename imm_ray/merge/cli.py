@@ -1,7 +1,9 @@
 """``imm merge``: command-line front end of :func:`imm_ray.merge.merge_checkpoints`.
 
 The lead wires ``add_merge_arguments`` / ``run_merge_cli`` into the top-level ``imm`` command;
-``python -m imm_ray.merge.cli`` also works on its own.
+``python -m imm_ray.merge.cli ...`` also works on its own. ``--config merge.yaml`` reads the same
+settings from YAML (keys: method, base, models, weights, params, seed, dtype, include, exclude,
+out, max_shard_size, threads, checksums); options given on the command line win.
 """
 
 from __future__ import annotations
@@ -10,43 +12,56 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .engine import DEFAULT_MAX_SHARD_SIZE, merge_checkpoints
 from .errors import MergeError
-from .methods import MERGE_METHODS
+from .methods import MERGE_METHODS, get_merge_method
 
 logger = logging.getLogger(__name__)
+
+_CONFIG_KEYS = {"method", "base", "models", "weights", "params", "seed", "dtype", "include", "exclude", "out",
+                "max_shard_size", "threads", "checksums"}
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imm merge`` options to ``parser``."""
     methods = ", ".join(sorted(MERGE_METHODS))
-    parser.add_argument("--method", default="imm", help=f"merge method ({methods}); default imm")
-    parser.add_argument("--base", required=True, help="anchor/base HF folder (for IMM: the original model)")
-    parser.add_argument("--model", action="extend", nargs="+", required=True, dest="models", metavar="DIR",
+    parser.add_argument("--config", metavar="YAML", help="read the merge settings from a YAML file")
+    parser.add_argument("--method", help=f"merge method ({methods}); default imm")
+    parser.add_argument("--base", help="anchor/base HF folder (for IMM: the original model)")
+    parser.add_argument("--model", action="extend", nargs="+", dest="models", metavar="DIR",
                         help="fine-tuned HF folder(s) (repeat --model or list several)")
     parser.add_argument("--weight", action="extend", nargs="+", type=float, dest="weights", metavar="W",
-                        help="per-model weight, in --model order (linear, dare_linear)")
-    parser.add_argument("--lambda", type=float, dest="lam", metavar="L",
-                        help="scale lam (imm, task_arithmetic)")
-    parser.add_argument("--drop-rate", type=float, dest="drop_rate", metavar="P", help="DARE drop rate p")
+                        help="per-model weight, in --model order")
+    parser.add_argument("--lambda", type=float, dest="lam", metavar="L", help="task-vector scale lam")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--density", type=float, metavar="D", help="fraction kept (= 1 - drop rate)")
+    rate.add_argument("--drop-rate", type=float, dest="drop_rate", metavar="P", help="DARE drop rate p")
     parser.add_argument("--rescale", choices=("exact", "l1", "none"),
-                        help="DARE rescale: exact = 1/(1-p) (paper), l1 = mergekit-style L1 match, none")
+                        help="DARE rescale: exact = 1/(1-p) (paper), l1 = mergekit's L1-norm match, none")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other method parameter (VALUE parsed as JSON, else a string)")
-    parser.add_argument("--seed", type=int, default=0, help="DARE seed (default 0)")
+                        help="any other method parameter (VALUE parsed as JSON, e.g. t=0.3 or lam=[0.2,0.8])")
+    parser.add_argument("--include", action="append", metavar="RE", help="merge only tensors matching RE")
+    parser.add_argument("--exclude", action="append", metavar="RE",
+                        help="copy tensors matching RE from the base unmerged (e.g. 'embed|norm')")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--dtype", default=None, help="output dtype (default: the base's stored dtype)")
-    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+    parser.add_argument("--max-shard-size", default=None,
                         help=f"output shard size, e.g. 5GB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})")
+    parser.add_argument("--threads", type=int, help="worker threads (default: all usable cores)")
+    parser.add_argument("--no-checksums", action="store_true", help="skip sha256 of inputs/outputs in provenance")
+    parser.add_argument("--fsync", action="store_true", help="make the output durable before publishing it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--out", required=True, help="output folder (must not exist)")
+    parser.add_argument("--out", help="output folder (must not exist)")
 
 
-def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Collect the method parameters given on the command line (unset ones keep the method default)."""
+def _parse_param_items(items: Sequence[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    for item in getattr(args, "param", None) or []:
+    for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise MergeError(f"--param expects KEY=VALUE, got {item!r}")
@@ -54,31 +69,93 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
             params[key] = json.loads(raw)
         except ValueError:
             params[key] = raw
-    for key, value in (("lam", args.lam), ("drop_rate", args.drop_rate),
-                       ("rescale", args.rescale), ("weights", args.weights)):
+    return params
+
+
+def params_from_args(args: argparse.Namespace, method: str = "imm", base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Method parameters from the command line on top of ``base``; ``--density`` / ``--drop-rate``
+    go to whichever of ``density`` / ``drop_rate`` the method has (as ``1 - x`` for the other)."""
+    params = dict(base or {})
+    params.update(_parse_param_items(getattr(args, "param", None) or []))
+    accepted = {spec.name for spec in get_merge_method(method).param_specs}
+    for key, value in (("lam", args.lam), ("rescale", args.rescale), ("weights", args.weights)):
         if value is not None:
             params[key] = value
+    density, drop_rate = getattr(args, "density", None), getattr(args, "drop_rate", None)
+    if density is not None:
+        params.update({"density": density} if "density" in accepted or "drop_rate" not in accepted
+                      else {"drop_rate": 1.0 - density})
+    if drop_rate is not None:
+        params.update({"drop_rate": drop_rate} if "drop_rate" in accepted or "density" not in accepted
+                      else {"density": 1.0 - drop_rate})
     return params
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a merge YAML; ``models`` may list paths or ``{path, weight}`` mappings."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise MergeError(f"cannot read merge config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: a merge config must be a mapping")
+    unknown = set(data) - _CONFIG_KEYS
+    if unknown:
+        raise MergeError(f"{path}: unknown keys {sorted(unknown)} (accepted: {sorted(_CONFIG_KEYS)})")
+    models = data.get("models") or []
+    if isinstance(models, (str, dict)):
+        models = [models]
+    paths, weights = [], []
+    for entry in models:
+        if isinstance(entry, dict):
+            paths.append(entry.get("path") or entry.get("model"))
+            if "weight" in entry:
+                weights.append(entry["weight"])
+        else:
+            paths.append(entry)
+    if weights and len(weights) != len(paths):
+        raise MergeError(f"{path}: give a weight for every model or for none")
+    data["models"] = paths
+    if weights:
+        data.setdefault("params", {})["weights"] = weights
+    if data.get("weights") is not None:
+        data.setdefault("params", {})["weights"] = data.pop("weights")
+    return data
 
 
 def run_merge_cli(args: argparse.Namespace) -> int:
     """Run a merge from parsed arguments; returns 0 on success, 2 on a MergeError."""
     try:
-        out = merge_checkpoints(
-            args.method,
-            args.base,
-            args.models,
-            args.out,
-            params=params_from_args(args),
-            seed=args.seed,
-            dtype=args.dtype,
+        cfg = load_config(args.config) if getattr(args, "config", None) else {}
+
+        def pick(key: str, cli: Any) -> Any:
+            return cli if cli is not None else cfg.get(key)
+
+        method = pick("method", args.method) or "imm"
+        base, models, out = pick("base", args.base), pick("models", args.models), pick("out", args.out)
+        missing = [flag for flag, v in (("--base", base), ("--model", models), ("--out", out)) if not v]
+        if missing:
+            raise MergeError(f"missing {', '.join(missing)} (on the command line or in --config)")
+        out_dir = merge_checkpoints(
+            method,
+            base,
+            models,
+            out,
+            params=params_from_args(args, method, cfg.get("params")),
+            seed=pick("seed", args.seed) or 0,
+            dtype=pick("dtype", args.dtype),
             progress=not args.no_progress,
-            max_shard_size=args.max_shard_size,
+            max_shard_size=pick("max_shard_size", args.max_shard_size) or DEFAULT_MAX_SHARD_SIZE,
+            include=pick("include", args.include),
+            exclude=pick("exclude", args.exclude),
+            threads=pick("threads", args.threads),
+            checksums=False if args.no_checksums else cfg.get("checksums", True),
+            fsync=args.fsync,
         )
     except MergeError as exc:
         logger.error("merge failed: %s", exc)
         return 2
-    logger.info("merged model written to %s", out)
+    logger.info("merged model written to %s", out_dir)
     return 0
 
 

@@ -1,4 +1,14 @@
-"""The merge engine: validate inputs, stream tensors through a merge method, publish atomically."""
+"""The merge engine: validate inputs, stream tensor blocks through a merge method on a thread pool,
+publish the output folder atomically with a provenance file.
+
+Work is split into tasks: elementwise methods get flat blocks of ``BLOCK_ELEMENTS`` elements (read
+with ``pread`` into per-thread buffers, computed in fp32, cast, written in place with ``pwrite``);
+other methods (TIES trim, breadcrumbs, SLERP, L1 rescale) get whole tensors. Every block's result is
+a pure function of its inputs, the parameters, the seed and the tensor name (see :mod:`.rng`), so the
+output bytes do not depend on the number of threads or on scheduling. Peak memory: a few blocks per
+thread (elementwise) or a few fp32 copies of the largest tensor (whole-tensor methods); output
+shards are never held in memory.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +19,22 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
-from contextlib import ExitStack
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import torch
 from tqdm.auto import tqdm
 
 from .errors import MergeError
 from .methods import MergeMethod, get_merge_method
+from .rng import RNG_ALGORITHM, TensorRNG
 from .safetensors_io import (
     CheckpointReader,
     StreamingSafetensorsWriter,
@@ -28,14 +43,16 @@ from .safetensors_io import (
     is_weight_file,
     parse_dtype,
     parse_size,
-    sha256_file,
+    sha256_files,
 )
+from .selection import TensorSelector, count_layers, depth, params_at
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "merge_provenance.json"
-PROVENANCE_FORMAT = "imm_ray.merge/1"
+PROVENANCE_FORMAT = "imm_ray.merge/2"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+BLOCK_ELEMENTS = 1 << 20
 _EMBEDDING_NAME = re.compile(
     r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings)\.weight$"
 )
@@ -52,19 +69,25 @@ def merge_checkpoints(
     progress: bool = True,
     *,
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
-    hash_inputs: bool = True,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    threads: int | None = None,
+    checksums: bool = True,
+    fsync: bool = False,
 ) -> Path:
     """Merge HF safetensors checkpoints with a registered method and write an HF folder to ``out_dir``.
 
-    ``anchor`` is the base (for IMM: the original model); it supplies config, tokenizer and chat
-    template files and, by default, the output dtype of every tensor. ``models`` are the fine-tuned
-    folders. Tensors are processed one at a time in sorted-name order with a single
-    ``torch.Generator`` seeded with ``seed``, computed in fp32 and cast to ``dtype`` (default: each
-    anchor tensor's stored dtype), so equal inputs and seed give byte-identical output.
+    ``anchor`` is the base (for IMM: the original model); it supplies config, tokenizer, generation
+    config and chat template files, the tensors left out by ``include``/``exclude`` (regexes on tensor
+    names, copied unmerged) and, by default, the output dtype of every tensor (``dtype`` overrides
+    it for floating tensors). ``models`` are the fine-tuned folders. Layerwise parameters may be
+    gradients over depth (lists). Computation is fp32 on ``threads`` threads (default: all usable
+    cores); equal inputs, parameters and seed give byte-identical output.
 
-    All checks on names, shapes and vocabularies happen before anything is written. The output is
-    written into a temporary sibling folder and renamed to ``out_dir`` only on success; on any error
-    the temporary folder is removed and ``out_dir`` is not created. Raises MergeError.
+    All checks on names, shapes and vocabularies happen before anything is written; NaN/Inf in the
+    result is an error. The output is built in a temporary sibling folder and renamed to ``out_dir``
+    only on success (``fsync=True`` also makes it durable first). ``checksums`` records sha256 of
+    every input and output weight file in ``merge_provenance.json``. Raises MergeError.
     """
     impl = get_merge_method(method)
     if isinstance(models, (str, Path)):
@@ -76,6 +99,8 @@ def merge_checkpoints(
         raise MergeError(f"seed must be an integer, got {seed!r}")
     out_dtype = parse_dtype(dtype) if dtype is not None else None
     shard_bytes = parse_size(max_shard_size)
+    selector = TensorSelector(include, exclude)
+    n_threads = _thread_count(threads)
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() or out_dir.is_symlink():
         raise MergeError(f"output folder already exists (refusing to overwrite): {out_dir}")
@@ -92,10 +117,14 @@ def merge_checkpoints(
             )
             for info in (anchor_reader.tensors[n] for n in anchor_reader.names())
         ]
-        inputs = [_describe_input(r, hash_inputs) for r in (anchor_reader, *readers)]
+        tasks, merged = _plan(impl, resolved, out_infos, anchor_reader, selector)
+        if not merged:
+            logger.warning("include/exclude left no tensor to merge: the output is a copy of the anchor")
+        inputs = _describe_inputs([anchor_reader, *readers], checksums, n_threads)
         logger.info(
-            "merging %s with %s (params=%s, seed=%d) onto anchor %s: %d tensors -> %s",
-            [str(p) for p in model_paths], method, resolved, seed, anchor_path, len(out_infos), out_dir,
+            "merging %s with %s (params=%s, seed=%d, %d/%d tensors merged, %d threads) onto anchor %s -> %s",
+            [str(p) for p in model_paths], method, resolved, seed, len(merged), len(out_infos), n_threads,
+            anchor_path, out_dir,
         )
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -103,23 +132,28 @@ def merge_checkpoints(
         try:
             copied = copy_support_files(anchor_path, tmp, out_dtype)
             writer = StreamingSafetensorsWriter(tmp, out_infos, shard_bytes)
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            for info in tqdm(out_infos, desc=f"merge[{method}]", unit="tensor", disable=not progress):
-                tensor = _merge_one(impl, resolved, info, anchor_reader, readers, generator)
-                writer.write(info.name, tensor)
-            out_hashes = writer.close()
+            worker = _Worker(impl, anchor_reader, readers, writer, seed)
+            bar = tqdm(total=len(out_infos), desc=f"merge[{method}]", unit="tensor", disable=not progress)
+            with bar, _torch_threads(1):
+                _execute(tasks, worker, n_threads, bar)
+            files = writer.close(fsync=fsync)
+            hashes = sha256_files([tmp / f for f in files], n_threads) if checksums else [None] * len(files)
             provenance = {
                 "format": PROVENANCE_FORMAT,
                 "method": method,
                 "params": resolved,
                 "seed": seed,
+                "rng": RNG_ALGORITHM if impl.uses_random else None,
                 "dtype": dtype_name(out_dtype) if out_dtype is not None else None,
                 "output_dtypes": sorted({dtype_name(i.dtype) for i in out_infos}),
+                "selection": {**selector.describe(), "merged": len(merged),
+                              "copied_from_anchor": len(out_infos) - len(merged)},
                 "max_shard_size": shard_bytes,
+                "checksum": "sha256" if checksums else None,
                 "anchor": inputs[0],
                 "models": inputs[1:],
                 "output": {
-                    "weight_files": out_hashes,
+                    "weight_files": dict(zip(files, hashes)),
                     "num_tensors": len(out_infos),
                     "total_bytes": sum(i.nbytes for i in out_infos),
                     "copied_files": copied,
@@ -127,7 +161,7 @@ def merge_checkpoints(
                 "versions": _versions(),
             }
             (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-            _publish(tmp, out_dir)
+            _publish(tmp, out_dir, fsync)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -144,6 +178,14 @@ def check_compatible(anchor: CheckpointReader, models: Sequence[CheckpointReader
     A tied anchor (no ``lm_head.weight``) against an untied model is reported as such.
     """
     vocab = _read_config(anchor.folder).get("vocab_size")
+    for model in models:
+        other = _read_config(model.folder).get("vocab_size")
+        if isinstance(vocab, int) and isinstance(other, int) and other != vocab:
+            raise MergeError(
+                f"vocabulary mismatch: anchor {anchor.folder} has vocab size {vocab} but model "
+                f"{model.folder} has vocab size {other} (config.json vocab_size); models with different "
+                "vocabularies cannot be merged"
+            )
     embeddings = [
         info for info in (anchor.tensors[n] for n in anchor.names())
         if len(info.shape) == 2
@@ -209,45 +251,188 @@ def copy_support_files(src: Path, dst: Path, out_dtype: torch.dtype | None = Non
     return copied
 
 
-def _merge_one(
+@dataclass(frozen=True)
+class _Task:
+    """One unit of work: ``count`` flat elements of tensor ``info`` from ``start`` (``whole``: all,
+    shaped), merged with ``params`` or, if ``params`` is None, copied from the anchor."""
+
+    info: TensorInfo
+    start: int
+    count: int
+    whole: bool
+    params: dict[str, Any] | None
+    last: bool  # the tensor's last task (progress)
+
+
+def _plan(
     impl: MergeMethod,
     params: dict[str, Any],
-    info: TensorInfo,
+    out_infos: Sequence[TensorInfo],
     anchor: CheckpointReader,
-    models: Sequence[CheckpointReader],
-    generator: torch.Generator,
-) -> torch.Tensor:
-    name = info.name
-    if not anchor.tensors[name].dtype.is_floating_point:
-        value = anchor.get(name)
-        if any(not torch.equal(value, m.get(name)) for m in models):
-            logger.warning("non-float tensor %r differs between inputs; keeping the anchor's", name)
-        return value
-    anchor32 = _load_fp32(anchor, name) if impl.uses_anchor_weights else None
-    models32 = [_load_fp32(m, name) for m in models]
-    result = impl.merge_tensor(anchor32, models32, params, generator)
-    out = result.to(info.dtype)
-    if not bool(torch.isfinite(out).all()):
+    selector: TensorSelector,
+) -> tuple[list[_Task], list[str]]:
+    """Split the output tensors into tasks; returns the tasks and the names of merged tensors."""
+    layerwise = [k for k in impl.layerwise_params if isinstance(params.get(k), list)]
+    num_layers = count_layers(anchor.tensors) if layerwise else 0
+    tasks: list[_Task] = []
+    merged: list[str] = []
+    for info in out_infos:
+        is_float = anchor.tensors[info.name].dtype.is_floating_point
+        tensor_params = None
+        if is_float and selector(info.name):
+            tensor_params = params_at(params, layerwise, depth(info.name, num_layers)) if layerwise else params
+            merged.append(info.name)
+        blockable = is_float and (tensor_params is None or impl.is_elementwise(tensor_params))
+        if not blockable or info.numel <= BLOCK_ELEMENTS:
+            tasks.append(_Task(info, 0, info.numel, not blockable, tensor_params, True))
+            continue
+        for start in range(0, info.numel, BLOCK_ELEMENTS):
+            count = min(BLOCK_ELEMENTS, info.numel - start)
+            tasks.append(_Task(info, start, count, False, tensor_params, start + count == info.numel))
+    return tasks, merged
+
+
+class _Worker:
+    """Runs tasks (from any thread); block-sized buffers are reused per thread."""
+
+    def __init__(
+        self,
+        impl: MergeMethod,
+        anchor: CheckpointReader,
+        models: Sequence[CheckpointReader],
+        writer: StreamingSafetensorsWriter,
+        seed: int,
+    ) -> None:
+        self.impl = impl
+        self.anchor = anchor
+        self.models = list(models)
+        self.writer = writer
+        self.seed = seed
+        self._local = threading.local()
+
+    def _buffer(self, key: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get((key, dtype))
+        if buf is None or buf.numel() < count:
+            buf = buffers[(key, dtype)] = torch.empty(max(count, BLOCK_ELEMENTS), dtype=dtype)
+        return buf[:count]
+
+    def _load(self, reader: CheckpointReader, task: _Task, key: str) -> torch.Tensor:
+        """fp32 copy of the task's range of a tensor (shaped for whole-tensor tasks)."""
+        stored = reader.tensors[task.info.name].dtype
+        if task.whole:
+            return reader.get(task.info.name).to(torch.float32)
+        if stored == torch.float32:
+            return reader.read_into(task.info.name, task.start, self._buffer(key, task.count, stored))
+        raw = reader.read_into(task.info.name, task.start, self._buffer(key + "/raw", task.count, stored))
+        return self._buffer(key, task.count, torch.float32).copy_(raw)
+
+    def run(self, task: _Task) -> None:
+        name = task.info.name
+        if task.params is None:
+            out = self._copy(task)
+        else:
+            anchor = self._load(self.anchor, task, "anchor") if self.impl.uses_anchor_weights else None
+            models = [self._load(r, task, f"model{i}") for i, r in enumerate(self.models)]
+            rng = TensorRNG(self.seed, name).at(task.start)
+            result = self.impl.merge_tensor(anchor, models, task.params, rng)
+            if result.numel() != task.count or (task.whole and tuple(result.shape) != task.info.shape):
+                raise MergeError(f"method {self.impl.name!r} returned shape {list(result.shape)} for {name!r}")
+            out = self._cast(result, task)
+            if not _all_finite(out):
+                raise MergeError(self._non_finite_message(task, result))
+        self.writer.write_block(name, task.start, out.reshape(-1))
+
+    def _cast(self, tensor: torch.Tensor, task: _Task) -> torch.Tensor:
+        dtype = task.info.dtype
+        if tensor.dtype == dtype:
+            return tensor
+        if task.whole:
+            return tensor.to(dtype)
+        return self._buffer("out", task.count, dtype).copy_(tensor.reshape(-1))
+
+    def _copy(self, task: _Task) -> torch.Tensor:
+        """The anchor's values (cast to the output dtype); non-float tensors are compared first."""
+        name = task.info.name
+        stored = self.anchor.tensors[name].dtype
+        if task.whole:
+            value = self.anchor.get(name)
+        else:
+            value = self.anchor.read_into(name, task.start, self._buffer("anchor/raw", task.count, stored))
+        if not stored.is_floating_point:
+            if any(not torch.equal(value, m.get(name)) for m in self.models):
+                logger.warning("non-float tensor %r differs between inputs; keeping the anchor's", name)
+            return value
+        out = self._cast(value, task)
+        if not _all_finite(out):
+            raise MergeError(f"anchor tensor {name!r} (copied unmerged) contains NaN/Inf; nothing was published")
+        return out
+
+    def _non_finite_message(self, task: _Task, result: torch.Tensor) -> str:
+        name = task.info.name
+        for reader in (self.anchor, *self.models):
+            if not bool(torch.isfinite(reader.get(name)).all()):
+                return f"input tensor {name!r} of {reader.folder} contains NaN/Inf; nothing was published"
         overflow = bool(torch.isfinite(result).all())
-        cause = f" (overflow when casting to {dtype_name(info.dtype)})" if overflow else ""
-        raise MergeError(f"merged tensor {name!r} contains NaN/Inf{cause}; nothing was written")
-    return out
+        cause = f" (overflow when casting to {dtype_name(task.info.dtype)})" if overflow else ""
+        return f"merged tensor {name!r} contains NaN/Inf{cause}; nothing was published"
 
 
-def _load_fp32(reader: CheckpointReader, name: str) -> torch.Tensor:
-    tensor = reader.get(name).to(torch.float32)
-    if not bool(torch.isfinite(tensor).all()):
-        raise MergeError(f"input tensor {name!r} of {reader.folder} contains NaN/Inf; nothing was written")
-    return tensor
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    limit = torch.finfo(tensor.dtype).max
+    return bool(low >= -limit) and bool(high <= limit)
 
 
-def _describe_input(reader: CheckpointReader, hash_inputs: bool) -> dict[str, Any]:
-    return {
-        "path": str(reader.folder),
-        "weight_files": {
-            f: (sha256_file(reader.folder / f) if hash_inputs else None) for f in reader.weight_files
-        },
-    }
+def _execute(tasks: Sequence[_Task], worker: _Worker, threads: int, bar: Any) -> None:
+    """Run all tasks on ``threads`` threads; the first error cancels the rest and is raised."""
+    if threads <= 1:
+        for task in tasks:
+            worker.run(task)
+            bar.update(int(task.last))
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="merge") as pool:
+        futures = {pool.submit(worker.run, task): task for task in tasks}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()  # type: ignore[misc]
+                bar.update(int(futures[future].last))
+
+
+def _thread_count(threads: int | None) -> int:
+    if threads is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise MergeError(f"threads must be a positive integer, got {threads!r}")
+    return threads
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (the engine's own threads use the cores;
+    OpenMP workers on top of them only contend, badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _describe_inputs(readers: Sequence[CheckpointReader], checksums: bool, threads: int) -> list[dict[str, Any]]:
+    paths = [r.folder / f for r in readers for f in r.weight_files]
+    digests = iter(sha256_files(paths, threads) if checksums else [None] * len(paths))
+    return [{"path": str(r.folder), "weight_files": {f: next(digests) for f in r.weight_files}} for r in readers]
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -267,6 +452,7 @@ def _versions() -> dict[str, str]:
     versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "numpy": np.__version__,
         "safetensors": safetensors.__version__,
     }
     try:
@@ -278,16 +464,24 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
+def _publish(tmp: Path, out_dir: Path, fsync: bool) -> None:
     """Rename the finished temporary folder to ``out_dir`` (fails if ``out_dir`` appeared meanwhile)."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if fsync:
+        for path in (*sorted(p for p in tmp.iterdir() if p.is_file()), tmp):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     if out_dir.exists() or out_dir.is_symlink():
         raise MergeError(f"output folder appeared during the merge (refusing to overwrite): {out_dir}")
     try:
         os.rename(tmp, out_dir)
     except OSError as exc:
         raise MergeError(f"cannot publish merge to {out_dir}: {exc}") from exc
+    if fsync:
+        fd = os.open(out_dir.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,7 +1,8 @@
 """Registry of merge methods.
 
 A method declares its typed parameters (validated up front), how many models it takes, whether it
-reads the anchor's weights, and a per-tensor ``merge_tensor`` working on fp32 tensors.
+reads the anchor's weights, whether it is elementwise (then the engine may feed it flat row blocks
+of a tensor instead of whole tensors) and a per-tensor ``merge_tensor`` working on fp32 tensors.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from .dare import RESCALE_MODES, task_vector_merge, weighted_average
+from .core import slerp, task_vector_merge, weighted_average
 from .errors import MergeError
 from .params import ParamSpec, validate_params
+from .rng import TensorRNG
+from .sparsify import RESCALE_MODES
 
 
 class MergeMethod(ABC):
@@ -27,6 +30,17 @@ class MergeMethod(ABC):
     max_models: ClassVar[int | None] = None
     uses_anchor_weights: ClassVar[bool] = True
     uses_random: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
+
+    def is_elementwise(self, params: Mapping[str, Any]) -> bool:
+        """True if each output entry depends only on the same entry of the inputs (for these params):
+        the engine may then call ``merge_tensor`` on flat blocks (``rng`` shifted to the block)."""
+        return self.elementwise
+
+    @property
+    def layerwise_params(self) -> tuple[str, ...]:
+        """Names of the parameters that accept a depth gradient."""
+        return tuple(spec.name for spec in self.param_specs if spec.layerwise)
 
     def validate(self, params: Mapping[str, Any] | None, n_models: int) -> dict[str, Any]:
         """Check the model count and return the full validated parameter dict."""
@@ -49,9 +63,12 @@ class MergeMethod(ABC):
         anchor: torch.Tensor | None,
         models: Sequence[torch.Tensor],
         params: Mapping[str, Any],
-        generator: torch.Generator,
+        rng: TensorRNG,
     ) -> torch.Tensor:
-        """Merge one tensor. Inputs are fp32; ``anchor`` is None if ``uses_anchor_weights`` is False."""
+        """Merge one tensor (or one flat block of it, for elementwise methods). Inputs are fp32
+        scratch copies owned by the engine: a method may overwrite the ``models`` tensors and return
+        one of them (never the anchor). ``anchor`` is None if ``uses_anchor_weights`` is False;
+        ``params`` hold scalars (depth gradients already evaluated for this tensor)."""
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
@@ -83,39 +100,88 @@ def get_merge_method(name: str) -> MergeMethod:
 
 # --- parameter specs shared by several methods -------------------------------------------------
 
+def _lam(default: float) -> ParamSpec:
+    return ParamSpec("lam", float, default, "scale of the merged task vector (or a depth gradient)", layerwise=True)
+
+
 def _drop_rate(default: float) -> ParamSpec:
-    return ParamSpec(
-        "drop_rate", float, default, "DARE drop probability p", low=0.0, high=1.0, high_inclusive=False
-    )
+    return ParamSpec("drop_rate", float, default, "DARE drop probability p (or a depth gradient)",
+                     low=0.0, high=1.0, high_inclusive=False, layerwise=True)
+
+
+def _density(default: float) -> ParamSpec:
+    return ParamSpec("density", float, default, "fraction of each task vector kept, by magnitude",
+                     low=0.0, high=1.0, layerwise=True)
+
+
+def _weights(default: Any, doc: str = "one weight per model") -> ParamSpec:
+    return ParamSpec("weights", "per_model", default, doc)
+
+
+def _normalize(default: bool) -> ParamSpec:
+    return ParamSpec("normalize", bool, default, "divide by the sum of the (agreeing) weights")
 
 
 _RESCALE = ParamSpec(
     "rescale",
     str,
     "exact",
-    "DARE rescale: 'exact' = 1/(1-p) (MergeLM, the paper); 'l1' = mergekit-style L1-norm match; "
+    "DARE rescale: 'exact' = 1/(1-p) (MergeLM, the paper); 'l1' = mergekit's L1-norm match; "
     "'none' = no rescale",
     choices=RESCALE_MODES,
 )
+_GAMMA = ParamSpec("gamma", float, 0.01, "fraction of largest-magnitude entries removed (outliers)",
+                   low=0.0, high=1.0, layerwise=True)
 
 
 def _equal_weights(n: int) -> list[float]:
     return [1.0 / n] * n
 
 
+def _unit_weights(n: int) -> list[float]:
+    return [1.0] * n
+
+
+def _check_normalizable(method: str, params: Mapping[str, Any]) -> None:
+    if params.get("normalize") and "weights" in params and sum(params["weights"]) == 0.0:
+        raise MergeError(f"{method}: parameter 'weights' must not sum to 0 when normalize=true")
+
+
 class TaskVectorMethod(MergeMethod):
-    """``anchor + sum_i w_i * DARE_p(model_i - anchor)``; subclasses map their params onto it."""
+    """A preset of :func:`task_vector_merge`: subclasses pick the sparsification and consensus and
+    declare the parameters they expose (missing ones take the core's neutral value)."""
 
-    uses_random = True
+    sparsification: ClassVar[str] = "none"
+    consensus: ClassVar[str] = "none"
 
-    def core_args(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
-        """Return weights, drop_rate, rescale, normalize for ``task_vector_merge``."""
-        raise NotImplementedError
+    @property
+    def uses_random(self) -> bool:  # type: ignore[override]
+        return self.sparsification == "random"
 
-    def merge_tensor(self, anchor, models, params, generator):
+    def check(self, params: dict[str, Any]) -> None:
+        _check_normalizable(self.name, params)
+
+    def is_elementwise(self, params: Mapping[str, Any]) -> bool:
+        return self.sparsification in ("none", "random") and params.get("rescale", "exact") != "l1"
+
+    def merge_tensor(self, anchor, models, params, rng):
         if anchor is None:
             raise MergeError(f"method {self.name!r} needs the anchor's weights")
-        return task_vector_merge(anchor, models, generator=generator, **self.core_args(params, len(models)))
+        return task_vector_merge(
+            anchor,
+            models,
+            params.get("weights") or [1.0] * len(models),
+            lam=params.get("lam", 1.0),
+            sparsification=self.sparsification,
+            density=params.get("density", 1.0),
+            drop_rate=params.get("drop_rate", 0.0),
+            gamma=params.get("gamma", 0.0),
+            rescale=params.get("rescale", "exact"),
+            consensus=self.consensus,
+            normalize=params.get("normalize", False),
+            rng=rng,
+            inplace=True,
+        )
 
 
 @register_merge_method
@@ -124,60 +190,76 @@ class IMMMethod(TaskVectorMethod):
 
     name = "imm"
     description = "Iterative Model Merging: anchor + lam * DARE_p(model - anchor)"
-    min_models = 1
-    max_models = 1
-    param_specs = (
-        ParamSpec("lam", float, 0.5, "scale of the (DARE-sparsified) update"),
-        _drop_rate(0.2),
-        _RESCALE,
-    )
-
-    def core_args(self, params, n_models):
-        return {
-            "weights": [params["lam"]],
-            "drop_rate": params["drop_rate"],
-            "rescale": params["rescale"],
-            "normalize": False,
-        }
+    min_models = max_models = 1
+    sparsification = "random"
+    param_specs = (_lam(0.5), _drop_rate(0.2), _RESCALE)
 
 
 @register_merge_method
 class TaskArithmeticMethod(TaskVectorMethod):
-    """Task arithmetic: ``anchor + lam * sum_i (model_i - anchor)``."""
+    """Task arithmetic: ``anchor + lam * sum_i w_i (model_i - anchor)``."""
 
     name = "task_arithmetic"
-    description = "anchor + lam * sum_i (model_i - anchor)"
-    uses_random = False
-    param_specs = (ParamSpec("lam", float, 1.0, "scale of the summed task vectors"),)
-
-    def core_args(self, params, n_models):
-        return {"weights": [params["lam"]] * n_models, "drop_rate": 0.0, "normalize": False}
+    description = "anchor + lam * sum_i w_i (model_i - anchor)"
+    param_specs = (_lam(1.0), _weights(_unit_weights, "per-model weight (default 1)"), _normalize(False))
 
 
 @register_merge_method
 class DareLinearMethod(TaskVectorMethod):
-    """DARE linear: ``anchor + sum_i w_i * DARE_p(model_i - anchor)`` (optionally / sum w_i)."""
+    """DARE linear: ``anchor + lam * sum_i w_i DARE_p(model_i - anchor)`` (optionally / sum w_i)."""
 
     name = "dare_linear"
-    description = "anchor + sum_i w_i * DARE_p(model_i - anchor)"
-    param_specs = (
-        ParamSpec("weights", "per_model", _equal_weights, "one weight per model (default 1/n each)"),
-        _drop_rate(0.2),
-        _RESCALE,
-        ParamSpec("normalize", bool, False, "divide the weighted sum by sum(weights) (mergekit style)"),
-    )
+    description = "anchor + lam * sum_i w_i * DARE_p(model_i - anchor)"
+    sparsification = "random"
+    param_specs = (_weights(_equal_weights, "per-model weight (default 1/n)"), _drop_rate(0.2), _RESCALE,
+                   _normalize(False), _lam(1.0))
 
-    def check(self, params):
-        if params["normalize"] and sum(params["weights"]) == 0.0:
-            raise MergeError("dare_linear: parameter 'weights' must not sum to 0 when normalize=true")
 
-    def core_args(self, params, n_models):
-        return {
-            "weights": params["weights"],
-            "drop_rate": params["drop_rate"],
-            "rescale": params["rescale"],
-            "normalize": params["normalize"],
-        }
+@register_merge_method
+class TiesMethod(TaskVectorMethod):
+    """TIES: trim each task vector to its top-``density`` magnitudes, elect signs, disjoint mean."""
+
+    name = "ties"
+    description = "anchor + lam * disjoint_mean(sign-consensus(top-k(model_i - anchor)))"
+    sparsification = "magnitude"
+    consensus = "ties"
+    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _density(0.2), _lam(1.0),
+                   _normalize(True))
+
+
+@register_merge_method
+class DareTiesMethod(TaskVectorMethod):
+    """DARE-TIES: DARE drop/rescale, then TIES sign election and disjoint mean."""
+
+    name = "dare_ties"
+    description = "anchor + lam * disjoint_mean(sign-consensus(DARE_p(model_i - anchor)))"
+    sparsification = "random"
+    consensus = "ties"
+    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _drop_rate(0.2), _RESCALE,
+                   _lam(1.0), _normalize(True))
+
+
+@register_merge_method
+class BreadcrumbsMethod(TaskVectorMethod):
+    """Model Breadcrumbs: drop the largest ``gamma`` and smallest entries of each task vector,
+    keeping ``density``; then task arithmetic."""
+
+    name = "breadcrumbs"
+    description = "anchor + lam * sum_i w_i breadcrumbs(model_i - anchor)"
+    sparsification = "breadcrumbs"
+    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _density(0.9), _GAMMA, _lam(1.0),
+                   _normalize(False))
+
+
+@register_merge_method
+class BreadcrumbsTiesMethod(BreadcrumbsMethod):
+    """Breadcrumbs sparsification with TIES sign consensus and disjoint mean."""
+
+    name = "breadcrumbs_ties"
+    description = "anchor + lam * disjoint_mean(sign-consensus(breadcrumbs(model_i - anchor)))"
+    consensus = "ties"
+    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _density(0.9), _GAMMA, _lam(1.0),
+                   _normalize(True))
 
 
 @register_merge_method
@@ -187,14 +269,25 @@ class LinearMethod(MergeMethod):
     name = "linear"
     description = "sum_i w_i * model_i / sum_i w_i (anchor weights unused)"
     uses_anchor_weights = False
-    param_specs = (
-        ParamSpec("weights", "per_model", _equal_weights, "one weight per model (default 1/n each)"),
-        ParamSpec("normalize", bool, True, "divide by sum(weights)"),
-    )
+    elementwise = True
+    param_specs = (_weights(_equal_weights, "per-model weight (default 1/n)"), _normalize(True))
 
     def check(self, params):
-        if params["normalize"] and sum(params["weights"]) == 0.0:
-            raise MergeError("linear: parameter 'weights' must not sum to 0 when normalize=true")
+        _check_normalizable(self.name, params)
 
-    def merge_tensor(self, anchor, models, params, generator):
-        return weighted_average(models, params["weights"], normalize=params["normalize"])
+    def merge_tensor(self, anchor, models, params, rng):
+        return weighted_average(models, params["weights"], normalize=params["normalize"], inplace=True)
+
+
+@register_merge_method
+class SlerpMethod(MergeMethod):
+    """SLERP from the anchor (t = 0) to the model (t = 1), per tensor (mergekit's formula)."""
+
+    name = "slerp"
+    description = "spherical interpolation anchor -> model by t (per tensor)"
+    min_models = max_models = 1
+    param_specs = (ParamSpec("t", float, 0.5, "interpolation factor (0 = anchor), or a depth gradient",
+                             low=0.0, high=1.0, layerwise=True),)
+
+    def merge_tensor(self, anchor, models, params, rng):
+        return slerp(params["t"], anchor, models[0])

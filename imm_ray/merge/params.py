@@ -20,6 +20,8 @@ class ParamSpec:
 
     kind: ``float``, ``int``, ``bool``, ``str`` or ``"per_model"`` (one float per input model;
     a single number is broadcast). ``default`` may be a callable taking the number of models.
+    ``layerwise`` float parameters also accept a list of numbers: a gradient over depth, linearly
+    interpolated over the decoder layers (see :func:`imm_ray.merge.selection.value_at`).
     """
 
     name: str
@@ -32,6 +34,7 @@ class ParamSpec:
     high_inclusive: bool = True
     choices: tuple[Any, ...] | None = None
     finite: bool = True
+    layerwise: bool = False
 
     def default_for(self, n_models: int) -> Any:
         """The default value for a merge of ``n_models`` models."""
@@ -63,6 +66,11 @@ class ParamSpec:
     def validate(self, method: str, value: Any, n_models: int) -> Any:
         """Coerce and check ``value``; raise MergeError naming the parameter if it is invalid."""
         name = self.name
+        if self.layerwise and isinstance(value, (list, tuple)):
+            if not value:
+                raise MergeError(f"{method}: parameter {name!r} needs at least one value, got []")
+            items = [self.validate(method, item, n_models) for item in value]
+            return items[0] if len(items) == 1 else items
         if self.kind == "per_model":
             if _is_number(value):
                 value = [value] * n_models

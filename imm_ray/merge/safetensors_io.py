@@ -1,9 +1,11 @@
 """Streaming safetensors IO: read checkpoints tensor by tensor, write (sharded) output tensor by tensor.
 
-Reading uses ``safetensors.safe_open`` (memory-mapped; one tensor at a time). Headers are parsed
-directly so names, shapes and dtypes are known without touching tensor data. Writing streams: the
-header of each output file is computed up front from the planned shapes/dtypes, then tensor bytes are
-appended in order, so at most one tensor is held in memory.
+Headers are parsed directly, so names, shapes, dtypes and byte offsets are known without touching
+tensor data; reading is ``pread`` of any element range of a tensor into a caller's buffer (from the
+page cache; thread-safe, releases the GIL; no file is held in memory). Writing: the header of every
+output file is computed up front from the planned names/dtypes/shapes, the files are created at
+full size, and any element range of any tensor is written in place with ``pwrite`` (from any thread,
+in any order). Neither side ever holds a shard.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import os
 import re
 import struct
 import sys
+import threading
 from collections.abc import Sequence
-from contextlib import ExitStack
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .errors import MergeError
 
@@ -101,6 +103,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: str = ""
+    offset: int = 0  # absolute byte offset of the data in ``file``
 
     @property
     def numel(self) -> int:
@@ -137,9 +140,9 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 class CheckpointReader:
-    """Tensor-by-tensor access to an HF checkpoint folder (single or sharded safetensors).
+    """Tensor access to an HF checkpoint folder (single or sharded safetensors, via the index file).
 
-    Use as a context manager; files are opened lazily with ``safe_open(..., framework="pt")``.
+    Use as a context manager. ``read_into`` reads any element range of a tensor; ``get`` a whole one.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -149,20 +152,34 @@ class CheckpointReader:
         self.weight_files = self._find_weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for fname in self.weight_files:
-            header = read_header(self.folder / fname)
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                if name in self.tensors:
-                    raise MergeError(f"{self.folder}: tensor {name!r} is stored twice")
-                st_dtype = meta.get("dtype")
-                if st_dtype not in _ST_TO_TORCH:
-                    raise MergeError(f"{self.folder}/{fname}: unsupported dtype {st_dtype!r} for {name!r}")
-                self.tensors[name] = TensorInfo(name, _ST_TO_TORCH[st_dtype], tuple(meta["shape"]), fname)
+            self._add_file(fname)
         if not self.tensors:
             raise MergeError(f"{self.folder}: no tensors found in {self.weight_files}")
-        self._stack = ExitStack()
-        self._handles: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _add_file(self, fname: str) -> None:
+        path = self.folder / fname
+        header = read_header(path)
+        data_start = 8 + _header_length(path)
+        size = path.stat().st_size
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if name in self.tensors:
+                raise MergeError(f"{self.folder}: tensor {name!r} is stored twice")
+            st_dtype = meta.get("dtype")
+            if st_dtype not in _ST_TO_TORCH:
+                raise MergeError(f"{path}: unsupported dtype {st_dtype!r} for {name!r}")
+            try:
+                begin, end = (int(x) for x in meta["data_offsets"])
+                info = TensorInfo(name, _ST_TO_TORCH[st_dtype], tuple(int(d) for d in meta["shape"]),
+                                  fname, data_start + begin)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise MergeError(f"{path}: malformed header entry for {name!r}: {exc}") from exc
+            if end - begin != info.nbytes or data_start + end > size:
+                raise MergeError(f"{path}: data of {name!r} is truncated or inconsistent with its shape")
+            self.tensors[name] = info
 
     def _find_weight_files(self) -> list[str]:
         index = self.folder / INDEX_FILE
@@ -190,26 +207,71 @@ class CheckpointReader:
         """Tensor names in sorted order."""
         return sorted(self.tensors)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (as stored)."""
+    def _fd(self, fname: str) -> int:
+        fd = self._fds.get(fname)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(fname)
+                if fd is None:
+                    fd = os.open(self.folder / fname, os.O_RDONLY)
+                    self._fds[fname] = fd
+        return fd
+
+    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Read elements ``start .. start + out.numel()`` (flat) of ``name`` into contiguous ``out``
+        (of the stored dtype); returns ``out``."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._stack.enter_context(
-                safe_open(str(self.folder / info.file), framework="pt", device="cpu")
-            )
-            self._handles[info.file] = handle
-        return handle.get_tensor(name)
+        if out.dtype != info.dtype or not out.is_contiguous() or start + out.numel() > info.numel:
+            raise MergeError(f"bad read of {name!r}: {out.dtype} x {out.numel()} at element {start}")
+        if out.numel():
+            itemsize = out.element_size()
+            pread_full(self._fd(info.file), _bytes_view(out), info.offset + start * itemsize,
+                       self.folder / info.file)
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one whole tensor (as stored, a new tensor)."""
+        info = self.tensors[name]
+        return self.read_into(name, 0, torch.empty(info.shape, dtype=info.dtype))
 
     def close(self) -> None:
-        self._handles.clear()
-        self._stack.close()
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return struct.unpack("<Q", fh.read(8))[0]
+
+
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    """Writable byte view of a contiguous CPU tensor's storage."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def pread_full(fd: int, buf: memoryview, offset: int, path: Path | str = "") -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (loops over short reads)."""
+    done, total = 0, len(buf)
+    while done < total:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise MergeError(f"{path}: unexpected end of file at byte {offset + done}")
+        done += n
+
+
+def pwrite_full(fd: int, buf: memoryview, offset: int) -> None:
+    """Write all of ``buf`` to ``fd`` at ``offset``."""
+    done, total = 0, len(buf)
+    while done < total:
+        done += os.pwritev(fd, [buf[done:]], offset + done)
 
 
 def is_weight_file(name: str) -> bool:
@@ -223,12 +285,22 @@ def is_weight_file(name: str) -> bool:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks (hashlib releases the GIL: files hash in parallel)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
     return digest.hexdigest()
+
+
+def sha256_files(paths: Sequence[Path], threads: int = 1) -> list[str]:
+    """sha256 of several files, ``threads`` at a time."""
+    if threads <= 1 or len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def plan_shards(infos: Sequence[TensorInfo], max_shard_bytes: int | None) -> list[list[TensorInfo]]:
@@ -246,10 +318,12 @@ def plan_shards(infos: Sequence[TensorInfo], max_shard_bytes: int | None) -> lis
 
 
 class StreamingSafetensorsWriter:
-    """Write tensors, in a fixed planned order, into one or more safetensors files in ``folder``.
+    """Write planned tensors into one or more safetensors files in ``folder``, block by block.
 
     Layout follows HF: ``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` plus
-    ``model.safetensors.index.json``. Call ``write`` once per planned tensor, then ``close``.
+    ``model.safetensors.index.json``. All files are created (header written, full size) up front;
+    ``write_block`` (thread-safe) puts any element range of a tensor in place, ``write`` a whole one.
+    ``close`` checks that every byte was written.
     """
 
     def __init__(
@@ -271,11 +345,30 @@ class StreamingSafetensorsWriter:
         self.files = (
             [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
-        self._queue = [(s, j) for s, shard in enumerate(self.shards) for j in range(len(shard))]
-        self._pos = 0
-        self._fh: Any = None
-        self._digest: Any = None
-        self.sha256: dict[str, str] = {}
+        self._plan: dict[str, tuple[TensorInfo, int, int]] = {}  # name -> (info, fd, data offset)
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        try:
+            for fname, shard in zip(self.files, self.shards):
+                self._create(fname, shard)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self, fname: str, shard: list[TensorInfo]) -> None:
+        header = self._header_bytes(shard)
+        fd = os.open(self.folder / fname, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fds.append(fd)
+        pwrite_full(fd, memoryview(header), 0)
+        offset = len(header)
+        for info in shard:
+            if info.name in self._plan:
+                raise MergeError(f"tensor {info.name!r} is planned twice")
+            self._plan[info.name] = (info, fd, offset)
+            self._written[info.name] = 0
+            offset += info.nbytes
+        os.ftruncate(fd, offset)
 
     def _header_bytes(self, shard: list[TensorInfo]) -> bytes:
         header: dict[str, Any] = {"__metadata__": self.metadata}
@@ -291,43 +384,41 @@ class StreamingSafetensorsWriter:
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._fh.write(data)
-        self._digest.update(data)
+    def write_block(self, name: str, start: int, block: torch.Tensor) -> None:
+        """Write ``block`` (planned dtype, contiguous) as flat elements ``start ..`` of ``name``."""
+        planned = self._plan.get(name)
+        if planned is None:
+            raise MergeError(f"writer got unplanned tensor {name!r}")
+        info, fd, offset = planned
+        if block.dtype != info.dtype or start < 0 or start + block.numel() > info.numel:
+            raise MergeError(
+                f"writer expected {info.name!r} {info.dtype} {list(info.shape)}, got a block of "
+                f"{block.numel()} x {block.dtype} at element {start}"
+            )
+        if block.numel():
+            block = block.contiguous()
+            pwrite_full(fd, _bytes_view(block), offset + start * block.element_size())
+        with self._lock:
+            self._written[name] += block.numel()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor (must match the planned name, dtype and shape)."""
-        if self._pos >= len(self._queue):
-            raise MergeError(f"unexpected extra tensor {name!r}")
-        s, j = self._queue[self._pos]
-        info = self.shards[s][j]
-        if name != info.name or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
-            raise MergeError(
-                f"writer expected {info.name!r} {info.dtype} {list(info.shape)}, "
-                f"got {name!r} {tensor.dtype} {list(tensor.shape)}"
-            )
-        if j == 0:
-            self._fh = open(self.folder / self.files[s], "wb")
-            self._digest = hashlib.sha256()
-            self._emit(self._header_bytes(self.shards[s]))
-        if info.nbytes:
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            self._emit(memoryview(flat.numpy()))
-        self._pos += 1
-        if j == len(self.shards[s]) - 1:
-            self._finish_file(s)
+        """Write a whole planned tensor (dtype and shape must match the plan)."""
+        info = self._plan[name][0] if name in self._plan else None
+        if info is None or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            want = f"{info.name!r} {info.dtype} {list(info.shape)}" if info else "a planned tensor"
+            raise MergeError(f"writer expected {want}, got {name!r} {tensor.dtype} {list(tensor.shape)}")
+        self.write_block(name, 0, tensor)
 
-    def _finish_file(self, s: int) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        self.sha256[self.files[s]] = self._digest.hexdigest()
-
-    def close(self) -> dict[str, str]:
-        """Check every planned tensor was written, write the index if sharded; return file sha256s."""
-        if self._pos != len(self._queue):
-            raise MergeError(f"writer closed after {self._pos} of {len(self._queue)} tensors")
+    def close(self, fsync: bool = False) -> list[str]:
+        """Check that every planned element was written, close the files (``fsync`` first if asked)
+        and write the index if sharded; returns the weight file names."""
+        missing = [n for n, (info, _, _) in self._plan.items() if self._written[n] != info.numel]
+        if missing:
+            raise MergeError(f"writer closed with {len(missing)} incomplete tensors, e.g. {missing[0]!r}")
+        for fd in self._fds:
+            if fsync:
+                os.fsync(fd)
+        self.abort()
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": sum(i.nbytes for shard in self.shards for i in shard)},
@@ -336,11 +427,10 @@ class StreamingSafetensorsWriter:
                 },
             }
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return dict(self.sha256)
+        return list(self.files)
 
     def abort(self) -> None:
-        """Close an open file after a failure (the caller removes the folder)."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
+        """Close the files (after a failure the caller removes the folder)."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)

@@ -12,19 +12,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import imm_ray.merge.engine as merge_engine
 from imm_ray.merge import (
     MERGE_METHODS,
     MergeError,
     MergeMethod,
+    TensorRNG,
     dare_drop,
     merge_checkpoints,
     register_merge_method,
+    slerp,
     task_vector_merge,
     weighted_average,
 )
 from imm_ray.merge.cli import add_merge_arguments, run_merge_cli
 from imm_ray.merge.methods import get_merge_method
-from imm_ray.merge.safetensors_io import CheckpointReader, StreamingSafetensorsWriter, TensorInfo
+from imm_ray.merge.safetensors_io import (
+    CheckpointReader,
+    StreamingSafetensorsWriter,
+    TensorInfo,
+)
+from imm_ray.merge.selection import depth, value_at
+from imm_ray.merge.sparsify import magnitude_mask, top_k_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,44 +109,52 @@ def imm_default(ckpts, tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- pure tensor functions
 
-def test_dare_p0_is_identity_and_draws_nothing():
+def rng(seed: int = 0, name: str = "t") -> TensorRNG:
+    return TensorRNG(seed, name)
+
+
+def test_dare_p0_is_identity():
     delta = torch.randn(100)
-    gen = torch.Generator().manual_seed(0)
-    state = gen.get_state()
-    assert dare_drop(delta, 0.0, gen) is delta
-    assert torch.equal(gen.get_state(), state)
+    assert dare_drop(delta, 0.0, None) is delta
 
 
 def test_dare_drop_fraction_and_exact_rescale():
     p = 0.2
     delta = torch.randn(1_000_000, generator=torch.Generator().manual_seed(123))
     assert bool((delta != 0).all())
-    out = dare_drop(delta, p, torch.Generator().manual_seed(0), "exact")
+    out = dare_drop(delta, p, rng(), "exact")
     dropped = out == 0
     assert abs(dropped.float().mean().item() - p) < 0.01
     kept = ~dropped
     assert torch.equal(out[kept], (delta / (1 - p))[kept])
-    # and it is not the identity
     assert not torch.equal(out[kept], delta[kept])
 
 
-def test_dare_seeding():
+def test_dare_seeding_depends_on_seed_and_tensor_name():
     delta = torch.randn(10_000)
-    a = dare_drop(delta, 0.2, torch.Generator().manual_seed(0))
-    b = dare_drop(delta, 0.2, torch.Generator().manual_seed(0))
-    c = dare_drop(delta, 0.2, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    a = dare_drop(delta, 0.2, rng(0, "x"))
+    assert torch.equal(a, dare_drop(delta, 0.2, rng(0, "x")))
+    assert not torch.equal(a, dare_drop(delta, 0.2, rng(1, "x")))
+    assert not torch.equal(a, dare_drop(delta, 0.2, rng(0, "y")))
+    # different models (streams) get different masks
+    assert not torch.equal(rng().keep_mask(0, (1000,), 0.5), rng().keep_mask(1, (1000,), 0.5))
+
+
+def test_rng_blocks_are_independent_of_blocking():
+    whole = rng(3, "w").keep_mask(0, (10_007,), 0.3)
+    pieces = [rng(3, "w").at(start).keep_mask(0, (min(777, 10_007 - start),), 0.3) for start in range(0, 10_007, 777)]
+    assert torch.equal(torch.cat(pieces), whole)
+    assert set(whole.unique().tolist()) == {0.0, 1.0}
 
 
 def test_dare_l1_and_none_rescale():
     delta = torch.randn(50_000)
-    out_l1 = dare_drop(delta, 0.3, torch.Generator().manual_seed(0), "l1")
+    out_l1 = dare_drop(delta, 0.3, rng(), "l1")
     torch.testing.assert_close(out_l1.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
-    out_none = dare_drop(delta, 0.3, torch.Generator().manual_seed(0), "none")
+    out_none = dare_drop(delta, 0.3, rng(), "none")
     kept = out_none != 0
     assert torch.equal(out_none[kept], delta[kept])
-    out_exact = dare_drop(delta, 0.3, torch.Generator().manual_seed(0), "exact")
+    out_exact = dare_drop(delta, 0.3, rng(), "exact")
     assert torch.equal(out_exact != 0, kept)  # same mask for every rescale mode
 
 
@@ -152,31 +169,117 @@ def test_dare_rejects_bad_rescale():
         dare_drop(torch.ones(4), 0.5, None, "l2")  # type: ignore[arg-type]
 
 
+def run_method(name, anchor, models, params=None, seed=0):
+    """A method on clones (methods may overwrite their model inputs), as the engine calls it."""
+    impl = get_merge_method(name)
+    return impl.merge_tensor(anchor.clone() if anchor is not None else None, [m.clone() for m in models],
+                             impl.validate(params, len(models)), TensorRNG(seed, "w"))
+
+
 def test_method_formulas_on_tensors():
     g = torch.Generator().manual_seed(0)
     a, s1, s2 = (torch.randn(64, 32, generator=g) for _ in range(3))
-    gen = torch.Generator().manual_seed(0)
-    imm = get_merge_method("imm")
-    out = imm.merge_tensor(a, [s1], imm.validate({"drop_rate": 0.0}, 1), gen)
+    out = run_method("imm", a, [s1], {"drop_rate": 0.0})
     torch.testing.assert_close(out, 0.5 * (a + s1), rtol=0, atol=1e-6)
-    ta = get_merge_method("task_arithmetic")
-    out = ta.merge_tensor(a, [s1, s2], ta.validate({"lam": 0.3}, 2), gen)
+    out = run_method("task_arithmetic", a, [s1, s2], {"lam": 0.3})
     torch.testing.assert_close(out, a + 0.3 * ((s1 - a) + (s2 - a)), rtol=0, atol=1e-6)
-    dl = get_merge_method("dare_linear")
-    out = dl.merge_tensor(a, [s1, s2], dl.validate({"weights": [0.2, 0.7], "drop_rate": 0.0}, 2), gen)
-    torch.testing.assert_close(out, a + 0.2 * (s1 - a) + 0.7 * (s2 - a), rtol=0, atol=1e-6)
-    lin = get_merge_method("linear")
-    out = lin.merge_tensor(None, [s1, s2], lin.validate({"weights": [1.0, 3.0]}, 2), gen)
+    out = run_method("task_arithmetic", a, [s1, s2], {"lam": 2.0, "weights": [0.5, 0.25]})
+    torch.testing.assert_close(out, a + 2.0 * (0.5 * (s1 - a) + 0.25 * (s2 - a)), rtol=0, atol=1e-6)
+    for name in ("dare_linear", "dare_ties"):  # p = 0: no drop; dare_ties then is TIES without trim
+        out = run_method(name, a, [s1, s2], {"weights": [0.2, 0.7], "drop_rate": 0.0, "normalize": False})
+        if name == "dare_linear":
+            torch.testing.assert_close(out, a + 0.2 * (s1 - a) + 0.7 * (s2 - a), rtol=0, atol=1e-6)
+        else:
+            torch.testing.assert_close(out, a + ties_reference([s1 - a, s2 - a], [0.2, 0.7], False))
+    out = run_method("linear", None, [s1, s2], {"weights": [1.0, 3.0]})
     torch.testing.assert_close(out, 0.25 * s1 + 0.75 * s2, rtol=0, atol=1e-6)
     torch.testing.assert_close(weighted_average([s1, s2], [1.0, 1.0], normalize=False), s1 + s2)
+    # pure functions leave their inputs alone
+    a0, s10 = a.clone(), s1.clone()
+    task_vector_merge(a, [s1], [1.0], lam=0.5, drop_rate=0.3, sparsification="random", rng=rng())
+    assert torch.equal(a, a0) and torch.equal(s1, s10)
 
 
 def test_imm_with_dare_matches_core_formula():
     g = torch.Generator().manual_seed(5)
     a, s = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
-    expected = a + 0.5 * dare_drop(s - a, 0.2, torch.Generator().manual_seed(7))
-    got = task_vector_merge(a, [s], [0.5], drop_rate=0.2, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(got, expected)
+    expected = a + 0.5 * dare_drop(s - a, 0.2, rng(7, "w"))
+    got = run_method("imm", a, [s], {"lam": 0.5, "drop_rate": 0.2}, seed=7)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    kept = (got - a).abs() > 1e-7
+    torch.testing.assert_close((got - a)[kept], (0.5 * (s - a) / 0.8)[kept], rtol=1e-5, atol=1e-6)
+    assert abs((~kept).float().mean().item() - 0.2) < 0.05
+
+
+def ties_reference(deltas, weights, normalize):
+    """TIES sign election + disjoint mean, written elementwise in plain Python."""
+    shape = deltas[0].shape
+    flat = [d.reshape(-1).tolist() for d in deltas]
+    out = []
+    for j in range(len(flat[0])):
+        vals = [w * f[j] for w, f in zip(weights, flat)]
+        sign = 1.0 if sum(vals) >= 0 else -1.0
+        agree = [(v > 0 and sign > 0) or (v < 0 and sign < 0) for v in vals]
+        total = sum(v for v, ok in zip(vals, agree) if ok)
+        wsum = sum(w for w, ok in zip(weights, agree) if ok)
+        out.append(total / wsum if normalize and wsum != 0 else total)
+    return torch.tensor(out).reshape(shape)
+
+
+def test_ties_sign_election_by_hand():
+    a = torch.zeros(5)
+    m1 = torch.tensor([1.0, -2.0, 3.0, 0.5, -1.0])
+    m2 = torch.tensor([2.0, 1.0, -1.0, -0.5, -3.0])
+    # density 1 (no trim), weights 1: signs: +, -, +, + (tie -> +), -
+    out = run_method("ties", a, [m1, m2], {"density": 1.0})
+    assert torch.equal(out, torch.tensor([1.5, -2.0, 3.0, 0.5, -2.0]))
+    out = run_method("ties", a, [m1, m2], {"density": 1.0, "normalize": False})
+    assert torch.equal(out, torch.tensor([3.0, -2.0, 3.0, 0.5, -4.0]))
+    # trim: density 0.4 keeps the 2 largest |delta| per model: m1 -> [0,-2,3,0,0], m2 -> [2,0,0,0,-3]
+    out = run_method("ties", a, [m1, m2], {"density": 0.4, "lam": 0.5})
+    assert torch.equal(out, 0.5 * torch.tensor([2.0, -2.0, 3.0, 0.0, -3.0]))
+    g = torch.Generator().manual_seed(1)
+    base, x, y = (torch.randn(6, 7, generator=g) for _ in range(3))
+    got = run_method("ties", base, [x, y], {"density": 1.0, "weights": [0.3, 0.9]})
+    torch.testing.assert_close(got, base + ties_reference([x - base, y - base], [0.3, 0.9], True))
+
+
+def test_magnitude_masks_exact_counts_and_ties():
+    values = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 0.5])
+    assert top_k_mask(values, 2).tolist() == [True, False, True, False, False, False]
+    assert top_k_mask(values, 0).sum() == 0 and top_k_mask(values, 6).all()
+    delta = torch.tensor([-10.0, 5.0, -4.0, 3.0, 2.0, -1.0, 0.5, 0.25, 0.1, 0.05])
+    # breadcrumbs: drop the top 10% (|-10|), keep the next 50%
+    assert magnitude_mask(delta, 0.5, 0.1).tolist() == [False] + [True] * 5 + [False] * 4
+    out = run_method("breadcrumbs", torch.zeros(10), [delta], {"density": 0.5, "gamma": 0.1})
+    assert torch.equal(out, delta * magnitude_mask(delta, 0.5, 0.1))
+
+
+def test_slerp_endpoints_and_midpoint():
+    g = torch.Generator().manual_seed(2)
+    v0, v1 = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
+    assert torch.equal(run_method("slerp", v0, [v1], {"t": 0.0}), v0)
+    assert torch.equal(run_method("slerp", v0, [v1], {"t": 1.0}), v1)
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(slerp(0.5, e0, e1), torch.tensor([0.5 ** 0.5, 0.5 ** 0.5]))
+    torch.testing.assert_close(slerp(1 / 3, e0, e1), torch.tensor([0.5 * 3 ** 0.5, 0.5]))
+    # general midpoint: the formula with the angle between the flattened tensors
+    import math
+
+    n0, n1 = v0.norm(), v1.norm()
+    theta = math.acos(float((v0 * v1).sum() / (n0 * n1)))
+    want = (math.sin(theta / 2) / math.sin(theta)) * (v0 + v1)
+    torch.testing.assert_close(run_method("slerp", v0, [v1], {"t": 0.5}), want)
+    # colinear tensors fall back to lerp
+    torch.testing.assert_close(slerp(0.25, v0, 2 * v0), 1.25 * v0)
+
+
+def test_depth_gradients():
+    assert value_at([0.0, 1.0], 0.25) == 0.25 and value_at([0.2, 0.4, 1.0], 0.75) == pytest.approx(0.7)
+    assert value_at(0.3, 0.9) == 0.3 and value_at([0.1, 0.9], 1.0) == 0.9
+    assert depth("model.layers.0.mlp.up_proj.weight", 5) == 0.0
+    assert depth("model.layers.4.mlp.up_proj.weight", 5) == 1.0
+    assert depth("model.embed_tokens.weight", 5) == 0.0 and depth("model.norm.weight", 5) == 1.0
 
 
 # ----------------------------------------------------------------------------- parameters / registry
@@ -441,10 +544,10 @@ def test_streaming_writer_roundtrip(tmp_path):
         writer = StreamingSafetensorsWriter(folder, infos, size)
         for info in infos:
             writer.write(info.name, tensors[info.name])
-        hashes = writer.close()
+        files = writer.close()
         assert (folder / "model.safetensors.index.json").exists() == expect_index
-        for fname, digest in hashes.items():
-            assert hashlib.sha256((folder / fname).read_bytes()).hexdigest() == digest
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(files)
+        for fname in files:
             with safe_open(str(folder / fname), framework="pt") as fh:
                 assert fh.metadata() == {"format": "pt"}
         back = load_all(folder)
@@ -457,6 +560,24 @@ def test_writer_rejects_out_of_plan_tensor(tmp_path):
     writer = StreamingSafetensorsWriter(tmp_path, [TensorInfo("x", torch.float32, (2,))])
     with pytest.raises(MergeError, match="expected 'x'"):
         writer.write("x", torch.zeros(3))
+    with pytest.raises(MergeError, match="unplanned"):
+        writer.write_block("y", 0, torch.zeros(1))
+    with pytest.raises(MergeError, match="incomplete"):
+        writer.close()
+    writer.abort()
+
+
+def test_writer_blocks_in_any_order_and_reader_ranges(tmp_path):
+    value = torch.randn(37, 11).to(torch.bfloat16)
+    writer = StreamingSafetensorsWriter(tmp_path, [TensorInfo("w", torch.bfloat16, (37, 11))])
+    flat = value.reshape(-1)
+    for start in reversed(range(0, flat.numel(), 50)):
+        writer.write_block("w", start, flat[start : start + 50].clone())
+    writer.close()
+    with CheckpointReader(tmp_path) as reader:
+        assert torch.equal(reader.get("w"), value)
+        part = reader.read_into("w", 13, torch.empty(20, dtype=torch.bfloat16))
+        assert torch.equal(part, flat[13:33])
 
 
 def test_cli(ckpts, imm_default, tmp_path):
@@ -493,3 +614,106 @@ def test_merge_package_does_not_import_ray():
             else:
                 continue
             assert not {"ray", "imm_ray"} & set(roots), f"{path.name}: imports {roots}"
+
+
+# ----------------------------------------------------------------------------- full menu, blocks, selection
+
+ALL_METHOD_PARAMS = {
+    "linear": {"weights": [1.0, 2.0]},
+    "task_arithmetic": {"lam": 0.7},
+    "ties": {"density": 0.5},
+    "dare_linear": {"drop_rate": 0.3},
+    "dare_ties": {"drop_rate": 0.3},
+    "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
+}
+
+
+@pytest.mark.parametrize("method", sorted(ALL_METHOD_PARAMS))
+def test_every_method_matches_its_formula_and_loads(ckpts, tmp_path, method):
+    models = [ckpts["sft"], ckpts["sft2"]]
+    params = ALL_METHOD_PARAMS[method]
+    out = merge_checkpoints(method, ckpts["anchor"], models, tmp_path / "o", params=params, seed=3, progress=False)
+    a, ms, got = load_all(ckpts["anchor"]), [load_all(m) for m in models], load_all(out)
+    impl = get_merge_method(method)
+    resolved = impl.validate(params, 2)
+    for name in a:
+        want = impl.merge_tensor(a[name].clone(), [m[name].clone() for m in ms], resolved, TensorRNG(3, name))
+        torch.testing.assert_close(got[name], want, rtol=1e-6, atol=1e-6, msg=f"{method}: {name}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_slerp_merge_is_between_endpoints(ckpts, tmp_path):
+    out = merge_checkpoints("slerp", ckpts["anchor"], [ckpts["sft"]], tmp_path / "s", params={"t": 0.0}, progress=False)
+    got, a = load_all(out), load_all(ckpts["anchor"])
+    assert got.keys() == a.keys() and all(torch.equal(got[k], a[k]) for k in a)
+    out = merge_checkpoints("slerp", ckpts["anchor"], [ckpts["sft"]], tmp_path / "m", progress=False)
+    a, s, got = load_all(ckpts["anchor"]), load_all(ckpts["sft"]), load_all(out)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(got[name], slerp(0.5, a[name], s[name]))
+
+
+def test_blocks_and_threads_give_identical_bytes(ckpts, imm_default, tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_engine, "BLOCK_ELEMENTS", 1000)  # many blocks per tensor
+    one = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "t1", threads=1, progress=False)
+    two = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "t2", threads=2, progress=False)
+    assert file_bytes(one) == file_bytes(two)
+    assert (one / "model.safetensors").read_bytes() == (imm_default / "model.safetensors").read_bytes()
+
+
+def test_include_exclude_copy_anchor(ckpts, tmp_path):
+    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", params={"drop_rate": 0.0},
+                            exclude=[r"embed_tokens", r"norm\.weight$"], progress=False)
+    a, s, got = load_all(ckpts["anchor"]), load_all(ckpts["sft"]), load_all(out)
+    copied = [n for n in a if "embed_tokens" in n or n.endswith("norm.weight")]
+    assert len(copied) >= 4
+    for name in a:
+        if name in copied:
+            assert torch.equal(got[name], a[name])
+        else:
+            torch.testing.assert_close(got[name], 0.5 * (a[name] + s[name]), rtol=0, atol=1e-6)
+    prov = json.loads((out / "merge_provenance.json").read_text())
+    assert prov["selection"]["copied_from_anchor"] == len(copied)
+    out = merge_checkpoints("task_arithmetic", ckpts["anchor"], [ckpts["sft"]], tmp_path / "i",
+                            include=r"layers\.1\.", progress=False)
+    got = load_all(out)
+    for name in a:
+        if ".layers.1." in name:
+            torch.testing.assert_close(got[name], s[name], rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(got[name], a[name])
+    with pytest.raises(MergeError, match="exclude regex"):
+        merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "bad", exclude="(", progress=False)
+
+
+def test_lambda_gradient_over_depth(ckpts, tmp_path):
+    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "g",
+                            params={"lam": [0.0, 1.0], "drop_rate": 0.0}, progress=False)
+    a, s, got = load_all(ckpts["anchor"]), load_all(ckpts["sft"]), load_all(out)
+    up = "mlp.up_proj.weight"
+    assert torch.equal(got[f"model.layers.0.{up}"], a[f"model.layers.0.{up}"])  # 2 layers: depth 0 and 1
+    torch.testing.assert_close(got[f"model.layers.1.{up}"], s[f"model.layers.1.{up}"])
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    with pytest.raises(MergeError, match="lam"):
+        get_merge_method("imm").validate({"lam": [0.1, "x"]}, 1)
+
+
+def test_yaml_config_cli(ckpts, imm_default, tmp_path):
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(
+        f"method: imm\nbase: {ckpts['anchor']}\nmodels:\n  - {ckpts['sft']}\n"
+        f"params: {{lam: 0.5, drop_rate: 0.2}}\nseed: 0\nout: {tmp_path / 'y'}\n"
+    )
+    parser = argparse.ArgumentParser()
+    add_merge_arguments(parser)
+    assert run_merge_cli(parser.parse_args(["--config", str(cfg), "--no-progress"])) == 0
+    assert (tmp_path / "y" / "model.safetensors").read_bytes() == (imm_default / "model.safetensors").read_bytes()
+    # command-line options win over the file; --density maps to drop_rate = 1 - D for DARE methods
+    args = parser.parse_args(["--config", str(cfg), "--method", "dare_linear", "--density", "1.0",
+                              "--no-checksums", "--no-progress", "--out", str(tmp_path / "d")])
+    cfg.write_text(cfg.read_text().replace("params: {lam: 0.5, drop_rate: 0.2}", "params: {weights: [0.5]}"))
+    assert run_merge_cli(args) == 0
+    prov = json.loads((tmp_path / "d" / "merge_provenance.json").read_text())
+    assert prov["method"] == "dare_linear" and prov["params"]["drop_rate"] == 0.0 and prov["checksum"] is None
+    assert run_merge_cli(parser.parse_args(["--no-progress"])) == 2  # nothing to merge
