@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from imm_ray.data.problems import LoadResult
 from imm_ray.data.spec import AnswerFormat, DatasetSpec
 from imm_ray.data.synthetic import load_synthetic
+from imm_ray.registry import Registry
 
 __all__ = ["DatasetPreset", "DATASET_PRESETS", "register_dataset_preset", "get_dataset_preset"]
 
@@ -36,25 +36,17 @@ class DatasetPreset:
     hub_answer_format: AnswerFormat | None = None
 
 
-DATASET_PRESETS: dict[str, DatasetPreset] = {}
+DATASET_PRESETS: Registry[DatasetPreset] = Registry("dataset preset")
 
 
 def register_dataset_preset(preset: DatasetPreset, overwrite: bool = False) -> DatasetPreset:
     """Add a preset to DATASET_PRESETS (ValueError if the name exists and overwrite is False)."""
-    if preset.name in DATASET_PRESETS and not overwrite:
-        raise ValueError(f"dataset preset {preset.name!r} already exists (pass overwrite=True)")
-    DATASET_PRESETS[preset.name] = preset
-    return preset
+    return DATASET_PRESETS.add(preset.name, preset, overwrite)
 
 
 def get_dataset_preset(name: str) -> DatasetPreset:
     """The preset called name; KeyError listing the known presets otherwise."""
-    try:
-        return DATASET_PRESETS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown dataset preset {name!r}; known: {sorted(DATASET_PRESETS)}"
-        ) from None
+    return DATASET_PRESETS.lookup(name)
 
 
 register_dataset_preset(

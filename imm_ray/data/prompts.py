@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from imm_ray.registry import Registry
+
 __all__ = [
     "ALPACA_PROMPT",
     "DEFAULT_INSTRUCTION_SUFFIX",
@@ -46,25 +48,17 @@ class PromptTemplate:
     stop_strings: tuple[str, ...] = ()
 
 
-PROMPT_TEMPLATES: dict[str, PromptTemplate] = {}
+PROMPT_TEMPLATES: Registry[PromptTemplate] = Registry("prompt template")
 
 
 def register_prompt_template(template: PromptTemplate, overwrite: bool = False) -> PromptTemplate:
     """Add a template to PROMPT_TEMPLATES (ValueError if the name exists and overwrite is False)."""
-    if template.name in PROMPT_TEMPLATES and not overwrite:
-        raise ValueError(f"prompt template {template.name!r} already exists (pass overwrite=True)")
-    PROMPT_TEMPLATES[template.name] = template
-    return template
+    return PROMPT_TEMPLATES.add(template.name, template, overwrite)
 
 
 def get_prompt_template(name: str) -> PromptTemplate:
     """The template called name; KeyError listing the known ones otherwise."""
-    try:
-        return PROMPT_TEMPLATES[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown prompt template {name!r}; known: {sorted(PROMPT_TEMPLATES)}"
-        ) from None
+    return PROMPT_TEMPLATES.lookup(name)
 
 
 def _render_chat(

@@ -1,0 +1,29 @@
+"""A name -> item registry for the parts users extend (data-set presets, prompt templates, ...)."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(dict[str, T]):
+    """A dict of named items whose errors say what kind of item is missing and which exist."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def add(self, name: str, item: T, overwrite: bool = False) -> T:
+        """Register ``item`` under ``name`` (ValueError if taken and ``overwrite`` is False)."""
+        if name in self and not overwrite:
+            raise ValueError(f"{self.kind} {name!r} already exists (pass overwrite=True)")
+        self[name] = item
+        return item
+
+    def lookup(self, name: str) -> T:
+        """The item called ``name``; KeyError listing the known names otherwise."""
+        try:
+            return self[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {sorted(self)}") from None
