@@ -120,6 +120,8 @@ class EvalConfig(_Strict):
 
     max_tokens: int = Field(512, ge=1)
     baseline: bool = True
+    # auto: numeric when every gold answer of a set is a number, math-verify otherwise (MATH-500).
+    verifier: str = "auto"
 
 
 class RayConfig(_Strict):

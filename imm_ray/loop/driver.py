@@ -22,7 +22,13 @@ from imm_ray.analysis.cli import analyze_run
 from imm_ray.config import RESUMABLE_CHANGES, ConfigError, ImmConfig, config_differences, config_to_yaml
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings, encode_prompt, render_prompt
-from imm_ray.evaluate import diversity_metrics, evaluate_completions, group_by_question, mean_pass_at_k
+from imm_ray.evaluate import (
+    diversity_metrics,
+    evaluate_completions,
+    group_by_question,
+    mean_pass_at_k,
+    pick_verifier,
+)
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
 from imm_ray.generate.engine import EngineOptions, SamplingSpec
 from imm_ray.loop.remote import merge_remote, verify_remote
@@ -333,7 +339,8 @@ class RoundDriver:
             for name, probs in sets:
                 chunk = texts[start : start + len(probs)]
                 start += len(probs)
-                ev = evaluate_completions(name, probs, chunk, verifier=self.cfg.verify.verifier)
+                verifier = pick_verifier(probs, self.cfg.evaluate.verifier)
+                ev = evaluate_completions(name, probs, chunk, verifier=verifier)
                 results[name] = {key: ev.metrics[key] for key in _EVAL_KEYS}
                 rows += [{"dataset": name, "problem_id": p.id, "gold": p.answer, "completion": c,
                           "extracted": vd.extracted, "correct": vd.correct}
