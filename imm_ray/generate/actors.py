@@ -19,9 +19,13 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_
                   "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "IMM_CACHE_DIR")
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class GeneratorActor:
-    """Holds one engine; a thin wrapper that forwards to it."""
+    """Holds one engine; a thin wrapper that forwards to it.
+
+    ``generate`` and ``load`` run one at a time; ``close`` has its own concurrency group so that
+    it can stop the engine (and vLLM's engine-core process) while a generation is still running.
+    """
 
     def __init__(self, engine: str, model_path: str, options: EngineOptions, num_threads: int) -> None:
         import torch
@@ -36,6 +40,7 @@ class GeneratorActor:
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
         return self.engine.generate(prompts, sampling)
 
+    @ray.method(concurrency_group="control")
     def close(self) -> None:
         self.engine.close()
 
@@ -103,15 +108,19 @@ class GeneratorPool:
         return results  # type: ignore[return-value]
 
     def shutdown(self, graceful: bool = True) -> None:
-        """Stop the actors; ``graceful`` first lets each engine shut down its own processes.
+        """Close every engine (its own processes included), then stop the actors.
 
-        After an error or an interrupt, actors may still be busy with queued chunks: they are
-        killed at once (vLLM's engine process exits when its parent dies).
+        ``close`` runs beside a generation still in flight, so an interrupted run does not leave
+        vLLM's engine-core process generating on its own. After an error (``graceful=False``) a
+        failing close is logged and the actor is killed anyway, so the original error surfaces.
         """
         for actor in self.actors:
             try:
+                ray.get(actor.close.remote(), timeout=60)
+            except Exception:
                 if graceful:
-                    ray.get(actor.close.remote(), timeout=60)
+                    raise
+                logger.warning("closing a generator actor failed; killing it", exc_info=True)
             finally:
                 ray.kill(actor)
         self.actors = []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
+import ray
 from transformers import AutoTokenizer
 
 from imm_ray.data.prompts import encode_prompt, render_prompt
@@ -47,3 +50,25 @@ def test_engine_in_actor_generates_and_moves_between_checkpoints(engine, ray_loc
         assert [o[0].text for o in pool.generate(ids, greedy)] == [o[0].text for o in first]
     finally:
         pool.shutdown()
+
+
+def test_interrupted_vllm_pool_leaves_no_engine_process(ray_local, scrambled_model):
+    """Shutting a pool down mid-generation (Ctrl-C, an error) stops vLLM's engine-core process too."""
+    import psutil
+
+    spec = PoolSpec(engine="vllm", options=EngineOptions(dtype="float32", max_model_len=512, kv_cache_gb=1),
+                    num_actors=1, num_cpus=1, chunk_size=64)
+    pool = GeneratorPool(spec, progress=False)
+    pool.load(scrambled_model)  # random weights: every sample runs to max_tokens
+    actor_pid = ray.get(pool.actors[0].__ray_call__.remote(lambda self: os.getpid()))
+    engine = psutil.Process(actor_pid).children(recursive=True)
+    assert engine, "the vLLM engine-core process was not found"
+    ids = prompts(scrambled_model) * 8
+    busy = pool.actors[0].generate.remote(ids, SamplingSpec(n=8, temperature=1.0, max_tokens=400, seed=0))
+    time.sleep(2)
+    t0 = time.monotonic()
+    pool.shutdown(graceful=False)
+    assert time.monotonic() - t0 < 30  # it did not wait for the 200k-token generation to finish
+    ray.wait([busy], timeout=60)
+    _, alive = psutil.wait_procs(engine, timeout=60)
+    assert not alive, f"vLLM processes outlived their actor: {[p.pid for p in alive]}"
