@@ -73,6 +73,7 @@ class RoundDriver:
         self.cfg = cfg
         self.rd = RunDir(run_dir)
         self._problems: dict[str, list[Problem]] = {}
+        self._student_prompts: dict[str, list[dict[str, Any]]] = {}  # rendered once per run
         self._pools: dict[str, GeneratorPool] = {}
         self.original: Path | None = None
         self.teacher: Path | None = None
@@ -91,13 +92,10 @@ class RoundDriver:
                 )
         atomic_write_text(self.rd.config_path, config_to_yaml(self.cfg))
 
-    def _data_dir(self) -> str | None:
-        return self.cfg.data.dir
-
     def problems(self, spec: DatasetSpec) -> list[Problem]:
         """Load (once) the problems of a data set."""
         if spec.name not in self._problems:
-            res = load_problems(spec, data_dir=self._data_dir())
+            res = load_problems(spec, data_dir=self.cfg.data.dir)
             if res.malformed:
                 logger.warning("%s: skipped %d malformed rows of %s", spec.name, res.malformed, res.source)
             if not res.problems:
@@ -134,6 +132,12 @@ class RoundDriver:
             text = render_prompt(p.question, d.prompt_template, tokenizer, **kwargs)
             out.append({"text": text, "ids": encode_prompt(tokenizer, text)})
         return out
+
+    def student_prompts(self, key: str, problems: list[Problem]) -> list[dict[str, Any]]:
+        """The student's prompts for the train pool or the eval sets, rendered once per run."""
+        if key not in self._student_prompts:
+            self._student_prompts[key] = self.prompts(problems)
+        return self._student_prompts[key]
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = self.cfg.generate.stop
@@ -252,7 +256,7 @@ class RoundDriver:
     def _generate(self, model: Path, out: Path, t: int, role: str = "student") -> dict[str, Any]:
         g = self.cfg.generate
         problems = self.problems(self.cfg.data.train)
-        prompts = self.prompts(problems)  # the student's prompts: what SFT trains on
+        prompts = self.student_prompts("train", problems)  # the student's prompts: what SFT trains on
         gen_prompts = prompts if role == "student" else self.prompts(problems, AutoTokenizer.from_pretrained(model))
         sampling = SamplingSpec(
             n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
@@ -328,7 +332,7 @@ class RoundDriver:
             specs = self.cfg.data.eval
             sets = [(s.name, self.problems(s)) for s in specs]
             all_problems = [p for _, probs in sets for p in probs]
-            prompts = self.prompts(all_problems)
+            prompts = self.student_prompts("eval", all_problems)
             sampling = SamplingSpec(n=1, temperature=0.0, max_tokens=self.cfg.evaluate.max_tokens,
                                     stop=self.stop_strings(), seed=None)
             pool = self.pool()
