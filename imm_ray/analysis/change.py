@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from imm_ray.analysis.names import TensorKey, parse_tensor_name
 from imm_ray.merge.errors import MergeError
@@ -47,21 +47,21 @@ class SquaredNorms:
         return 0.0 if self.diff == 0 else None
 
 
-def squared_norms(original: torch.Tensor, updated: torch.Tensor) -> SquaredNorms:
+def squared_norms(original: np.ndarray, updated: np.ndarray) -> SquaredNorms:
     """Squared Frobenius norms of (updated - original) and of original, in float64 chunks."""
     if original.shape != updated.shape:
         raise ValueError(f"shape mismatch: {tuple(original.shape)} vs {tuple(updated.shape)}")
     a, b = original.reshape(-1), updated.reshape(-1)
     out = SquaredNorms()
-    for start in range(0, a.numel(), _CHUNK_ELEMENTS):
-        w0 = a[start:start + _CHUNK_ELEMENTS].to(torch.float64)
-        wt = b[start:start + _CHUNK_ELEMENTS].to(torch.float64)
-        out.diff += float(torch.sum((wt - w0) ** 2))
-        out.base += float(torch.sum(w0 ** 2))
+    for start in range(0, a.size, _CHUNK_ELEMENTS):
+        w0 = a[start:start + _CHUNK_ELEMENTS].astype(np.float64)
+        diff = b[start:start + _CHUNK_ELEMENTS].astype(np.float64) - w0
+        out.diff += float(np.dot(diff, diff))
+        out.base += float(np.dot(w0, w0))
     return out
 
 
-def relative_change(original: torch.Tensor, updated: torch.Tensor) -> float | None:
+def relative_change(original: np.ndarray, updated: np.ndarray) -> float | None:
     """||updated - original||_F / ||original||_F for one tensor (see SquaredNorms.relative)."""
     return squared_norms(original, updated).relative
 
@@ -159,7 +159,7 @@ def parameter_change(original: str | Path, model: str | Path) -> ChangeSummary:
             def stream() -> Iterable[tuple[str, SquaredNorms]]:
                 for name in common:
                     try:
-                        yield name, squared_norms(base.get(name), tuned.get(name))
+                        yield name, squared_norms(base.get_float32(name), tuned.get_float32(name))
                     except ValueError as exc:
                         raise ValueError(f"{model}: tensor {name!r}: {exc}") from None
 

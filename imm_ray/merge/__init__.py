@@ -1,4 +1,4 @@
-"""Model merging for IMM (pure: torch + numpy + safetensors layout, no Ray).
+"""Model merging for IMM (pure: numpy + the safetensors layout; imports neither torch nor Ray).
 
 ``merge_checkpoints`` streams HF safetensors checkpoints block by block through a registered merge
 method (``imm``, ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,

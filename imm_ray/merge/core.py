@@ -1,4 +1,4 @@
-"""Tensor-level merge formulas on fp32 tensors. Inputs are left alone unless ``inplace=True``, which
+"""Tensor-level merge formulas on float32 numpy arrays. Inputs are left alone unless ``inplace=True``, which
 lets a function reuse the model tensors' memory (the engine passes scratch buffers it owns).
 
 ``task_vector_merge`` is the one parameterised core behind imm, task_arithmetic, ties, dare_linear,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from .errors import MergeError
 from .rng import TensorRNG
@@ -26,7 +26,7 @@ from .sparsify import Rescale, sparsify
 CONSENSUS_MODES: tuple[str, ...] = ("none", "ties")
 
 
-def _check_lengths(what: str, models: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+def _check_lengths(what: str, models: Sequence[np.ndarray], weights: Sequence[float]) -> None:
     if len(models) != len(weights):
         raise MergeError(f"got {len(models)} models but {len(weights)} weights")
     if not models:
@@ -34,8 +34,8 @@ def _check_lengths(what: str, models: Sequence[torch.Tensor], weights: Sequence[
 
 
 def task_vector_merge(
-    anchor: torch.Tensor,
-    models: Sequence[torch.Tensor],
+    anchor: np.ndarray,
+    models: Sequence[np.ndarray],
     weights: Sequence[float],
     *,
     lam: float = 1.0,
@@ -48,7 +48,7 @@ def task_vector_merge(
     normalize: bool = False,
     rng: TensorRNG | None = None,
     inplace: bool = False,
-) -> torch.Tensor:
+) -> np.ndarray:
     """The task-vector core (see the module doc). Model ``i`` uses random stream ``i`` of ``rng``.
     ``inplace`` lets it overwrite (and return) the ``models`` tensors."""
     _check_lengths("task_vector_merge", models, weights)
@@ -56,32 +56,37 @@ def task_vector_merge(
         raise MergeError(f"consensus must be one of {CONSENSUS_MODES}, got {consensus!r}")
     weighted = []
     for i, (model, weight) in enumerate(zip(models, weights)):
-        delta = model.sub_(anchor) if inplace else torch.sub(model, anchor)
+        delta = np.subtract(model, anchor, out=model if inplace else None)
         delta = sparsify(delta, sparsification, density=density, drop_rate=drop_rate, gamma=gamma,
                          rescale=rescale, rng=rng, stream=i, inplace=True)
-        weighted.append(delta if weight == 1.0 else delta.mul_(float(weight)))
+        if weight != 1.0:
+            delta *= np.float32(weight)
+        weighted.append(delta)
     if consensus == "ties":
         mixed = _ties_mean(weighted, weights, normalize)
     else:
         mixed = weighted[0]
         for other in weighted[1:]:
-            mixed.add_(other)
+            mixed += other
         if normalize:
-            mixed.div_(_nonzero_sum(weights))
-    return mixed.mul_(float(lam)).add_(anchor) if lam != 1.0 else mixed.add_(anchor)
+            mixed /= np.float32(_nonzero_sum(weights))
+    if lam != 1.0:
+        mixed *= np.float32(lam)
+    mixed += anchor
+    return mixed
 
 
-def _ties_mean(weighted: list[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+def _ties_mean(weighted: list[np.ndarray], weights: Sequence[float], normalize: bool) -> np.ndarray:
     """Sign election + disjoint (weighted) mean over the agreeing entries."""
-    stacked = torch.stack(weighted)
-    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-    agree = torch.sign(stacked) == elected
+    stacked = np.stack(weighted)
+    elected = np.where(stacked.sum(0) >= 0, np.float32(1.0), np.float32(-1.0))
+    agree = np.sign(stacked) == elected
     mixed = (stacked * agree).sum(0)
     if not normalize:
         return mixed
-    w = torch.tensor([float(x) for x in weights], dtype=stacked.dtype).reshape(-1, *[1] * (stacked.dim() - 1))
+    w = np.asarray(weights, dtype=np.float32).reshape(-1, *[1] * (stacked.ndim - 1))
     divisor = (agree * w).sum(0)
-    return mixed / torch.where(divisor == 0, 1.0, divisor)
+    return mixed / np.where(divisor == 0, np.float32(1.0), divisor)
 
 
 def _nonzero_sum(weights: Sequence[float]) -> float:
@@ -92,24 +97,26 @@ def _nonzero_sum(weights: Sequence[float]) -> float:
 
 
 def weighted_average(
-    models: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True, inplace: bool = False
-) -> torch.Tensor:
-    """``sum_i w_i * model_i`` (divided by ``sum w_i`` if ``normalize``); ``inplace`` reuses ``models[0]``."""
+    models: Sequence[np.ndarray], weights: Sequence[float], *, normalize: bool = True, inplace: bool = False
+) -> np.ndarray:
+    """``sum_i w_i * model_i`` (divided by ``sum w_i`` if ``normalize``); ``inplace`` reuses ``models[0]``
+    (the other models' arrays may then serve as scratch)."""
     _check_lengths("weighted_average", models, weights)
-    w0 = float(weights[0])
-    out = (models[0].mul_(w0) if w0 != 1.0 else models[0]) if inplace else torch.mul(models[0], w0)
+    out = np.multiply(models[0], np.float32(weights[0]), out=models[0] if inplace else None)
     for model, weight in zip(models[1:], weights[1:]):
-        out.add_(model, alpha=float(weight))
+        if float(weight) != 1.0:
+            model = np.multiply(model, np.float32(weight), out=model if inplace else None)
+        out += model
     if normalize:
         total = _nonzero_sum(weights)
         if total != 1.0:
-            out.div_(total)
+            out /= np.float32(total)
     return out
 
 
 def slerp(
-    t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8
-) -> torch.Tensor:
+    t: float, v0: np.ndarray, v1: np.ndarray, *, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> np.ndarray:
     """Spherical interpolation from ``v0`` (t = 0) to ``v1`` (t = 1), over the flattened tensors.
 
     Same formula as mergekit: the angle comes from the normalised tensors, the result combines the
@@ -118,15 +125,15 @@ def slerp(
     """
     t = float(t)
     if t == 0.0:
-        return v0.clone()
+        return v0.copy()
     if t == 1.0:
-        return v1.clone()
-    n0 = float(torch.linalg.vector_norm(v0, dtype=torch.float64))
-    n1 = float(torch.linalg.vector_norm(v1, dtype=torch.float64))
-    dot = float(torch.dot(v0.reshape(-1).double(), v1.reshape(-1).double())) / (max(n0, eps) * max(n1, eps))
+        return v1.copy()
+    a, b = v0.reshape(-1).astype(np.float64), v1.reshape(-1).astype(np.float64)
+    n0, n1 = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    dot = float(np.dot(a, b)) / (max(n0, eps) * max(n1, eps))
     if abs(dot) > dot_threshold:
-        return torch.lerp(v0, v1, t)
+        return v0 + np.float32(t) * (v1 - v0)
     theta = math.acos(max(-1.0, min(1.0, dot)))
     s0 = math.sin((1.0 - t) * theta) / math.sin(theta)
     s1 = math.sin(t * theta) / math.sin(theta)
-    return torch.add(torch.mul(v0, s0), v1, alpha=s1)
+    return v0 * np.float32(s0) + v1 * np.float32(s1)

@@ -20,18 +20,18 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors
-import torch
 from tqdm.auto import tqdm
 
+from .dtypes import FLOAT32, DType, parse_dtype
 from .errors import MergeError
 from .methods import MergeMethod, get_merge_method
 from .rng import RNG_ALGORITHM, TensorRNG
@@ -39,9 +39,7 @@ from .safetensors_io import (
     CheckpointReader,
     StreamingSafetensorsWriter,
     TensorInfo,
-    dtype_name,
     is_weight_file,
-    parse_dtype,
     parse_size,
     sha256_files,
 )
@@ -134,7 +132,7 @@ def merge_checkpoints(
             writer = StreamingSafetensorsWriter(tmp, out_infos, shard_bytes)
             worker = _Worker(impl, anchor_reader, readers, writer, seed)
             bar = tqdm(total=len(out_infos), desc=f"merge[{method}]", unit="tensor", disable=not progress)
-            with bar, _torch_threads(1):
+            with bar:
                 _execute(tasks, worker, n_threads, bar)
             files = writer.close(fsync=fsync)
             hashes = sha256_files([tmp / f for f in files], n_threads) if checksums else [None] * len(files)
@@ -144,8 +142,8 @@ def merge_checkpoints(
                 "params": resolved,
                 "seed": seed,
                 "rng": RNG_ALGORITHM if impl.uses_random else None,
-                "dtype": dtype_name(out_dtype) if out_dtype is not None else None,
-                "output_dtypes": sorted({dtype_name(i.dtype) for i in out_infos}),
+                "dtype": out_dtype.name if out_dtype is not None else None,
+                "output_dtypes": sorted({i.dtype.name for i in out_infos}),
                 "selection": {**selector.describe(), "merged": len(merged),
                               "copied_from_anchor": len(out_infos) - len(merged)},
                 "max_shard_size": shard_bytes,
@@ -227,7 +225,7 @@ def check_compatible(anchor: CheckpointReader, models: Sequence[CheckpointReader
                 )
 
 
-def copy_support_files(src: Path, dst: Path, out_dtype: torch.dtype | None = None) -> list[str]:
+def copy_support_files(src: Path, dst: Path, out_dtype: DType | None = None) -> list[str]:
     """Copy every top-level non-weight file (config, generation config, tokenizer, chat template...)
     from ``src`` to ``dst``; subfolders, hidden files and old provenance are skipped. If ``out_dtype``
     is set, the dtype recorded in config.json is updated. Returns the copied names."""
@@ -246,7 +244,7 @@ def copy_support_files(src: Path, dst: Path, out_dtype: torch.dtype | None = Non
         data = json.loads(config.read_text())
         keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
         for key in keys:
-            data[key] = dtype_name(out_dtype)
+            data[key] = out_dtype.name
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return copied
 
@@ -310,22 +308,24 @@ class _Worker:
         self.seed = seed
         self._local = threading.local()
 
-    def _buffer(self, key: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, key: str, count: int, dtype: np.dtype | type) -> np.ndarray:
         buffers = self._local.__dict__.setdefault("buffers", {})
+        dtype = np.dtype(dtype)
         buf = buffers.get((key, dtype))
-        if buf is None or buf.numel() < count:
-            buf = buffers[(key, dtype)] = torch.empty(max(count, BLOCK_ELEMENTS), dtype=dtype)
+        if buf is None or buf.size < count:
+            buf = buffers[(key, dtype)] = np.empty(max(count, BLOCK_ELEMENTS), dtype=dtype)
         return buf[:count]
 
-    def _load(self, reader: CheckpointReader, task: _Task, key: str) -> torch.Tensor:
-        """fp32 copy of the task's range of a tensor (shaped for whole-tensor tasks)."""
-        stored = reader.tensors[task.info.name].dtype
+    def _load(self, reader: CheckpointReader, task: _Task, key: str) -> np.ndarray:
+        """float32 copy of the task's range of a tensor (shaped for whole-tensor tasks)."""
+        name = task.info.name
+        stored = reader.tensors[name].dtype
         if task.whole:
-            return reader.get(task.info.name).to(torch.float32)
-        if stored == torch.float32:
-            return reader.read_into(task.info.name, task.start, self._buffer(key, task.count, stored))
-        raw = reader.read_into(task.info.name, task.start, self._buffer(key + "/raw", task.count, stored))
-        return self._buffer(key, task.count, torch.float32).copy_(raw)
+            return reader.get_float32(name)
+        if stored == FLOAT32:
+            return reader.read_into(name, task.start, self._buffer(key, task.count, np.float32))
+        raw = reader.read_into(name, task.start, self._buffer(key + "/raw", task.count, stored.storage))
+        return stored.to_float32(raw, self._buffer(key, task.count, np.float32))
 
     def run(self, task: _Task) -> None:
         name = task.info.name
@@ -336,54 +336,54 @@ class _Worker:
             models = [self._load(r, task, f"model{i}") for i, r in enumerate(self.models)]
             rng = TensorRNG(self.seed, name).at(task.start)
             result = self.impl.merge_tensor(anchor, models, task.params, rng)
-            if result.numel() != task.count or (task.whole and tuple(result.shape) != task.info.shape):
+            if result.size != task.count or (task.whole and tuple(result.shape) != task.info.shape):
                 raise MergeError(f"method {self.impl.name!r} returned shape {list(result.shape)} for {name!r}")
-            out = self._cast(result, task)
-            if not _all_finite(out):
+            if not task.info.dtype.fits(result):
                 raise MergeError(self._non_finite_message(task, result))
+            out = self._cast(result, task)
         self.writer.write_block(name, task.start, out.reshape(-1))
 
-    def _cast(self, tensor: torch.Tensor, task: _Task) -> torch.Tensor:
+    def _cast(self, values: np.ndarray, task: _Task) -> np.ndarray:
+        """float32 ``values`` in the output dtype's storage (checked by ``DType.fits`` before)."""
         dtype = task.info.dtype
-        if tensor.dtype == dtype:
-            return tensor
+        if dtype == FLOAT32:
+            return values
         if task.whole:
-            return tensor.to(dtype)
-        return self._buffer("out", task.count, dtype).copy_(tensor.reshape(-1))
+            return dtype.from_float32(values)
+        return dtype.from_float32(values.reshape(-1), self._buffer("out", task.count, dtype.storage),
+                                  self._buffer("scratch", task.count, np.uint32))
 
-    def _copy(self, task: _Task) -> torch.Tensor:
+    def _copy(self, task: _Task) -> np.ndarray:
         """The anchor's values (cast to the output dtype); non-float tensors are compared first."""
         name = task.info.name
         stored = self.anchor.tensors[name].dtype
         if task.whole:
             value = self.anchor.get(name)
         else:
-            value = self.anchor.read_into(name, task.start, self._buffer("anchor/raw", task.count, stored))
+            value = self.anchor.read_into(name, task.start, self._buffer("anchor/raw", task.count, stored.storage))
         if not stored.is_floating_point:
-            if any(not torch.equal(value, m.get(name)) for m in self.models):
+            if any(not np.array_equal(value, m.get(name)) for m in self.models):
                 logger.warning("non-float tensor %r differs between inputs; keeping the anchor's", name)
             return value
-        out = self._cast(value, task)
-        if not _all_finite(out):
-            raise MergeError(f"anchor tensor {name!r} (copied unmerged) contains NaN/Inf; nothing was published")
-        return out
+        if stored == task.info.dtype:
+            finite = stored.all_finite(value)
+        else:
+            value = stored.to_float32(value, None if task.whole else self._buffer("anchor", task.count, np.float32))
+            finite = task.info.dtype.fits(value)
+            value = self._cast(value, task) if finite else value
+        if not finite:
+            raise MergeError(f"anchor tensor {name!r} (copied unmerged) contains NaN/Inf, or overflows "
+                             f"{task.info.dtype}; nothing was published")
+        return value
 
-    def _non_finite_message(self, task: _Task, result: torch.Tensor) -> str:
+    def _non_finite_message(self, task: _Task, result: np.ndarray) -> str:
         name = task.info.name
         for reader in (self.anchor, *self.models):
-            if not bool(torch.isfinite(reader.get(name)).all()):
+            if not reader.tensors[name].dtype.all_finite(reader.get(name)):
                 return f"input tensor {name!r} of {reader.folder} contains NaN/Inf; nothing was published"
-        overflow = bool(torch.isfinite(result).all())
-        cause = f" (overflow when casting to {dtype_name(task.info.dtype)})" if overflow else ""
+        overflow = bool(np.isfinite(result).all())
+        cause = f" (overflow when casting to {task.info.dtype})" if overflow else ""
         return f"merged tensor {name!r} contains NaN/Inf{cause}; nothing was published"
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    limit = torch.finfo(tensor.dtype).max
-    return bool(low >= -limit) and bool(high <= limit)
 
 
 def _execute(tasks: Sequence[_Task], worker: _Worker, threads: int, bar: Any) -> None:
@@ -417,18 +417,6 @@ def _thread_count(threads: int | None) -> int:
     return threads
 
 
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (the engine's own threads use the cores;
-    OpenMP workers on top of them only contend, badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _describe_inputs(readers: Sequence[CheckpointReader], checksums: bool, threads: int) -> list[dict[str, Any]]:
     paths = [r.folder / f for r in readers for f in r.weight_files]
     digests = iter(sha256_files(paths, threads) if checksums else [None] * len(paths))
@@ -451,7 +439,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def _versions() -> dict[str, str]:
     versions = {
         "python": platform.python_version(),
-        "torch": torch.__version__,
         "numpy": np.__version__,
         "safetensors": safetensors.__version__,
     }

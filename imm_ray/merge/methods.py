@@ -2,7 +2,7 @@
 
 A method declares its typed parameters (validated up front), how many models it takes, whether it
 reads the anchor's weights, whether it is elementwise (then the engine may feed it flat row blocks
-of a tensor instead of whole tensors) and a per-tensor ``merge_tensor`` working on fp32 tensors.
+of a tensor instead of whole tensors) and a per-tensor ``merge_tensor`` working on float32 numpy arrays.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import torch
+import numpy as np
 
 from .core import slerp, task_vector_merge, weighted_average
 from .errors import MergeError
@@ -60,11 +60,11 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge_tensor(
         self,
-        anchor: torch.Tensor | None,
-        models: Sequence[torch.Tensor],
+        anchor: np.ndarray | None,
+        models: Sequence[np.ndarray],
         params: Mapping[str, Any],
         rng: TensorRNG,
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """Merge one tensor (or one flat block of it, for elementwise methods). Inputs are fp32
         scratch copies owned by the engine: a method may overwrite the ``models`` tensors and return
         one of them (never the anchor). ``anchor`` is None if ``uses_anchor_weights`` is False;

@@ -17,7 +17,6 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 RNG_ALGORITHM = "pcg64dxsm-counter-u16/v1"
 _U16_RANGE = 1 << 16
@@ -50,14 +49,14 @@ class TensorRNG:
         return raw.view("<u2")[skip : skip + count]
 
     def keep_mask(
-        self, stream: int, shape: Sequence[int], p: float, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """float32 tensor of 0/1 (1 = keep; into ``out`` if given, contiguous float32 of ``shape``);
+        self, stream: int, shape: Sequence[int], p: float, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """float32 array of 0/1 (1 = keep; into ``out`` if given, contiguous float32 of ``shape``);
         each entry is dropped with probability ``p`` (16-bit resolution)."""
         shape = tuple(int(d) for d in shape)
         if out is None:
-            out = torch.empty(shape, dtype=torch.float32)
+            out = np.empty(shape, dtype=np.float32)
         threshold = np.uint16(min(round(float(p) * _U16_RANGE), _U16_RANGE - 1))
-        bits = self.uint16(stream, out.numel())
-        np.greater_equal(bits, threshold, out=out.numpy().reshape(-1), casting="unsafe")
+        bits = self.uint16(stream, out.size)
+        np.greater_equal(bits, threshold, out=out.reshape(-1), casting="unsafe")
         return out

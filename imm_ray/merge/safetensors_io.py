@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from .dtypes import DType, dtype_from_safetensors
 from .errors import MergeError
 
 logger = logging.getLogger(__name__)
@@ -33,48 +34,6 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-_ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _st, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                   ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _ST_TO_TORCH[_st] = getattr(torch, _attr)
-_TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in _ST_TO_TORCH.items()}
-
-_DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "f32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "f16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``"bf16"``/``"bfloat16"``/``"torch.bfloat16"``/torch.dtype -> floating torch.dtype."""
-    if isinstance(name, torch.dtype):
-        if not name.is_floating_point:
-            raise MergeError(f"output dtype must be floating point, got {name}")
-        return name
-    key = str(name).lower().removeprefix("torch.")
-    if key not in _DTYPE_ALIASES:
-        raise MergeError(f"unknown dtype {name!r} (use one of {sorted(_DTYPE_ALIASES)})")
-    return _DTYPE_ALIASES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -100,7 +59,7 @@ class TensorInfo:
     """Name, dtype, shape (and file) of one stored tensor."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     file: str = ""
     offset: int = 0  # absolute byte offset of the data in ``file``
@@ -114,11 +73,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -168,12 +123,12 @@ class CheckpointReader:
                 continue
             if name in self.tensors:
                 raise MergeError(f"{self.folder}: tensor {name!r} is stored twice")
-            st_dtype = meta.get("dtype")
-            if st_dtype not in _ST_TO_TORCH:
-                raise MergeError(f"{path}: unsupported dtype {st_dtype!r} for {name!r}")
+            dtype = dtype_from_safetensors(meta.get("dtype"))
+            if dtype is None:
+                raise MergeError(f"{path}: unsupported dtype {meta.get('dtype')!r} for {name!r}")
             try:
                 begin, end = (int(x) for x in meta["data_offsets"])
-                info = TensorInfo(name, _ST_TO_TORCH[st_dtype], tuple(int(d) for d in meta["shape"]),
+                info = TensorInfo(name, dtype, tuple(int(d) for d in meta["shape"]),
                                   fname, data_start + begin)
             except (KeyError, TypeError, ValueError) as exc:
                 raise MergeError(f"{path}: malformed header entry for {name!r}: {exc}") from exc
@@ -217,22 +172,28 @@ class CheckpointReader:
                     self._fds[fname] = fd
         return fd
 
-    def read_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
-        """Read elements ``start .. start + out.numel()`` (flat) of ``name`` into contiguous ``out``
-        (of the stored dtype); returns ``out``."""
+    def read_into(self, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        """Read elements ``start .. start + out.size`` (flat) of ``name`` into contiguous ``out``
+        (of the stored dtype's numpy storage); returns ``out``."""
         info = self.tensors[name]
-        if out.dtype != info.dtype or not out.is_contiguous() or start + out.numel() > info.numel:
-            raise MergeError(f"bad read of {name!r}: {out.dtype} x {out.numel()} at element {start}")
-        if out.numel():
-            itemsize = out.element_size()
-            pread_full(self._fd(info.file), _bytes_view(out), info.offset + start * itemsize,
+        if out.dtype != info.dtype.storage or not out.flags.c_contiguous or start + out.size > info.numel:
+            raise MergeError(f"bad read of {name!r}: {out.dtype} x {out.size} at element {start}")
+        if out.size:
+            pread_full(self._fd(info.file), _bytes_view(out), info.offset + start * out.itemsize,
                        self.folder / info.file)
         return out
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one whole tensor (as stored, a new tensor)."""
+    def get(self, name: str) -> np.ndarray:
+        """Load one whole tensor as stored (a new array of the dtype's numpy storage, shaped)."""
         info = self.tensors[name]
-        return self.read_into(name, 0, torch.empty(info.shape, dtype=info.dtype))
+        return self.read_into(name, 0, np.empty(info.shape, dtype=info.dtype.storage))
+
+    def get_float32(self, name: str) -> np.ndarray:
+        """Load one whole floating tensor as float32 (shaped)."""
+        info = self.tensors[name]
+        if not info.dtype.is_floating_point:
+            raise MergeError(f"tensor {name!r} is {info.dtype}, not a floating tensor")
+        return info.dtype.to_float32(self.get(name))
 
     def close(self) -> None:
         with self._lock:
@@ -252,9 +213,9 @@ def _header_length(path: Path) -> int:
         return struct.unpack("<Q", fh.read(8))[0]
 
 
-def _bytes_view(tensor: torch.Tensor) -> memoryview:
-    """Writable byte view of a contiguous CPU tensor's storage."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+def _bytes_view(array: np.ndarray) -> memoryview:
+    """Byte view of a contiguous array's memory."""
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 def pread_full(fd: int, buf: memoryview, offset: int, path: Path | str = "") -> None:
@@ -335,9 +296,6 @@ class StreamingSafetensorsWriter:
     ) -> None:
         if sys.byteorder != "little":
             raise MergeError("the safetensors writer needs a little-endian machine")
-        for info in infos:
-            if info.dtype not in _TORCH_TO_ST:
-                raise MergeError(f"cannot write dtype {info.dtype} (tensor {info.name!r})")
         self.folder = Path(folder)
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards = plan_shards(list(infos), max_shard_bytes)
@@ -375,7 +333,7 @@ class StreamingSafetensorsWriter:
         offset = 0
         for info in shard:
             header[info.name] = {
-                "dtype": _TORCH_TO_ST[info.dtype],
+                "dtype": info.dtype.st,
                 "shape": list(info.shape),
                 "data_offsets": [offset, offset + info.nbytes],
             }
@@ -384,30 +342,30 @@ class StreamingSafetensorsWriter:
         raw += b" " * (-len(raw) % 8)
         return struct.pack("<Q", len(raw)) + raw
 
-    def write_block(self, name: str, start: int, block: torch.Tensor) -> None:
-        """Write ``block`` (planned dtype, contiguous) as flat elements ``start ..`` of ``name``."""
+    def write_block(self, name: str, start: int, block: np.ndarray) -> None:
+        """Write ``block`` (the planned dtype's numpy storage) as flat elements ``start ..`` of ``name``."""
         planned = self._plan.get(name)
         if planned is None:
             raise MergeError(f"writer got unplanned tensor {name!r}")
         info, fd, offset = planned
-        if block.dtype != info.dtype or start < 0 or start + block.numel() > info.numel:
+        if block.dtype != info.dtype.storage or start < 0 or start + block.size > info.numel:
             raise MergeError(
                 f"writer expected {info.name!r} {info.dtype} {list(info.shape)}, got a block of "
-                f"{block.numel()} x {block.dtype} at element {start}"
+                f"{block.size} x {block.dtype} at element {start}"
             )
-        if block.numel():
-            block = block.contiguous()
-            pwrite_full(fd, _bytes_view(block), offset + start * block.element_size())
+        if block.size:
+            block = np.ascontiguousarray(block)
+            pwrite_full(fd, _bytes_view(block), offset + start * block.itemsize)
         with self._lock:
-            self._written[name] += block.numel()
+            self._written[name] += block.size
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a whole planned tensor (dtype and shape must match the plan)."""
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write a whole planned tensor (storage dtype and shape must match the plan)."""
         info = self._plan[name][0] if name in self._plan else None
-        if info is None or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+        if info is None or array.dtype != info.dtype.storage or tuple(array.shape) != info.shape:
             want = f"{info.name!r} {info.dtype} {list(info.shape)}" if info else "a planned tensor"
-            raise MergeError(f"writer expected {want}, got {name!r} {tensor.dtype} {list(tensor.shape)}")
-        self.write_block(name, 0, tensor)
+            raise MergeError(f"writer expected {want}, got {name!r} {array.dtype} {list(array.shape)}")
+        self.write_block(name, 0, array)
 
     def close(self, fsync: bool = False) -> list[str]:
         """Check that every planned element was written, close the files (``fsync`` first if asked)

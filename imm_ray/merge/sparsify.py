@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Literal
 
-import torch
+import numpy as np
 
 from .errors import MergeError
 from .rng import TensorRNG
@@ -27,25 +27,25 @@ _SCRATCH_MAX = 1 << 22  # masks up to this size reuse a per-thread buffer
 _scratch = threading.local()
 
 
-def _mask_buffer(shape: torch.Size) -> torch.Tensor:
-    """A float32 tensor of ``shape``: a view of a reused per-thread buffer for block-sized masks."""
-    numel = shape.numel()
+def _mask_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of ``shape``: a view of a reused per-thread buffer for block-sized masks."""
+    numel = int(np.prod(shape, dtype=np.int64))
     if numel > _SCRATCH_MAX:
-        return torch.empty(shape, dtype=torch.float32)
+        return np.empty(shape, dtype=np.float32)
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(max(numel, 1 << 20), dtype=torch.float32)
-    return buf[:numel].view(shape)
+    if buf is None or buf.size < numel:
+        buf = _scratch.buf = np.empty(max(numel, 1 << 20), dtype=np.float32)
+    return buf[:numel].reshape(shape)
 
 
 def dare_drop(
-    delta: torch.Tensor,
+    delta: np.ndarray,
     p: float,
     rng: TensorRNG | None,
     rescale: Rescale = "exact",
     stream: int = 0,
     inplace: bool = False,
-) -> torch.Tensor:
+) -> np.ndarray:
     """DARE: drop a fraction ``p`` of ``delta`` at random (stream ``stream`` of ``rng``) and rescale.
 
     ``p == 0`` returns ``delta`` itself and draws nothing. Dropped entries become (signed) zero.
@@ -62,43 +62,48 @@ def dare_drop(
         raise MergeError("DARE with drop_rate > 0 needs a random source")
     keep = rng.keep_mask(stream, delta.shape, p, out=_mask_buffer(delta.shape))
     if rescale == "exact":
-        return (delta.div_(1.0 - p) if inplace else torch.div(delta, 1.0 - p)).mul_(keep)
+        out = np.divide(delta, np.float32(1.0 - p), out=delta if inplace else None)
+        out *= keep
+        return out
     kept = delta * keep
     if rescale == "l1":
         _match_l1(kept, delta)
-    return delta.copy_(kept) if inplace else kept
+    if inplace:
+        delta[...] = kept
+        return delta
+    return kept
 
 
-def _match_l1(kept: torch.Tensor, original: torch.Tensor) -> None:
+def _match_l1(kept: np.ndarray, original: np.ndarray) -> None:
     """Scale ``kept`` in place so its L1 norm equals ``original``'s (no-op if either is ~0)."""
-    old = original.abs().sum(dtype=torch.float64)
-    new = kept.abs().sum(dtype=torch.float64)
+    old = float(np.abs(original).sum(dtype=np.float64))
+    new = float(np.abs(kept).sum(dtype=np.float64))
     if old >= 1e-8 and new >= 1e-8:
-        kept.mul_((old / new).to(kept.dtype))
+        kept *= np.float32(old / new)
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(values: np.ndarray, k: int) -> np.ndarray:
     """Bool mask of exactly ``k`` largest entries of ``values`` (ties: lower flat index first)."""
     flat = values.reshape(-1)
-    n = flat.numel()
+    n = flat.size
     if k <= 0:
-        return torch.zeros(values.shape, dtype=torch.bool)
+        return np.zeros(values.shape, dtype=bool)
     if k >= n:
-        return torch.ones(values.shape, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
+        return np.ones(values.shape, dtype=bool)
+    threshold = np.partition(flat, n - k)[n - k]
     keep = flat > threshold
-    need = k - int(keep.sum())
+    need = k - int(np.count_nonzero(keep))
     ties = flat == threshold
-    keep |= ties & (torch.cumsum(ties, 0, dtype=torch.int64) <= need)
+    keep |= ties & (np.cumsum(ties, dtype=np.int64) <= need)
     return keep.reshape(values.shape)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float, gamma: float = 0.0) -> torch.Tensor:
+def magnitude_mask(delta: np.ndarray, density: float, gamma: float = 0.0) -> np.ndarray:
     """Keep-mask: drop the top ``int(gamma*n)`` by ``|delta|``, keep the next ``int(density*n)``."""
-    n = delta.numel()
+    n = delta.size
     n_top = int(gamma * n)
     n_keep = min(int(density * n), n - n_top)
-    magnitude = delta.abs()
+    magnitude = np.abs(delta)
     keep = top_k_mask(magnitude, n_top + n_keep)
     if n_top:
         keep &= ~top_k_mask(magnitude, n_top)
@@ -106,7 +111,7 @@ def magnitude_mask(delta: torch.Tensor, density: float, gamma: float = 0.0) -> t
 
 
 def sparsify(
-    delta: torch.Tensor,
+    delta: np.ndarray,
     mode: str,
     *,
     density: float = 1.0,
@@ -116,7 +121,7 @@ def sparsify(
     rng: TensorRNG | None = None,
     stream: int = 0,
     inplace: bool = False,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Apply sparsification ``mode`` to ``delta``: ``random`` uses ``drop_rate`` (and ``rescale``),
     ``magnitude`` / ``breadcrumbs`` use ``density`` (fraction kept) and ``gamma``. ``inplace`` may
     overwrite ``delta``."""
@@ -128,5 +133,8 @@ def sparsify(
         raise MergeError(f"density must be in [0, 1], got {density}")
     if mode in ("magnitude", "breadcrumbs"):
         keep = magnitude_mask(delta, density, gamma if mode == "breadcrumbs" else 0.0)
-        return delta.mul_(keep) if inplace else delta * keep
+        if inplace:
+            delta *= keep
+            return delta
+        return delta * keep
     raise MergeError(f"sparsification must be one of {SPARSIFY_MODES}, got {mode!r}")
