@@ -94,6 +94,9 @@ class GenerateConfig(_Strict):
     stop: list[str] | None = None
     seed: int = 0
     chunk_size: int = Field(32, ge=1)
+    # Collapse metric: per-token entropy of the model's next-token distribution over its top-k
+    # tokens (renormalised), averaged per round; 0 turns it off.
+    entropy_top_k: int = Field(20, ge=0)
 
 
 class VerifyConfig(_Strict):
@@ -307,7 +310,7 @@ def config_to_yaml(cfg: ImmConfig) -> str:
 # Keys that may change when a run is resumed: they do not change what finished stages produced.
 RESUMABLE_CHANGES = (
     "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.", "serve.",
-    "generate.num_actors", "generate.chunk_size",
+    "generate.num_actors", "generate.chunk_size", "generate.entropy_top_k",
 )
 
 

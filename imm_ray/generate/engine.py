@@ -17,6 +17,8 @@ class SamplingSpec:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int | None = 0
+    entropy_top_k: int = 0  # > 0: report each token's entropy over the top-k next-token log-probs
+
 
     @property
     def greedy(self) -> bool:
@@ -30,6 +32,9 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (eos or a stop string) or "length"
     num_tokens: int
+    # Per generated token: entropy (nats) of the model's next-token distribution over its
+    # SamplingSpec.entropy_top_k most likely tokens, renormalised (evaluate.token_entropy).
+    token_entropies: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

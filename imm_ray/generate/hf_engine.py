@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
+from imm_ray.evaluate.diversity import token_entropy
 from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec, register_engine, truncate_at_stop
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,17 @@ class HFEngine:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
                 kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            recorder = _TopLogprobs(sampling.entropy_top_k) if sampling.entropy_top_k else None
+            if recorder is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([recorder])
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-            for row in gen[:, width:].tolist():
-                out.append(self._to_completion(row, eos_ids, pad_id, sampling))
+            tops = torch.stack(recorder.steps, dim=1) if recorder is not None else None  # [batch, steps, k]
+            for r, row in enumerate(gen[:, width:].tolist()):
+                out.append(self._to_completion(row, eos_ids, sampling, None if tops is None else tops[r]))
         return [out[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
-    def _to_completion(self, row: list[int], eos_ids: list[int], pad_id: int, sampling: SamplingSpec) -> Completion:
+    def _to_completion(self, row: list[int], eos_ids: list[int], sampling: SamplingSpec,
+                       top_logprobs: torch.Tensor | None = None) -> Completion:
         stopped = False
         for j, tok in enumerate(row):
             if tok in eos_ids:
@@ -85,7 +91,25 @@ class HFEngine:
                 break
         text = self.tokenizer.decode(row, skip_special_tokens=True)
         text, hit = truncate_at_stop(text, sampling.stop)
-        return Completion(text=text, finish_reason="stop" if (stopped or hit) else "length", num_tokens=len(row))
+        entropies = None
+        if top_logprobs is not None:
+            entropies = tuple(token_entropy(top_logprobs[j].tolist()) for j in range(len(row)))
+        return Completion(text=text, finish_reason="stop" if (stopped or hit) else "length", num_tokens=len(row),
+                          token_entropies=entropies)
+
+
+class _TopLogprobs(LogitsProcessor):
+    """Records the top-k log-probabilities of every decoding step (the model's own distribution:
+    user processors run before the sampling warpers) and leaves the scores alone."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logprobs = torch.log_softmax(scores.float(), dim=-1)
+        self.steps.append(torch.topk(logprobs, min(self.k, logprobs.shape[-1]), dim=-1).values.cpu())
+        return scores
 
 
 @register_engine("hf")

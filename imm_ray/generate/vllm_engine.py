@@ -73,6 +73,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        from imm_ray.evaluate.diversity import token_entropy
+
         params = dict(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -80,6 +82,8 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
         )
+        if sampling.entropy_top_k:
+            params["logprobs"] = sampling.entropy_top_k
         # A per-request seed kills the CPU engine ("CPU Generator does not use offset"): there the
         # engine-level seed (EngineOptions.seed) makes sampling reproducible instead.
         if self.gpu and sampling.seed is not None and not sampling.greedy:
@@ -93,7 +97,13 @@ class VLLMEngine:
             for o in req.outputs:
                 text, _ = truncate_at_stop(o.text, sampling.stop)
                 reason = "length" if o.finish_reason == "length" else "stop"
-                comps.append(Completion(text=text, finish_reason=reason, num_tokens=len(o.token_ids)))
+                entropies = None
+                if sampling.entropy_top_k and o.logprobs is not None:
+                    k = sampling.entropy_top_k  # vLLM adds the sampled token when it is not in the top k
+                    entropies = tuple(token_entropy([lp.logprob for lp in pos.values() if lp.rank <= k])
+                                      for pos in o.logprobs)
+                comps.append(Completion(text=text, finish_reason=reason, num_tokens=len(o.token_ids),
+                                        token_entropies=entropies))
             results.append(comps)
         return results
 

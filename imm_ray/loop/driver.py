@@ -260,7 +260,7 @@ class RoundDriver:
         gen_prompts = prompts if role == "student" else self.prompts(problems, AutoTokenizer.from_pretrained(model))
         sampling = SamplingSpec(
             n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-            stop=self.stop_strings(), seed=g.seed + t,
+            stop=self.stop_strings(), seed=g.seed + t, entropy_top_k=g.entropy_top_k,
         )
         pool = self.pool(role)
         pool.load(model)
@@ -270,6 +270,7 @@ class RoundDriver:
                 "problem_id": prob.id, "dataset": prob.dataset, "question": prob.question, "gold": prob.answer,
                 "prompt": prompt["text"], "sample": j, "completion": c.text, "finish_reason": c.finish_reason,
                 "num_tokens": c.num_tokens,
+                **({} if c.token_entropies is None else {"token_entropies": [round(e, 4) for e in c.token_entropies]}),
             }
             for prob, prompt, comps in zip(problems, prompts, outs)
             for j, c in enumerate(comps)
@@ -302,7 +303,10 @@ class RoundDriver:
             "questions_solved": len({r["problem_id"] for r in kept}),
             f"train_pass@{k}": mean_pass_at_k(list(group_by_question(verified, field="correct").values()), k),
             # Collapse metrics on the k samples per training question.
-            "diversity": diversity_metrics(group_by_question(verified), group_by_question(verified, field="extracted")),
+            "diversity": diversity_metrics(
+                group_by_question(verified), group_by_question(verified, field="extracted"),
+                group_by_question(verified, field="token_entropies")
+                if all("token_entropies" in r for r in verified) else None),
         }
 
     def _sft(self, model: Path, accepted: Path, rdir: Path) -> dict[str, Any]:

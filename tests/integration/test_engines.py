@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,11 @@ def prompts(model_dir: Path) -> list[list[int]]:
     return [encode_prompt(tok, render_prompt(q, "chat", tok, instruction_suffix="")) for q, _, _ in TINY_PROBLEMS]
 
 
+def mean_entropy(outs) -> float:
+    values = [e for o in outs for c in o for e in c.token_entropies]
+    return sum(values) / len(values)
+
+
 def n_correct(outs) -> int:
     return sum(extract_answer(o[0].text) == gold for o, (_, _, gold) in zip(outs, TINY_PROBLEMS))
 
@@ -41,11 +47,17 @@ def test_engine_in_actor_generates_and_moves_between_checkpoints(engine, ray_loc
         assert n_correct(first) >= 6
         assert all(o[0].finish_reason == "stop" for o in first)
 
-        sampled = pool.generate(ids[:2], SamplingSpec(n=3, temperature=0.7, max_tokens=40, seed=3))
+        entropy = SamplingSpec(n=3, temperature=0.7, max_tokens=40, seed=3, entropy_top_k=5)
+        sampled = pool.generate(ids[:2], entropy)
         assert [len(o) for o in sampled] == [3, 3]
+        assert all(c.token_entropies is not None and len(c.token_entropies) == c.num_tokens
+                   and all(0 <= e <= math.log(5) + 1e-6 for e in c.token_entropies) for o in sampled for c in o)
+        assert greedy.entropy_top_k == 0 and first[0][0].token_entropies is None
 
         pool.load(scrambled_model)  # the same actors, new weights
         assert n_correct(pool.generate(ids, greedy)) <= 1
+        # the memorised model is sure of its next token, the scrambled one is not
+        assert mean_entropy(pool.generate(ids[:2], entropy)) > mean_entropy(sampled) + 0.3
         pool.load(tiny_model_dir)
         assert [o[0].text for o in pool.generate(ids, greedy)] == [o[0].text for o in first]
     finally:

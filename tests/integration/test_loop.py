@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,7 @@ def test_one_round_of_every_arm(one_round, tiny_model_dir):
         assert row["sft"]["steps"] >= 1
         assert set(row["seconds"]) >= {"generate", "verify", "sft", "evaluate"}
         assert 0 < row["diversity"]["distinct_1"] <= 1 and row["diversity"]["distinct_answers"] >= 1
+        assert 0 <= row["diversity"]["mean_token_entropy"] <= math.log(20)  # top-20 entropy, on by default
         lo, hi = row["eval"]["tiny-test"]["accuracy_ci95"]
         assert lo <= row["accuracy"]["tiny-test"] <= hi
     assert "merge" in imm["seconds"] and "merge" not in si["seconds"]
