@@ -19,7 +19,6 @@ class SamplingSpec:
     seed: int | None = 0
     entropy_top_k: int = 0  # > 0: report each token's entropy over the top-k next-token log-probs
 
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

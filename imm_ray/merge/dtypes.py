@@ -46,7 +46,7 @@ class DType:
             bits[...] = raw
             bits <<= 16
         elif self.st.startswith("F8"):
-            out[...] = self._torch_view(raw).float().numpy()
+            out[...] = self._as_torch(raw).float().numpy()
         else:
             out[...] = raw
         return out
@@ -69,8 +69,7 @@ class DType:
         elif self.st.startswith("F8"):
             import torch
 
-            converted = torch.from_numpy(np.ascontiguousarray(values)).to(getattr(torch, self.name))
-            out[...] = converted.view(torch.uint8).numpy()
+            out[...] = torch.from_numpy(np.ascontiguousarray(values)).to(self._torch_dtype()).view(torch.uint8).numpy()
         else:
             out[...] = values
         return out
@@ -91,13 +90,20 @@ class DType:
         if self.st == "BF16":
             return int(np.max(raw & np.uint16(0x7F80))) != 0x7F80
         if self.st.startswith("F8"):
-            return bool(self._torch_view(raw).float().isfinite().all())
+            return bool(self._as_torch(raw).float().isfinite().all())
         return bool(np.isfinite(np.min(raw))) and bool(np.isfinite(np.max(raw)))
 
-    def _torch_view(self, raw: np.ndarray) -> Any:
+    def _torch_dtype(self) -> Any:
+        """The torch dtype (float8 only: numpy has none; torch is imported only then)."""
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(raw)).view(getattr(torch, self.name))
+        return getattr(torch, self.name)
+
+    def _as_torch(self, raw: np.ndarray) -> Any:
+        """``raw`` storage viewed as a torch tensor of this dtype (float8 only)."""
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(raw)).view(self._torch_dtype())
 
 
 FLOAT32 = DType("float32", "F32", np.dtype("<f4"), True)

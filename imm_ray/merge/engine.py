@@ -365,16 +365,13 @@ class _Worker:
             if any(not np.array_equal(value, m.get(name)) for m in self.models):
                 logger.warning("non-float tensor %r differs between inputs; keeping the anchor's", name)
             return value
-        if stored == task.info.dtype:
-            finite = stored.all_finite(value)
-        else:
+        same = stored == task.info.dtype  # else: through float32, checked before the cast
+        if not same:
             value = stored.to_float32(value, None if task.whole else self._buffer("anchor", task.count, np.float32))
-            finite = task.info.dtype.fits(value)
-            value = self._cast(value, task) if finite else value
-        if not finite:
+        if not (stored.all_finite(value) if same else task.info.dtype.fits(value)):
             raise MergeError(f"anchor tensor {name!r} (copied unmerged) contains NaN/Inf, or overflows "
                              f"{task.info.dtype}; nothing was published")
-        return value
+        return value if same else self._cast(value, task)
 
     def _non_finite_message(self, task: _Task, result: np.ndarray) -> str:
         name = task.info.name

@@ -134,6 +134,11 @@ _GAMMA = ParamSpec("gamma", float, 0.01, "fraction of largest-magnitude entries 
                    low=0.0, high=1.0, layerwise=True)
 
 
+def _breadcrumbs_params(normalize: bool) -> tuple[ParamSpec, ...]:
+    return (_weights(_unit_weights, "per-model weight (default 1)"), _density(0.9), _GAMMA, _lam(1.0),
+            _normalize(normalize))
+
+
 def _equal_weights(n: int) -> list[float]:
     return [1.0 / n] * n
 
@@ -247,8 +252,7 @@ class BreadcrumbsMethod(TaskVectorMethod):
     name = "breadcrumbs"
     description = "anchor + lam * sum_i w_i breadcrumbs(model_i - anchor)"
     sparsification = "breadcrumbs"
-    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _density(0.9), _GAMMA, _lam(1.0),
-                   _normalize(False))
+    param_specs = _breadcrumbs_params(normalize=False)
 
 
 @register_merge_method
@@ -258,8 +262,7 @@ class BreadcrumbsTiesMethod(BreadcrumbsMethod):
     name = "breadcrumbs_ties"
     description = "anchor + lam * disjoint_mean(sign-consensus(breadcrumbs(model_i - anchor)))"
     consensus = "ties"
-    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _density(0.9), _GAMMA, _lam(1.0),
-                   _normalize(True))
+    param_specs = _breadcrumbs_params(normalize=True)
 
 
 @register_merge_method
