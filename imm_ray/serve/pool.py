@@ -8,6 +8,10 @@ With ``spares > 0`` and a ``reload`` function, released engines are kept as warm
 checkpoint is loaded by swapping its weights into a spare (vLLM ``reload_weights``: well under a
 second) instead of starting an engine (tens of seconds); a used spare is replenished in the
 background.
+
+Loads run one at a time and reuse the engine they evict, so a burst of requests for many rounds
+holds at most ``capacity`` engines (plus spares) instead of starting one per round. A load that
+fails keeps the engine it was given (as a spare): a bad checkpoint never costs a working engine.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class ModelPool(Generic[B]):
         self._entries: OrderedDict[Path, _Entry[B]] = OrderedDict()
         self._loading: dict[Path, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()
+        self._waiting: dict[Path, int] = {}  # leases waiting for their load: never evicted meanwhile
+        self._load_lock = asyncio.Lock()
+        self._suspect: set[int] = set()  # ids of engines whose last reload failed
         self.pinned: set[Path] = set()
 
     def resident(self) -> list[Path]:
@@ -98,12 +105,17 @@ class ModelPool(Generic[B]):
 
     async def _take_victim(self, path: Path) -> B | None:
         """The engine that loading ``path`` would evict anyway, once its requests drained (or None)."""
-        live = [p for p, e in self._entries.items() if not e.retired]
-        if self._reload is None or len(live) < self.capacity:
-            return None
-        victim = next((p for p in live if p not in self.pinned and p != path), None)
-        if victim is None:
-            return None
+        while True:
+            live = [p for p, e in self._entries.items() if not e.retired]
+            if self._reload is None or len(live) < self.capacity:
+                return None
+            candidates = [p for p in live if p not in self.pinned and p != path]
+            if not candidates:
+                return None
+            victim = next((p for p in candidates if p not in self._waiting), None)
+            if victim is not None:
+                break
+            await asyncio.sleep(0.01)  # a lease is about to take a just-loaded engine
         entry = self._entries[victim]
         entry.retired = entry.claimed = True  # new requests for it load it again
         while entry.leases:
@@ -115,15 +127,9 @@ class ModelPool(Generic[B]):
 
     async def _load_and_insert(self, path: Path) -> B:
         try:
-            spare = self._spares.pop() if self._spares else await self._take_victim(path)
-            if spare is not None:
-                try:
-                    backend = await self._reload(spare, path)
-                except BaseException:
-                    await self._close(spare)
-                    raise
-            else:
-                backend = await self._load(path)
+            async with self._load_lock:
+                spare = self._spares.pop() if self._spares else await self._take_victim(path)
+                backend = await (self._load(path) if spare is None else self._reload_spare(spare, path))
         finally:
             self._loading.pop(path, None)
         self._entries[path] = _Entry(backend)
@@ -131,12 +137,33 @@ class ModelPool(Generic[B]):
         self.evict(keep=path)
         return backend
 
+    async def _reload_spare(self, spare: B, path: Path) -> B:
+        """Swap ``path`` into an idle engine; if that fails, keep the engine as a spare (once)."""
+        try:
+            backend = await self._reload(spare, path)
+        except BaseException:
+            if id(spare) in self._suspect:  # failed twice in a row: the engine itself is broken
+                self._suspect.discard(id(spare))
+                self._close_later(spare)
+            else:
+                self._suspect.add(id(spare))
+                self._spares.append(spare)
+            raise
+        self._suspect.discard(id(spare))
+        return backend
+
     @asynccontextmanager
     async def lease(self, path: Path) -> AsyncIterator[B]:
         """Use the backend of ``path`` (loading it if needed) until the block ends."""
-        await self.ensure(path)
-        entry = self._entries[path]
-        entry.leases += 1
+        self._waiting[path] = self._waiting.get(path, 0) + 1
+        try:
+            await self.ensure(path)
+            entry = self._entries[path]  # not evicted while we waited: see `evict`
+            entry.leases += 1
+        finally:
+            self._waiting[path] -= 1
+            if not self._waiting[path]:
+                del self._waiting[path]
         try:
             yield entry.backend
         finally:
@@ -154,7 +181,7 @@ class ModelPool(Generic[B]):
         for path in live:
             if excess <= 0:
                 break
-            if path in self.pinned or path == keep:
+            if path in self.pinned or path == keep or path in self._waiting:
                 continue
             entry = self._entries[path]
             entry.retired = True
@@ -169,7 +196,10 @@ class ModelPool(Generic[B]):
         if len(self._spares) < self.max_spares:
             self._spares.append(entry.backend)  # kept warm for the next checkpoint
             return
-        task = asyncio.ensure_future(self._close(entry.backend))
+        self._close_later(entry.backend)
+
+    def _close_later(self, backend: B) -> None:
+        task = asyncio.ensure_future(self._close(backend))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

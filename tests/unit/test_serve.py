@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
+from safetensors.numpy import save_file
 
 from imm_ray.serve.auth import KeyChecker, load_api_keys
 from imm_ray.serve.backends import Delta
@@ -24,13 +26,21 @@ from imm_ray.serve.server import OpenAIServer
 from imm_ray.serve.settings import LimitSettings, ServeSettings
 
 
+def write_checkpoint(folder: Path) -> Path:
+    """A small but complete checkpoint folder (config + one safetensors file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "fake"}')
+    save_file({"w": np.zeros((4, 4), dtype=np.float32)}, str(folder / "model.safetensors"))
+    return folder
+
+
 def write_state(run: Path, rounds: list[int], arm: str = "imm", baseline: bool = True) -> None:
     stages = {}
     if baseline:
-        stages["baseline/evaluate"] = {"status": "done", "info": {"model": str(run / "base")}}
+        stages["baseline/evaluate"] = {"status": "done", "info": {"model": str(write_checkpoint(run / "base"))}}
     for n in rounds:
-        stages[f"{arm}/round-{n:03d}/evaluate"] = {"status": "done",
-                                                    "info": {"model": str(run / arm / f"round-{n:03d}" / "merged")}}
+        folder = write_checkpoint(run / arm / f"round-{n:03d}" / "merged")
+        stages[f"{arm}/round-{n:03d}/evaluate"] = {"status": "done", "info": {"model": str(folder)}}
     stages[f"{arm}/round-{max(rounds, default=0) + 1:03d}/evaluate"] = {"status": "started"}
     (run / "state.json").write_text(json.dumps({"stages": stages}))
 
