@@ -14,7 +14,7 @@ export IMM_DATA_DIR ?= $(abspath ../shared/data)
 endif
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-quick bench bench-merge bench-serve compare cluster-up cluster-down clean
+.PHONY: setup demo lint test test-quick bench bench-merge bench-serve compare cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -28,10 +28,13 @@ demo: setup
 compare: setup
 	$(PY) -m jobs.imm_run --config jobs/configs/compare-cpu.yaml --run-dir $(if $(filter command line,$(origin RUN_DIR)),$(RUN_DIR),runs/compare-cpu)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-test-quick: setup
+test-quick: setup lint
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: bench-merge bench-serve

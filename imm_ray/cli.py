@@ -28,7 +28,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``imm run`` / ``python -m jobs.imm_run``."""
     parser.add_argument("--config", help="YAML config file (see jobs/configs/)")
     parser.add_argument("--preset", help="named preset applied under the file (e.g. paper, cpu-small)")
-    parser.add_argument("--run-dir", help="run directory (default: $IMM_RUNS_DIR/<run.name>, IMM_RUNS_DIR defaulting to runs)")
+    parser.add_argument(
+        "--run-dir", help="run directory (default: $IMM_RUNS_DIR/<run.name>, IMM_RUNS_DIR defaulting to runs)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 

@@ -72,7 +72,9 @@ def _parse_param_items(items: Sequence[str]) -> dict[str, Any]:
     return params
 
 
-def params_from_args(args: argparse.Namespace, method: str = "imm", base: dict[str, Any] | None = None) -> dict[str, Any]:
+def params_from_args(
+    args: argparse.Namespace, method: str = "imm", base: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Method parameters from the command line on top of ``base``; ``--density`` / ``--drop-rate``
     go to whichever of ``density`` / ``drop_rate`` the method has (as ``1 - x`` for the other)."""
     params = dict(base or {})

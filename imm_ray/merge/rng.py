@@ -2,8 +2,9 @@
 
 Element ``i`` of random stream ``s`` (one stream per input model) of tensor ``name`` is a pure function
 of ``(seed, name, s, i)``: the stream is a PCG64-DXSM generator keyed by a hash of ``(seed, name, s)``
-and advanced (O(log n) jump) to element ``i``, 16 random bits per element. Masks therefore do not depend on block sizes, the number
-of threads or the order in which tensors are processed, and any row block can be drawn on its own.
+and advanced (O(log n) jump) to element ``i``, 16 random bits per element. Masks therefore do not depend
+on block sizes, the number of threads or the order in which tensors are processed, and any row block can be
+drawn on its own.
 
 They are *not* bit-identical to MergeLM's masks (MergeLM draws ``torch.bernoulli`` from one global
 torch generator); the distribution is the same up to the 16-bit resolution: each entry is dropped

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_model import TINY_PROBLEMS
 
 from imm_ray.analysis import (
     ProbeSpec,
@@ -22,6 +21,7 @@ from imm_ray.analysis.importance import decoder_layers, load_model
 from imm_ray.analysis.pipeline import AnalysisPlan, run_analysis
 from imm_ray.analysis.probes import ModelEntry
 from imm_ray.data import Problem
+from tiny_model import TINY_PROBLEMS
 
 STYLE = PromptStyle("chat", None, "")  # the tiny model memorised prompts without a suffix
 
