@@ -6,6 +6,8 @@ A model reference is one of:
   `EMBEDDED_MODELS`); it is converted once to a Hugging Face safetensors folder (float32) in the
   cache and reused from there;
 * a local folder containing ``config.json``;
+* a checkpoint published on object storage (``s3://...``, ``gs://...``, with its manifest): a
+  verified copy in this node's cache is used;
 * a model hub id, fetched with ``huggingface_hub.snapshot_download`` (honours ``HF_HUB_OFFLINE``).
 
 Checkpoints are written with `save_checkpoint`: ``save_pretrained`` into a temporary sibling
@@ -15,24 +17,24 @@ that exists under its final name is always complete.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
+
+from imm_ray.storage import MANIFEST_NAME, default_cache_dir, is_remote, make_temp_dir, materialize, write_manifest
+from imm_ray.storage.checkpoints import file_lock, verify_manifest
+
+__all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "ModelError", "default_cache_dir", "resolve_model", "save_checkpoint",
+           "verify_manifest", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 EMBEDDED_PREFIX = "embedded:"
 CHATML_EOS = "<|im_end|>"
 # Files needed to load a model in transformers/vLLM; weights only as safetensors.
@@ -60,12 +62,6 @@ class ModelError(Exception):
     """A model reference cannot be resolved or a checkpoint cannot be written."""
 
 
-def default_cache_dir() -> Path:
-    """The imm-ray cache folder: ``$IMM_CACHE_DIR``, else ``~/.cache/imm-ray``."""
-    env = os.environ.get("IMM_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "imm-ray"
-
-
 def resolve_model(ref: str, cache_dir: str | Path | None = None) -> Path:
     """Turn a model reference into an absolute local folder that transformers and vLLM load.
 
@@ -75,6 +71,11 @@ def resolve_model(ref: str, cache_dir: str | Path | None = None) -> Path:
     """
     if ref.startswith(EMBEDDED_PREFIX):
         return _resolve_embedded(ref[len(EMBEDDED_PREFIX):], cache_dir)
+    if "://" in ref and is_remote(ref):
+        path = materialize(ref)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model {ref} has no config.json")
+        return path
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -135,7 +136,7 @@ def _resolve_embedded(name: str, cache_dir: str | Path | None) -> Path:
     if (target / MANIFEST_NAME).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):
         if (target / MANIFEST_NAME).is_file():  # another process finished it while we waited
             return target
         start = time.perf_counter()
@@ -144,16 +145,6 @@ def _resolve_embedded(name: str, cache_dir: str | Path | None) -> Path:
         save_checkpoint(model, tokenizer, target)
         logger.info("converted %s in %.1f s", name, time.perf_counter() - start)
     return target
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:
@@ -181,54 +172,6 @@ def _load_gguf(gguf: Path) -> tuple[Any, Any]:
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
     return model, tokenizer
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _folder_files(folder: Path) -> dict[str, Path]:
-    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME}
-
-
-def write_manifest(folder: str | Path) -> dict:
-    """Write ``folder/manifest.json`` with the sha256 and size of every other file; return it."""
-    folder = Path(folder)
-    manifest = {
-        "version": 1,
-        "files": {rel: {"sha256": _sha256(p), "size": p.stat().st_size}
-                  for rel, p in _folder_files(folder).items()},
-    }
-    tmp = folder / f".{MANIFEST_NAME}.{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST_NAME)
-    return manifest
-
-
-def verify_manifest(folder: str | Path) -> bool:
-    """True when ``folder`` holds exactly the files its manifest lists, with matching sha256."""
-    folder = Path(folder)
-    try:
-        listed = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        logger.warning("%s: missing or unreadable %s", folder, MANIFEST_NAME)
-        return False
-    present = _folder_files(folder)
-    if set(present) != set(listed):
-        logger.warning("%s: files differ from the manifest (missing %s, extra %s)", folder,
-                       sorted(set(listed) - set(present)), sorted(set(present) - set(listed)))
-        return False
-    for rel, path in present.items():
-        entry = listed[rel]
-        if path.stat().st_size != entry.get("size") or _sha256(path) != entry.get("sha256"):
-            logger.warning("%s: %s does not match the manifest", folder, rel)
-            return False
-    return True
 
 
 def _check_tied(model: Any) -> bool:
@@ -267,8 +210,7 @@ def save_checkpoint(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tied = _check_tied(model)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the checkpoint is shared like any folder
+    staging = make_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))

@@ -65,3 +65,39 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_dataset(root / "gsm8k" / "train.jsonl", TINY_PROBLEMS)
     write_tiny_dataset(root / "gsm8k" / "test.jsonl", TINY_PROBLEMS[:4])
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 server on loopback (moto's server mode) for the session; its http://127.0.0.1:PORT."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the loopback S3 server, with the AWS variables pointing at it; its s3:// URI.
+
+    Child processes (subprocesses, Ray workers started afterwards) inherit the variables."""
+    import uuid
+
+    import boto3
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": s3_endpoint}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    bucket = f"imm-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"

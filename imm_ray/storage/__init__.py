@@ -1,0 +1,47 @@
+"""Run directories and checkpoints on a local disk or object storage (no Ray, no torch).
+
+See :mod:`imm_ray.storage.fs` (locations, atomic writes), :mod:`imm_ray.storage.checkpoints`
+(publish with a manifest, materialize into a node-local cache), :mod:`imm_ray.storage.layout`
+(names and stage keys), :mod:`imm_ray.storage.rundir` (state, config, lock).
+"""
+
+from imm_ray.storage.checkpoints import (
+    MANIFEST_NAME,
+    CheckpointError,
+    clear_output,
+    default_cache_dir,
+    is_published,
+    materialize,
+    publish_dir,
+    published_manifest,
+    verify_manifest,
+    write_manifest,
+)
+from imm_ray.storage.fs import (
+    Location,
+    StorageError,
+    StorageOptions,
+    default_mode,
+    delete,
+    exists,
+    is_remote,
+    make_temp_dir,
+    read_json,
+    read_jsonl,
+    read_text,
+    resolve,
+    set_default_options,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+from imm_ray.storage.lease import RunLockedError
+from imm_ray.storage.rundir import RunDir, RunStateError
+
+__all__ = [
+    "MANIFEST_NAME", "CheckpointError", "Location", "RunDir", "RunLockedError", "RunStateError", "StorageError",
+    "StorageOptions", "clear_output", "default_cache_dir", "default_mode", "delete", "exists", "is_published",
+    "is_remote", "make_temp_dir", "materialize", "publish_dir", "published_manifest", "read_json", "read_jsonl",
+    "read_text", "resolve", "set_default_options", "verify_manifest", "write_json", "write_jsonl", "write_manifest",
+    "write_text",
+]

@@ -1,0 +1,233 @@
+"""Checkpoint folders: published with a manifest written last, materialized into a node-local cache.
+
+A checkpoint is a folder with ``manifest.json`` (size and sha256 of every other file). On a
+local disk it is built in a temporary sibling and renamed into place; on object storage every
+file is uploaded first and the manifest last. A folder without a valid manifest does not exist
+for readers: it is not listed (:func:`published_manifest`) and not loaded (:func:`materialize`).
+
+:func:`materialize` gives a node a local copy of a checkpoint on object storage: a folder in the
+node-local cache named by the manifest's hash, filled under a file lock, verified against the
+manifest, and refilled when a file in it was corrupted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from imm_ray.storage.fs import (
+    Location,
+    StorageError,
+    default_mode,
+    delete,
+    download_file,
+    exists,
+    iter_temp_siblings,
+    list_files,
+    make_temp_dir,
+    read_bytes,
+    resolve,
+    upload_file,
+    write_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+
+
+class CheckpointError(StorageError):
+    """A checkpoint is missing, incomplete or does not match its manifest."""
+
+
+def default_cache_dir() -> Path:
+    """The imm-ray cache folder: ``$IMM_CACHE_DIR``, else ``~/.cache/imm-ray``."""
+    env = os.environ.get("IMM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "imm-ray"
+
+
+def node_cache_dir() -> Path:
+    """Where this node keeps materialized checkpoints: ``$IMM_NODE_CACHE_DIR``, else the cache folder."""
+    env = os.environ.get("IMM_NODE_CACHE_DIR")
+    return Path(env).expanduser() if env else default_cache_dir() / "materialized"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_files(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME}
+
+
+def build_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a local folder: size and sha256 of every file but the manifest."""
+    return {"version": 1, "files": {rel: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                                    for rel, p in _local_files(folder).items()}}
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+
+
+def write_manifest(folder: str | Path) -> dict[str, Any]:
+    """Write ``folder/manifest.json`` for the files now in the local ``folder``; return it."""
+    folder = Path(folder)
+    manifest = build_manifest(folder)
+    write_bytes(folder / MANIFEST_NAME, _manifest_bytes(manifest))
+    return manifest
+
+
+def verify_manifest(folder: str | Path, manifest: dict[str, Any] | None = None) -> bool:
+    """True when the local ``folder`` holds exactly the files of its manifest, with matching sha256."""
+    folder = Path(folder)
+    try:
+        listed = manifest["files"] if manifest else json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.warning("%s: missing or unreadable %s", folder, MANIFEST_NAME)
+        return False
+    present = _local_files(folder)
+    if set(present) != set(listed):
+        logger.warning("%s: files differ from the manifest (missing %s, extra %s)", folder,
+                       sorted(set(listed) - set(present)), sorted(set(present) - set(listed)))
+        return False
+    for rel, path in present.items():
+        entry = listed[rel]
+        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+            logger.warning("%s: %s does not match the manifest", folder, rel)
+            return False
+    return True
+
+
+def published_manifest(target: str | Path | Location) -> dict[str, Any] | None:
+    """The manifest of a published checkpoint, or None when it is missing, unreadable, or a listed
+    file is absent or of another size (a cheap check: one listing, no hashing)."""
+    loc = resolve(target)
+    try:
+        manifest = json.loads(read_bytes(loc / MANIFEST_NAME))
+        listed = manifest["files"]
+        present = list_files(loc)
+        if all(present.get(rel) == entry["size"] for rel, entry in listed.items()):
+            return manifest
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def is_published(target: str | Path | Location) -> bool:
+    """Whether ``target`` is a complete published checkpoint."""
+    return published_manifest(target) is not None
+
+
+def clear_output(target: str | Path | Location) -> None:
+    """Remove an output and the temporary siblings a killed writer of it left behind."""
+    loc = resolve(target)
+    if exists(loc.parent):
+        for tmp in iter_temp_siblings(loc):
+            logger.info("removing %s left by an interrupted writer", tmp)
+            delete(tmp)
+    delete(loc)
+
+
+def publish_dir(src: str | Path, dest: str | Path | Location, move: bool = False) -> Location:
+    """Publish the local folder ``src`` as the checkpoint ``dest`` (which must not exist yet).
+
+    Writes the manifest, then: on a local disk renames ``src`` into place (``move``) or a copy of
+    it; on object storage uploads every file and the manifest last. Returns ``dest``.
+    """
+    src, loc = Path(src), resolve(dest)
+    if is_published(loc) or (loc.is_local and exists(loc)):
+        raise CheckpointError(f"{loc} already exists (refusing to overwrite)")
+    manifest = write_manifest(src)
+    if loc.is_local:
+        dst = loc.local_path()
+        if move:
+            src.chmod(default_mode(folder=True))
+            os.rename(src, dst)
+        else:
+            tmp = make_temp_dir(dst.parent, f".{dst.name}.tmp-")
+            try:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+                os.rename(tmp, dst)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return loc
+    delete(loc)  # objects of an interrupted upload: invisible without a manifest, but not kept
+    for rel in manifest["files"]:
+        upload_file(src / rel, loc / rel)
+    write_bytes(loc / MANIFEST_NAME, _manifest_bytes(manifest))
+    if move:
+        shutil.rmtree(src, ignore_errors=True)
+    logger.info("published %s (%d files)", loc, len(manifest["files"]))
+    return loc
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` between processes of this node."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def materialize(target: str | Path | Location, cache_dir: str | Path | None = None) -> Path:
+    """A local folder with the checkpoint ``target``.
+
+    A local folder is returned as it is. A checkpoint on object storage is copied once per node
+    into ``cache_dir`` (default :func:`node_cache_dir`) under the hash of its manifest, verified
+    against that manifest, and copied again when the cached copy no longer matches. Raises
+    CheckpointError when the checkpoint has no manifest or its bytes do not match it.
+    """
+    loc = resolve(target)
+    if loc.is_local:
+        path = loc.local_path()
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint folder {path} does not exist")
+        return path
+    try:
+        raw = read_bytes(loc / MANIFEST_NAME)
+        manifest = json.loads(raw)
+        listed = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{loc} is not a published checkpoint (no {MANIFEST_NAME}): "
+                              "its upload never finished") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{loc}/{MANIFEST_NAME} is unreadable ({exc})") from exc
+    root = Path(cache_dir).expanduser() if cache_dir is not None else node_cache_dir()
+    key = hashlib.sha256(raw).hexdigest()[:32]
+    target_dir = root / key
+    with file_lock(root / f".{key}.lock"):
+        if target_dir.is_dir():
+            if verify_manifest(target_dir, manifest):
+                return target_dir
+            logger.warning("cached copy %s of %s is corrupt: fetching it again", target_dir, loc)
+            shutil.rmtree(target_dir)
+        tmp = make_temp_dir(root, f".{key}.tmp-")
+        try:
+            for rel in listed:
+                download_file(loc / rel, tmp / rel)
+            (tmp / MANIFEST_NAME).write_bytes(raw)
+            if not verify_manifest(tmp, manifest):
+                raise CheckpointError(f"{loc}: the stored files do not match its {MANIFEST_NAME}; "
+                                      "publish the checkpoint again")
+            os.rename(tmp, target_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("materialized %s into %s", loc, target_dir)
+    return target_dir

@@ -1,0 +1,318 @@
+"""Where a run lives: a local path, ``file://``, ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
+
+Everything goes through :mod:`pyarrow.fs`. S3 credentials, region and endpoint come from the
+standard AWS environment variables, as the AWS CLI reads them (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
+``AWS_ENDPOINT_URL_S3`` then ``AWS_ENDPOINT_URL``); :class:`StorageOptions` (the config's
+``storage`` section) overrides the endpoint and region.
+
+Writes are atomic for readers: a local file is written to a temporary sibling and renamed (with
+the permissions the process umask gives, like any other tool); an object is one PUT, visible
+only once complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs")
+
+
+class StorageError(RuntimeError):
+    """A storage location cannot be used; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Overrides of what the environment says about object storage (``storage.*`` in the config)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def s3_arguments(options: StorageOptions | None = None) -> dict[str, Any]:
+    """Keyword arguments of :class:`pyarrow.fs.S3FileSystem` from the AWS variables and ``options``."""
+    options = options or StorageOptions()
+    kwargs: dict[str, Any] = {}
+    key, secret = _env("AWS_ACCESS_KEY_ID"), _env("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret)
+        token = _env("AWS_SESSION_TOKEN")
+        if token:
+            kwargs["session_token"] = token
+    endpoint = options.endpoint_url or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    region = options.region or _env("AWS_REGION", "AWS_DEFAULT_REGION")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme)
+        region = region or "us-east-1"  # S3-compatible stores ignore it; never ask AWS which region
+    if region:
+        kwargs["region"] = region
+    return kwargs
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, options: StorageOptions, env_key: tuple[str | None, ...]) -> pafs.FileSystem:
+    if scheme == "s3":
+        return pafs.S3FileSystem(**s3_arguments(options))
+    if scheme == "gs":
+        return pafs.GcsFileSystem()
+    return pafs.LocalFileSystem()
+
+
+_ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_default_options = StorageOptions()
+
+
+def set_default_options(options: StorageOptions) -> None:
+    """Use ``options`` wherever a location is resolved without its own (the driver calls this once)."""
+    global _default_options
+    _default_options = options
+
+
+def default_options() -> StorageOptions:
+    """The options set by :func:`set_default_options` (a Ray task receives them as an argument)."""
+    return _default_options
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder on some filesystem: ``uri`` is what users and Ray tasks pass around."""
+
+    uri: str
+    options: StorageOptions = StorageOptions()
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0] if self.uri.startswith(tuple(f"{s}://" for s in REMOTE_SCHEMES)) else ""
+
+    @property
+    def is_local(self) -> bool:
+        return not self.scheme
+
+    @property
+    def path(self) -> str:
+        """The path inside the filesystem (``bucket/key`` for object stores)."""
+        return self.uri.split("://", 1)[1] if self.scheme else self.uri
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return _filesystem(self.scheme, self.options, tuple(os.environ.get(k) for k in _ENV_KEYS))
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "Location":
+        return Location(self.uri.rstrip("/").rsplit("/", 1)[0], self.options)
+
+    def local_path(self) -> Path:
+        """The local path (only for local locations)."""
+        if not self.is_local:
+            raise StorageError(f"{self.uri} is on object storage, not a local path: materialize it first")
+        return Path(self.uri)
+
+    def __truediv__(self, part: str) -> "Location":
+        return Location(f"{self.uri.rstrip('/')}/{part.strip('/')}", self.options)
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def resolve(target: str | Path | Location, options: StorageOptions | None = None) -> Location:
+    """A location for a local path, ``file://...``, ``s3://bucket/prefix`` or ``gs://bucket/prefix``."""
+    if isinstance(target, Location):
+        return target
+    text = str(target)
+    opts = options or _default_options
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme in REMOTE_SCHEMES:
+        rest = text.split("://", 1)[1].strip("/")
+        if not rest:
+            raise StorageError(f"{text!r} names no bucket: use {scheme}://BUCKET/PREFIX")
+        return Location(f"{scheme}://{rest}", opts)
+    if scheme == "file":
+        text = urlparse(text).path
+    elif scheme:
+        raise StorageError(f"unsupported storage scheme {scheme!r} in {text!r}: use a local path, file://, s3:// or gs://")
+    return Location(str(Path(text).expanduser().resolve()), opts)
+
+
+def is_remote(target: str | Path | Location) -> bool:
+    """Whether ``target`` is on object storage."""
+    return not resolve(target).is_local
+
+
+# --- reading ----------------------------------------------------------------------------------
+def exists(loc: Location) -> bool:
+    """Whether a file or folder exists at ``loc``."""
+    return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def is_file(loc: Location) -> bool:
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
+
+
+def read_bytes(loc: Location) -> bytes:
+    """The bytes of a file; FileNotFoundError when it is missing."""
+    try:
+        with loc.fs.open_input_stream(loc.path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if not exists(loc):
+            raise FileNotFoundError(loc.uri) from exc
+        raise
+
+
+def read_text(loc: Location) -> str:
+    return read_bytes(loc).decode("utf-8")
+
+
+def read_json(loc: Location) -> Any:
+    return json.loads(read_text(loc))
+
+
+def read_jsonl(loc: str | Path | Location) -> list[dict[str, Any]]:
+    """Read a JSON-lines file."""
+    return [json.loads(line) for line in read_text(resolve(loc)).splitlines() if line.strip()]
+
+
+def list_files(loc: Location) -> dict[str, int]:
+    """Every file under the folder ``loc`` as ``{relative/posix/path: size}`` (empty if missing)."""
+    selector = pafs.FileSelector(loc.path, recursive=True, allow_not_found=True)
+    base = loc.path.rstrip("/") + "/"
+    return {info.path[len(base):] if info.path.startswith(base) else info.path: info.size
+            for info in loc.fs.get_file_info(selector) if info.type == pafs.FileType.File}
+
+
+def list_names(loc: Location) -> list[str]:
+    """Names directly inside the folder ``loc`` (files and folders), sorted; empty if missing."""
+    selector = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
+    return sorted(info.base_name for info in loc.fs.get_file_info(selector))
+
+
+# --- writing ----------------------------------------------------------------------------------
+_umask_lock = threading.Lock()
+
+
+def default_mode(folder: bool = False) -> int:
+    """Permissions a new file (or folder) gets from the process umask, like ``open``/``mkdir``."""
+    with _umask_lock:
+        mask = os.umask(0)
+        os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh temporary folder in ``parent`` with umask permissions (mkdtemp's are 0700)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(default_mode(folder=True))
+    return tmp
+
+
+def write_bytes(loc: str | Path | Location, data: bytes) -> None:
+    """Write a file atomically (temp sibling + fsync + rename locally; one PUT on object storage)."""
+    loc = resolve(loc)
+    if not loc.is_local:
+        with loc.fs.open_output_stream(loc.path) as fh:
+            fh.write(data)
+        return
+    path = loc.local_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, default_mode())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(loc: str | Path | Location, text: str) -> None:
+    """Write text atomically."""
+    write_bytes(loc, text.encode("utf-8"))
+
+
+def write_json(loc: str | Path | Location, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_text(loc, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(loc: str | Path | Location, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows as JSON lines, atomically; return the number of rows."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    write_text(loc, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def upload_file(src: Path, loc: Location) -> None:
+    """Copy a local file to ``loc`` (a local copy is renamed into place)."""
+    if loc.is_local:
+        dst = loc.local_path()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return
+    with open(src, "rb") as fin, loc.fs.open_output_stream(loc.path) as fout:
+        shutil.copyfileobj(fin, fout, 8 << 20)
+
+
+def download_file(loc: Location, dst: Path) -> None:
+    """Copy the file at ``loc`` to the local path ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with loc.fs.open_input_stream(loc.path) as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 8 << 20)
+
+
+def delete(loc: Location) -> None:
+    """Remove a file or a folder (with everything under it) if present."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type == pafs.FileType.Directory:
+        if loc.is_local and Path(loc.path).is_symlink():
+            Path(loc.path).unlink()
+        else:
+            loc.fs.delete_dir(loc.path)
+    elif info.type == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+    elif loc.is_local and Path(loc.path).is_symlink():  # a dangling link
+        Path(loc.path).unlink()
+    elif not loc.is_local:  # an object-store "folder" with no marker object
+        for rel in list_files(loc):
+            loc.fs.delete_file(f"{loc.path.rstrip('/')}/{rel}")
+
+
+def iter_temp_siblings(loc: Location) -> Iterator[Location]:
+    """Temporary siblings a killed writer of ``loc`` may have left (``.NAME.tmp-*``, ``.NAME.*.tmp``)."""
+    prefix = f".{loc.name}."
+    for name in list_names(loc.parent):
+        if name.startswith(prefix) and (".tmp" in name[len(prefix) - 1:] or ".old-" in name):
+            yield loc.parent / name

@@ -1,0 +1,102 @@
+"""The run-directory layout: file names, round folders and stage keys, built and parsed here only.
+
+::
+
+    RUN/run.yaml                      resolved config
+    RUN/state.json (+ state.json.bak) which stage of which round is done (+ its summary)
+    RUN/metrics.jsonl                 one line per round and arm (derived from state.json)
+    RUN/driver.log                    the driver's log, appended across resumes
+    RUN/baseline/eval.json            the original model's evaluation (round 0)
+    RUN/<arm>/round-NNN/samples.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+CONFIG = "run.yaml"
+STATE = "state.json"
+STATE_BACKUP = "state.json.bak"
+METRICS = "metrics.jsonl"
+DRIVER_LOG = "driver.log"
+LOCAL_LOCK = ".lock"
+LEASE = ".lease.json"
+BASELINE = "baseline"
+SAMPLES = "samples.jsonl"
+ACCEPTED = "accepted.jsonl"
+SFT = "sft"
+MERGED = "merged"
+EVAL = "eval.json"
+EVAL_SAMPLES = "eval_samples.jsonl"
+RAY_TRAIN = "_ray_train"
+
+STAGES = ("generate", "verify", "sft", "merge", "evaluate")
+BASELINE_ROUND = 0
+BASELINE_ARM = "base"
+
+_ROUND = re.compile(r"^round-(\d{3,})$")
+_KEY = re.compile(r"^(?P<arm>[^/]+)/round-(?P<round>\d{3,})/(?P<stage>[a-z]+)$")
+
+
+class StageKey(NamedTuple):
+    """One stage of one round of one arm (the baseline is arm ``base``, round 0, ``evaluate``)."""
+
+    arm: str
+    round: int
+    stage: str
+
+
+def round_folder(arm: str, round_idx: int) -> str:
+    """The folder of a round, relative to the run directory (``imm/round-001``)."""
+    if round_idx == BASELINE_ROUND:
+        return BASELINE
+    return f"{arm}/round-{round_idx:03d}"
+
+
+def parse_round_folder(name: str) -> int | None:
+    """The round number of a folder name like ``round-003``, else None."""
+    m = _ROUND.match(name)
+    return int(m.group(1)) if m else None
+
+
+def stage_key(arm: str, round_idx: int, stage: str) -> str:
+    """The key of a stage in ``state.json`` (``imm/round-001/sft``, ``baseline/evaluate``)."""
+    return f"{round_folder(arm, round_idx)}/{stage}"
+
+
+def parse_stage_key(key: str) -> StageKey:
+    """Inverse of :func:`stage_key`; ValueError for anything else."""
+    if key == f"{BASELINE}/evaluate":
+        return StageKey(BASELINE_ARM, BASELINE_ROUND, "evaluate")
+    m = _KEY.match(key)
+    if not m or m.group("stage") not in STAGES:
+        raise ValueError(f"not a stage key: {key!r}")
+    return StageKey(m.group("arm"), int(m.group("round")), m.group("stage"))
+
+
+# Which stages a config key influences: a finished one of them pins the key on resume.
+# (Keys not listed here change what every stage does.)
+_KEY_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("data.eval", ("evaluate",)),
+    ("evaluate.", ("evaluate",)),
+    ("generate.", ("generate", "evaluate")),
+    ("data.train", ("generate", "verify", "sft")),
+    ("verify.", ("verify",)),
+    ("train.", ("sft",)),
+    ("merge.", ("merge",)),
+    ("model.teacher", ("generate",)),
+)
+
+
+def pinning_stage(config_key: str, done_keys: list[str]) -> str | None:
+    """The first finished stage (of ``done_keys``, in order) whose output depends on ``config_key``."""
+    stages = next((s for prefix, s in _KEY_STAGES if config_key == prefix.rstrip(".")
+                   or config_key.startswith(prefix if prefix.endswith(".") else prefix + ".")), STAGES)
+    for key in done_keys:
+        try:
+            if parse_stage_key(key).stage in stages:
+                return key
+        except ValueError:
+            continue
+    return None

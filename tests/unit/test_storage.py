@@ -1,0 +1,287 @@
+"""Storage layer on a local disk and on a real S3 server (moto on loopback): atomic writes,
+published checkpoints, materialize into the node cache, the run directory's state and lease."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from imm_ray.storage import (
+    CheckpointError,
+    RunDir,
+    RunLockedError,
+    RunStateError,
+    StorageError,
+    clear_output,
+    delete,
+    exists,
+    is_published,
+    layout,
+    materialize,
+    publish_dir,
+    read_jsonl,
+    resolve,
+    write_json,
+    write_jsonl,
+)
+from imm_ray.storage.fs import StorageOptions, list_files, read_bytes, s3_arguments, write_bytes
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """A run-directory root: a local folder or a prefix in a fresh bucket."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return request.getfixturevalue("s3_bucket") + "/runs/r1"
+
+
+def _checkpoint(folder: Path, payload: bytes = b"weights" * 1000) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(payload)
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "tok").mkdir()
+    (folder / "tok" / "vocab.txt").write_text("a\nb\n")
+    return folder
+
+
+def test_s3_arguments_follow_the_aws_variables_and_the_override(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:10")
+    args = s3_arguments()
+    assert args["access_key"] == "k" and args["secret_key"] == "s" and args["region"] == "eu-west-1"
+    assert (args["endpoint_override"], args["scheme"]) == ("127.0.0.1:10", "http")
+    args = s3_arguments(StorageOptions(endpoint_url="https://minio.local:9000", region="x"))
+    assert (args["endpoint_override"], args["scheme"], args["region"]) == ("minio.local:9000", "https", "x")
+
+
+def test_resolve_forms(tmp_path):
+    assert resolve(f"file://{tmp_path}/a").uri == str(tmp_path / "a")
+    assert resolve("s3://bucket/p/").uri == "s3://bucket/p"
+    assert (resolve("s3://bucket/p") / "x/y").uri == "s3://bucket/p/x/y"
+    with pytest.raises(StorageError, match="unsupported storage scheme"):
+        resolve("ftp://host/x")
+    with pytest.raises(StorageError, match="names no bucket"):
+        resolve("s3://")
+
+
+def test_atomic_writes_round_trip(root):
+    loc = resolve(root)
+    write_jsonl(loc / "a/r.jsonl", [{"i": 1}, {"i": 2}])
+    write_json(loc / "x.json", {"a": 1})
+    assert read_jsonl(loc / "a/r.jsonl") == [{"i": 1}, {"i": 2}]
+    assert sorted(list_files(loc)) == ["a/r.jsonl", "x.json"]  # no temp file left
+    delete(loc / "a")
+    assert not exists(loc / "a/r.jsonl")
+
+
+def test_local_files_get_umask_permissions(tmp_path):
+    """Defect 15: files were created 0600 (temp-file defaults); they must follow the umask."""
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "x.json", {"a": 1})
+        publish_dir(_checkpoint(tmp_path / "src"), tmp_path / "ck", move=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "ck" / "manifest.json").stat().st_mode) == 0o644
+
+
+def test_publish_and_materialize(root, tmp_path):
+    src = _checkpoint(tmp_path / "src")
+    dest = resolve(root) / "imm/round-001/merged"
+    publish_dir(src, dest)
+    assert is_published(dest)
+    with pytest.raises(CheckpointError, match="already exists"):
+        publish_dir(src, dest)
+    local = materialize(dest, cache_dir=tmp_path / "cache")
+    assert (local / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert (local / "tok" / "vocab.txt").read_text() == "a\nb\n"
+    manifest = json.loads((local / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "tok/vocab.txt"}
+
+
+def test_checkpoint_without_manifest_or_with_wrong_bytes_does_not_exist(s3_bucket, tmp_path):
+    src = _checkpoint(tmp_path / "src")
+    dest = resolve(s3_bucket) / "ck"
+    publish_dir(src, dest)
+    # An interrupted upload: files without the manifest.
+    delete(dest / "manifest.json")
+    assert not is_published(dest)
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        materialize(dest, cache_dir=tmp_path / "cache")
+    # Bytes that do not match: another size is not listed; the same size is refused on load.
+    publish_dir(src, resolve(s3_bucket) / "ck2")
+    write_bytes(resolve(s3_bucket) / "ck2/config.json", b'{"a": 2, "b": 3}')
+    assert not is_published(resolve(s3_bucket) / "ck2")
+    publish_dir(src, resolve(s3_bucket) / "ck3")
+    write_bytes(resolve(s3_bucket) / "ck3/config.json", b'{"a": 2}')
+    assert is_published(resolve(s3_bucket) / "ck3")
+    with pytest.raises(CheckpointError, match="do not match"):
+        materialize(resolve(s3_bucket) / "ck3", cache_dir=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_cache_refills_after_corruption(s3_bucket, tmp_path):
+    dest = resolve(s3_bucket) / "ck"
+    publish_dir(_checkpoint(tmp_path / "src"), dest)
+    first = materialize(dest, cache_dir=tmp_path / "cache")
+    (first / "model.safetensors").write_bytes(b"garbage")
+    (first / "tok" / "vocab.txt").unlink()
+    again = materialize(dest, cache_dir=tmp_path / "cache")
+    assert again == first
+    assert (again / "model.safetensors").read_bytes() == b"weights" * 1000
+    assert (again / "tok" / "vocab.txt").is_file()
+
+
+def _materialize_in_child(uri: str, cache: str, env: dict[str, str], out: multiprocessing.Queue) -> None:
+    os.environ.update(env)
+    path = materialize(uri, cache_dir=cache)
+    out.put((str(path), (path / "model.safetensors").stat().st_ino))
+
+
+def test_two_processes_materialize_the_same_uri(s3_bucket, tmp_path):
+    dest = resolve(s3_bucket) / "ck"
+    publish_dir(_checkpoint(tmp_path / "src", os.urandom(3 << 20)), dest)
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_materialize_in_child, args=(dest.uri, str(tmp_path / "cache"), env, queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert results[0] == results[1]  # one folder, filled once (same inode), both verified
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [Path(results[0][0]).name]
+
+
+def test_clear_output_removes_temp_siblings(root):
+    """Defect 12: a killed writer's .NAME.tmp-* folders were left forever."""
+    loc = resolve(root) / "imm/round-001"
+    write_bytes(loc / ".merged.tmp-abc/model.safetensors", b"x" * 10)
+    write_bytes(loc / "merged/partial", b"x")
+    write_bytes(loc / "sft/manifest.json", b"{}")
+    clear_output(loc / "merged")
+    assert sorted(list_files(loc)) == ["sft/manifest.json"]
+
+
+def test_layout_keys_round_trip():
+    key = layout.stage_key("imm", 3, "merge")
+    assert key == "imm/round-003/merge"
+    assert layout.parse_stage_key(key) == ("imm", 3, "merge")
+    assert layout.parse_stage_key("baseline/evaluate") == ("base", 0, "evaluate")
+    assert layout.parse_round_folder("round-012") == 12 and layout.parse_round_folder("x") is None
+    with pytest.raises(ValueError):
+        layout.parse_stage_key("imm/round-001/bake")
+
+
+def test_run_state_persists_with_a_backup(root):
+    rd = RunDir(root)
+    rd.mark_started("imm/round-001/generate")
+    assert not rd.is_done("imm/round-001/generate")
+    rd.mark_done("imm/round-001/generate", 1.5, {"generated": 8})
+    again = RunDir(root)
+    assert again.is_done("imm/round-001/generate") and again.done_keys() == ["imm/round-001/generate"]
+    assert again.stage("imm/round-001/generate")["info"] == {"generated": 8}
+    assert again.round_dir("imm", 3).uri == resolve(root).uri + "/imm/round-003"
+    assert read_bytes(again.backup_path) == read_bytes(again.state_path)
+
+
+def test_corrupt_state_says_how_to_recover(root):
+    """Defect 14: a corrupt state.json stopped the run with a JSON traceback and no way forward."""
+    rd = RunDir(root)
+    rd.mark_done("baseline/evaluate", 1.0, {})
+    write_bytes(rd.state_path, b'{"stages": {"baseline/eval')
+    with pytest.raises(RunStateError, match="is corrupt.*state.json.bak") as err:
+        RunDir(root)
+    assert "\n" not in str(err.value)
+
+
+def test_run_dir_must_be_empty_or_a_run(tmp_path):
+    """Defect 13: stages removed fixed names inside any folder given as the run directory."""
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StorageError, match="not empty and holds no imm run"):
+        RunDir(tmp_path).check_is_run()
+    RunDir(tmp_path / "fresh").check_is_run()
+    rd = RunDir(tmp_path / "run")
+    rd.write_config("run: {}\n")
+    (tmp_path / "run" / "extra").write_text("x")
+    rd.check_is_run()
+
+
+def test_inputs_are_pinned_once_a_stage_is_done(root):
+    """Defect 14: a resume could silently change the original model or the data files."""
+    rd = RunDir(root)
+    rd.pin_inputs({"model": "aaa", "data:train": "111"})
+    rd.pin_inputs({"model": "bbb", "data:train": "111"})  # nothing done yet: free to change
+    rd.mark_done("baseline/evaluate", 1.0, {})
+    rd.pin_inputs({"model": "bbb", "data:train": "111"})
+    with pytest.raises(StorageError, match=r"inputs .* changed .*\(model\)"):
+        RunDir(root).pin_inputs({"model": "ccc", "data:train": "111"})
+
+
+def test_pinning_stage_names_the_first_finished_user():
+    done = ["baseline/evaluate", "imm/round-001/generate", "imm/round-001/verify", "imm/round-001/sft"]
+    assert layout.pinning_stage("data.eval.0.limit", done) == "baseline/evaluate"
+    assert layout.pinning_stage("train.lr", done) == "imm/round-001/sft"
+    assert layout.pinning_stage("merge.seed", done) is None
+    assert layout.pinning_stage("model.ref", done) == "baseline/evaluate"
+    assert layout.pinning_stage("verify.dedup", done) == "imm/round-001/verify"
+
+
+def test_local_lock_refuses_a_second_driver(tmp_path):
+    a, b = RunDir(tmp_path), RunDir(tmp_path)
+    a.lock()
+    with pytest.raises(RunLockedError, match="in use"):
+        b.lock()
+    a.unlock()
+    b.lock()
+    b.unlock()
+
+
+def test_lease_refuses_a_second_driver_and_expires(s3_bucket):
+    root = s3_bucket + "/run"
+    a = RunDir(root, lease_ttl_s=3.0)
+    a.lock()
+    a._lease.settle_s = 0.1
+    time.sleep(4.0)  # longer than the ttl: the heartbeat keeps it alive
+    b = RunDir(root, lease_ttl_s=3.0)
+    with pytest.raises(RunLockedError, match="in use by driver pid"):
+        b.lock()
+    a._lease._stop.set()  # as if SIGKILLed: no more heartbeats, no release
+    a._lease._thread.join()
+    time.sleep(3.5)
+    b.lock()  # the lease expired: taken over
+    assert b._lease.holder in read_bytes(resolve(root) / layout.LEASE).decode()
+    b.unlock()
+    assert not exists(resolve(root) / layout.LEASE)
+
+
+def test_force_unlock_breaks_a_live_lease(s3_bucket):
+    root = s3_bucket + "/run"
+    a = RunDir(root, lease_ttl_s=1.5)
+    a.lock()
+    broken = RunDir(root).force_unlock()
+    assert broken and f"pid {os.getpid()}" in broken
+    b = RunDir(root, lease_ttl_s=30)
+    b.lock()
+    time.sleep(1.0)  # a's heartbeat sees b's lease and gives up
+    assert a._lease.lost
+    with pytest.raises(RunLockedError, match="lost the lease"):
+        a.mark_started("baseline/evaluate")
+    a.unlock()
+    assert exists(resolve(root) / layout.LEASE)  # a did not delete b's lease
+    b.unlock()
