@@ -1,0 +1,119 @@
+"""Arms and the stages of a round, as data, with the pure resume logic over them (no Ray).
+
+An arm says which model a round's SFT starts from and whether the fine-tuned model is merged into
+the original. A round runs the stages of :data:`ROUND_STAGES` in order; a stage whose key
+(``<arm>/round-NNN/<stage>``) is done in ``state.json`` is never redone. :func:`plan_round` says,
+from the done stages alone, which stages of a round remain and what the round's model is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from imm_ray.registry import Registry
+
+__all__ = ["ARMS", "ROUND_STAGES", "Arm", "RoundPlan", "Stage", "get_arm", "plan_round", "round_stages", "stage_key"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What one arm of the comparison does each round."""
+
+    name: str
+    sft_from: Literal["current", "original"]  # the model SFT fine-tunes: this round's input, or θ₀
+    merges: bool  # whether the fine-tuned model is merged into merge.anchor (the original)
+    description: str = ""
+
+    @property
+    def output(self) -> str:
+        """The folder (in the round directory) that holds the round's model when SFT trained."""
+        return "merged" if self.merges else "sft"
+
+
+ARMS: Registry[Arm] = Registry("arm")
+for _arm in (
+    Arm("imm", "current", True, "SFT the current model, merge it with the original (IMM)"),
+    Arm("si", "current", False, "SFT the current model, no merge (plain self-improvement)"),
+    Arm("rest", "original", False, "SFT the original model on data the current model wrote (ReST-EM/STaR)"),
+):
+    ARMS.add(_arm.name, _arm)
+
+
+def get_arm(name: str) -> Arm:
+    """The arm called ``name``; KeyError listing the known arms otherwise."""
+    return ARMS.lookup(name)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a round and the names (in the round directory) it writes."""
+
+    name: str
+    outputs: tuple[str, ...]  # cleared before the stage runs (a half-finished stage is redone)
+    merge_only: bool = False  # runs only for arms that merge, and only when SFT trained
+
+
+ROUND_STAGES: tuple[Stage, ...] = (
+    Stage("generate", ("samples.jsonl",)),
+    Stage("verify", ("accepted.jsonl",)),
+    Stage("sft", ("sft", "_ray_train")),
+    Stage("merge", ("merged",), merge_only=True),
+    Stage("evaluate", ("eval.json", "eval_samples.jsonl")),
+)
+
+
+def stage_key(arm: str, t: int, stage: str) -> str:
+    """The key of a stage in ``state.json``: ``<arm>/round-NNN/<stage>``."""
+    return f"{arm}/round-{t:03d}/{stage}"
+
+
+def round_stages(arm: Arm, sft_skipped: bool = False) -> tuple[Stage, ...]:
+    """The stages a round of ``arm`` runs: merge only when the arm merges and SFT trained."""
+    return tuple(s for s in ROUND_STAGES if not s.merge_only or (arm.merges and not sft_skipped))
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What is left of a round, and the models it starts SFT from and ends with."""
+
+    remaining: tuple[Stage, ...]  # in order; empty when the round is finished
+    sft_init: Path  # the model SFT fine-tunes
+    sft_skipped: bool | None  # None until the SFT stage is done
+    model: Path | None  # the round's model (merged, sft or unchanged); None until SFT is done
+
+    @property
+    def next(self) -> Stage | None:
+        """The stage to run now, or None when the round is finished."""
+        return self.remaining[0] if self.remaining else None
+
+
+def plan_round(
+    arm: Arm | str,
+    t: int,
+    done: Mapping[str, Mapping[str, Any]],
+    *,
+    current: Path,
+    original: Path,
+    round_dir: Path,
+) -> RoundPlan:
+    """Plan round ``t`` of ``arm`` from the done stages (stage key -> the info it recorded).
+
+    ``current`` is the model the round starts from (the previous round's model, the original in
+    round 1). A skipped SFT (its info has ``skipped: true``: nothing was accepted) leaves the model
+    unchanged and drops the merge; otherwise the round's model is ``round_dir/merged`` for an arm
+    that merges, ``round_dir/sft`` for one that does not.
+    """
+    arm = get_arm(arm) if isinstance(arm, str) else arm
+    sft_info = done.get(stage_key(arm.name, t, "sft"))
+    sft_skipped = None if sft_info is None else bool(sft_info.get("skipped"))
+    stages = round_stages(arm, sft_skipped=bool(sft_skipped))
+    remaining = tuple(s for s in stages if stage_key(arm.name, t, s.name) not in done)
+    if sft_skipped is None:
+        model = None
+    else:
+        model = current if sft_skipped else round_dir / arm.output
+    sft_init = original if arm.sft_from == "original" else current
+    return RoundPlan(remaining, sft_init, sft_skipped, model)

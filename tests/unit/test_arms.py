@@ -1,0 +1,80 @@
+"""Arms and the stages of a round as data: the resume logic without Ray."""
+
+from pathlib import Path
+
+import pytest
+
+from imm_ray.loop.arms import ARMS, ROUND_STAGES, get_arm, plan_round, round_stages, stage_key
+
+CUR, ORIG, RDIR = Path("/r/imm/round-001/merged"), Path("/models/orig"), Path("/r/arm/round-002")
+
+
+def names(stages):
+    return [s.name for s in stages]
+
+
+def done_through(arm, t, stages, sft_skipped=False):
+    """The done-stage mapping after ``stages`` of round ``t`` finished."""
+    return {stage_key(arm, t, s): ({"skipped": sft_skipped} if s == "sft" else {}) for s in stages}
+
+
+def test_the_arm_table():
+    assert sorted(ARMS) == ["imm", "rest", "si"]
+    assert (ARMS["imm"].sft_from, ARMS["imm"].merges, ARMS["imm"].output) == ("current", True, "merged")
+    assert (ARMS["si"].sft_from, ARMS["si"].merges, ARMS["si"].output) == ("current", False, "sft")
+    assert (ARMS["rest"].sft_from, ARMS["rest"].merges, ARMS["rest"].output) == ("original", False, "sft")
+    with pytest.raises(KeyError, match=r"unknown arm 'nope'.*imm.*rest.*si"):
+        get_arm("nope")
+
+
+def test_stage_sequence_and_keys():
+    assert names(ROUND_STAGES) == ["generate", "verify", "sft", "merge", "evaluate"]
+    assert names(round_stages(ARMS["imm"])) == ["generate", "verify", "sft", "merge", "evaluate"]
+    assert names(round_stages(ARMS["imm"], sft_skipped=True)) == ["generate", "verify", "sft", "evaluate"]
+    for arm in ("si", "rest"):
+        assert names(round_stages(ARMS[arm])) == ["generate", "verify", "sft", "evaluate"]
+    assert stage_key("imm", 2, "sft") == "imm/round-002/sft"  # the keys state.json already holds
+    assert {s.name: s.outputs for s in ROUND_STAGES}["sft"] == ("sft", "_ray_train")
+
+
+@pytest.mark.parametrize(
+    "arm, sft_init, model",
+    [("imm", CUR, RDIR / "merged"), ("si", CUR, RDIR / "sft"), ("rest", ORIG, RDIR / "sft")],
+)
+def test_fresh_round_runs_everything_and_the_model_follows_the_arm(arm, sft_init, model):
+    plan = plan_round(arm, 2, {}, current=CUR, original=ORIG, round_dir=RDIR)
+    assert names(plan.remaining) == names(round_stages(ARMS[arm]))
+    assert plan.next.name == "generate"
+    assert plan.sft_init == sft_init
+    assert plan.model is None and plan.sft_skipped is None  # SFT decides
+    finished = plan_round(arm, 2, done_through(arm, 2, names(plan.remaining)), current=CUR, original=ORIG,
+                          round_dir=RDIR)
+    assert finished.remaining == () and finished.next is None
+    assert finished.model == model and finished.sft_skipped is False
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_skipped_sft_leaves_the_model_unchanged_and_drops_the_merge(arm):
+    done = done_through(arm, 2, ["generate", "verify", "sft"], sft_skipped=True)
+    plan = plan_round(arm, 2, done, current=CUR, original=ORIG, round_dir=RDIR)
+    assert names(plan.remaining) == ["evaluate"]
+    assert plan.model == CUR  # even for rest: the round's model is the one it started from
+    assert plan.sft_skipped is True
+
+
+def test_resume_after_each_stage_of_an_imm_round():
+    order = ["generate", "verify", "sft", "merge", "evaluate"]
+    for i in range(len(order) + 1):
+        done = done_through("imm", 3, order[:i])
+        # stages of other rounds and arms never count for this one
+        done.update(done_through("imm", 2, order))
+        done.update(done_through("si", 3, order))
+        plan = plan_round("imm", 3, done, current=CUR, original=ORIG, round_dir=RDIR)
+        assert names(plan.remaining) == order[i:]
+        assert plan.model == (RDIR / "merged" if i >= 3 else None)
+
+
+def test_a_done_merge_is_not_redone_and_a_half_done_round_only_redoes_its_tail():
+    done = done_through("imm", 1, ["generate", "verify", "sft", "merge"])
+    plan = plan_round(ARMS["imm"], 1, done, current=ORIG, original=ORIG, round_dir=RDIR)
+    assert names(plan.remaining) == ["evaluate"] and plan.model == RDIR / "merged"
