@@ -3,13 +3,16 @@
 Model ids are ``<run>/round-N`` for every finished round of the served arm (``round-0`` is the
 baseline, when it was evaluated) and ``<run>/latest`` for the highest one. A round counts once its
 ``<arm>/round-NNN/evaluate`` stage is done in ``state.json``: the driver marks it after the
-checkpoint is complete, so a half-written folder is never served.
+checkpoint is complete. A folder that was removed or damaged afterwards is caught by
+`checkpoint_problem` before an engine is spent on it; an unreadable ``state.json`` keeps the last
+good catalog.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,10 @@ logger = logging.getLogger(__name__)
 _ROUND_KEY = re.compile(r"^(?P<arm>[^/]+)/round-(?P<n>\d+)/evaluate$")
 _ROUND_ID = re.compile(r"^round-(?P<n>\d+)$")
 LATEST = "latest"
+
+
+class CatalogError(ValueError):
+    """``state.json`` exists but cannot be read as a run's stage records."""
 
 
 class UnknownModelError(LookupError):
@@ -67,20 +74,29 @@ class Catalog:
 
 
 def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) -> Catalog:
-    """Build the catalog from ``RUN_DIR/state.json`` (an empty one while the file is missing)."""
+    """Build the catalog from ``RUN_DIR/state.json`` (an empty one while the file is missing).
+
+    Raises `CatalogError` when the file exists but is not a run state (it is written atomically,
+    so that means something else wrote it).
+    """
     root = Path(run_dir)
     name = run or root.resolve().name
     state_path = root / "state.json"
     try:
-        stages = json.loads(state_path.read_text()).get("stages", {})
+        state = json.loads(state_path.read_text())
     except FileNotFoundError:
         return Catalog(name)
-    except (OSError, ValueError) as exc:  # written atomically, so this is a real problem
-        logger.warning("cannot read %s: %s", state_path, exc)
-        return Catalog(name)
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"state.json is unreadable ({type(exc).__name__})") from exc
+    stages = state.get("stages", {}) if isinstance(state, dict) else None
+    if not isinstance(stages, dict):
+        raise CatalogError("state.json holds no 'stages' mapping")
+    if not all(isinstance(rec, dict) for rec in stages.values()):
+        raise CatalogError("state.json holds stage records that are not mappings")
     rounds: dict[int, Path] = {}
     for key, rec in stages.items():
-        if rec.get("status") != "done" or not (rec.get("info") or {}).get("model"):
+        info = rec.get("info")
+        if not isinstance(info, dict) or rec.get("status") != "done" or not isinstance(info.get("model"), str):
             continue
         m = _ROUND_KEY.match(key)
         if key == "baseline/evaluate":
@@ -89,7 +105,7 @@ def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) 
             n = int(m["n"])
         else:
             continue
-        path = Path(rec["info"]["model"])
+        path = Path(info["model"])
         if not path.is_absolute():
             path = (root / path).resolve()
         rounds[n] = path
@@ -97,12 +113,14 @@ def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) 
 
 
 class RunFollower:
-    """Re-reads ``state.json`` when its modification time changes; tells whether the catalog moved."""
+    """Re-reads ``state.json`` when it changes; an unreadable one keeps the last good catalog."""
 
     def __init__(self, run_dir: str | Path, arm: str = "imm", run: str | None = None) -> None:
         self.run_dir, self.arm, self.run = Path(run_dir), arm, run
         self._stamp: tuple[int, int] | None = None
-        self.catalog = read_catalog(self.run_dir, arm, run)
+        self.catalog = Catalog(run or self.run_dir.resolve().name)
+        self.problem: str | None = None  # why the last read of state.json failed
+        self.poll()
 
     def poll(self) -> bool:
         """Refresh the catalog if ``state.json`` changed; return whether it did."""
@@ -114,7 +132,41 @@ class RunFollower:
         if stamp == self._stamp:
             return False
         self._stamp = stamp
-        new = read_catalog(self.run_dir, self.arm, self.run)
+        try:
+            new = read_catalog(self.run_dir, self.arm, self.run)
+        except CatalogError as exc:
+            self.problem = str(exc)
+            logger.warning("%s in %s; serving the rounds it listed before", exc, self.run_dir)
+            return False
+        self.problem = None
         changed = new != self.catalog
         self.catalog = new
         return changed
+
+
+def folder_stamp(folder: Path) -> tuple | None:
+    """What changes when a checkpoint folder's files change (None: the folder is gone)."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be loaded (missing config, missing/truncated/malformed safetensors), or
+    None. Reads only headers; the reason names files relative to the folder."""
+    from imm_ray.merge.safetensors_io import CheckpointReader
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return "config.json is missing (a half-written checkpoint?)"
+    except (OSError, ValueError) as exc:
+        return f"config.json is unreadable ({type(exc).__name__})"
+    if not isinstance(config, dict):
+        return "config.json is not a JSON object"
+    try:
+        CheckpointReader(folder).close()
+    except Exception as exc:  # MergeError, or whatever a crafted header raises
+        return str(exc).replace(f"{folder}/", "").replace(str(folder), "the folder") or type(exc).__name__
+    return None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+import uuid
 from contextlib import AsyncExitStack
 from typing import AsyncIterator
 
@@ -26,6 +28,16 @@ OPEN_PATHS = frozenset({"/health"})
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def internal_error(what: str) -> APIError:
+    """Log the exception being handled under a reference; the client gets the reference and the
+    exception's type, never its text (paths, internals)."""
+    ref = uuid.uuid4().hex[:12]
+    exc_type = type(sys.exc_info()[1]).__name__
+    logger.exception("%s failed (reference %s)", what, ref)
+    return APIError(500, f"{what} failed ({exc_type}); reference {ref} in the server log", type_="server_error",
+                    code="internal_error")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -66,8 +78,7 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
             try:
                 resp = await call_next(request)
             except Exception:  # never let a replica answer a bare 500 page
-                logger.exception("unhandled error on %s", route)
-                resp = error_response(APIError(500, "internal server error", type_="server_error"))
+                resp = error_response(internal_error(f"{request.method} {route}"))
         metrics.requests.labels(route, str(resp.status_code)).inc()
         metrics.latency.labels(route).observe(time.monotonic() - t0)
         return resp
@@ -86,7 +97,9 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
         latest = server.latest
         body = {"status": "ok" if latest else "loading", "run": server.run,
                 "latest": server.follower.catalog.model_id(latest[0]) if latest else None,
-                "resident": [str(p) for p in server.pool.resident()], "spare_engines": server.pool.spares}
+                "resident": server.resident_ids(), "spare_engines": server.pool.spares}
+        if server.follower.problem:
+            body["warning"] = server.follower.problem
         return JSONResponse(body, status_code=200 if latest else 503)
 
     @app.get("/metrics")
@@ -123,6 +136,8 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
         metrics.in_flight.inc()
         try:
             choices, tokens = await server.collect(backend, params)
+        except Exception:
+            raise internal_error("generation") from None
         finally:
             metrics.in_flight.dec()
             await stack.aclose()
@@ -159,10 +174,8 @@ async def _stream(backend: Backend, params: GenParams, stack: AsyncExitStack, ri
         if include_usage:
             yield sse(usage_chunk(rid, model_id, chat, usage(len(params.prompt_ids), tokens)))
         yield sse("[DONE]")
-    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-        logger.exception("generation failed in a stream")
-        yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
-                             "code": None}})
+    except Exception:  # headers are sent: report in-band, as OpenAI does
+        yield sse(internal_error("generation").body())
     finally:
         metrics.in_flight.dec()
         metrics.tokens.labels(model_id).inc(tokens)

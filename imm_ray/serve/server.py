@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 from imm_ray.data.prompts import encode_prompt
 from imm_ray.generate.engine import EngineOptions
 from imm_ray.serve.backends import Backend, start_backend
-from imm_ray.serve.catalog import LATEST, RunFollower, UnknownModelError
+from imm_ray.serve.catalog import LATEST, RunFollower, UnknownModelError, checkpoint_problem, folder_stamp
 from imm_ray.serve.pool import ModelPool
 from imm_ray.serve.protocol import APIError, ChatRequest, CompletionRequest, GenParams, gen_params
 from imm_ray.serve.settings import ServeSettings
@@ -46,7 +46,9 @@ class OpenAIServer:
         self.latest: tuple[int, Path] | None = None  # the newest round whose engine is loaded
         self._task: asyncio.Task | None = None
         self._swap_lock = asyncio.Lock()
-        self._failed: Path | None = None  # a newest round that did not load; retried when state.json changes
+        # folder -> (its files' stamp, why it cannot be served or None): a broken or failed round is
+        # answered from here until its files change, without touching an engine again
+        self._verdicts: dict[Path, tuple[tuple, str | None]] = {}
 
     @property
     def run(self) -> str:
@@ -57,23 +59,49 @@ class OpenAIServer:
         """Load the newest round (if any) and start following ``state.json``."""
         self.follower.poll()
         if wait:
-            await self.refresh_latest()
+            try:
+                await self.refresh_latest()
+            except APIError as exc:  # serve the other rounds; the follower retries when files change
+                logger.error("the newest round cannot be served yet: %s", exc.message)
         self._task = asyncio.ensure_future(self._follow())
 
     async def _follow(self) -> None:
         while True:
             try:
-                if self.follower.poll():
-                    self._failed = None
-                if self.follower.catalog.latest_path != self._failed:
-                    await self.refresh_latest()
+                self.follower.poll()
+                await self.refresh_latest()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bad checkpoint must not stop the follower; the old latest stays
-                self._failed = self.follower.catalog.latest_path
-                logger.exception("could not load %s; latest stays on the previous round until state.json "
-                                 "changes", self._failed)
+            except APIError:  # a bad newest round (logged once by `usable`): latest stays where it was
+                pass
+            except Exception:  # nothing may stop the follower
+                logger.exception("following %s failed; retrying", self.follower.run_dir)
             await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def usable(self, model_id: str, path: Path) -> None:
+        """Raise `APIError` 404 (folder gone) or 503 (incomplete, damaged, or failed to load before)
+        unless ``path`` looks loadable; verdicts are remembered until the folder's files change."""
+        stamp = await asyncio.to_thread(folder_stamp, path)
+        if stamp is None:
+            raise APIError(404, f"the checkpoint of {model_id} was removed from the run directory",
+                           param="model", code="model_not_found")
+        known = self._verdicts.get(path)
+        if known is None or known[0] != stamp:
+            problem = await asyncio.to_thread(checkpoint_problem, path)
+            if problem:
+                logger.warning("%s (%s) cannot be served: %s", model_id, path, problem)
+            known = self._verdicts[path] = (stamp, problem)
+        if known[1]:
+            raise APIError(503, f"{model_id} cannot be served: {known[1]}", type_="service_unavailable",
+                           code="model_unavailable")
+
+    async def _failed_load(self, model_id: str, path: Path, exc: Exception) -> APIError:
+        """Remember that ``path`` failed to load (until its files change); the client's error."""
+        logger.error("loading %s (%s) failed", model_id, path, exc_info=exc)
+        problem = f"its engine failed to load ({type(exc).__name__}; see the server log)"
+        self._verdicts[path] = (await asyncio.to_thread(folder_stamp, path), problem)
+        return APIError(503, f"{model_id} cannot be served: {problem}", type_="service_unavailable",
+                        code="model_unavailable")
 
     async def refresh_latest(self) -> None:
         """Load the catalog's newest round, then point ``latest`` at it (old requests finish on the old)."""
@@ -84,10 +112,14 @@ class OpenAIServer:
         async with self._swap_lock:
             if self.latest and self.latest[1] == path:
                 return
+            await self.usable(cat.model_id(n), path)
             t0 = time.monotonic()
             self.pool.pinned.add(path)
             try:
                 await self.pool.ensure(path)
+            except Exception as exc:
+                self.pool.pinned.discard(path)
+                raise await self._failed_load(cat.model_id(n), path, exc) from None
             except BaseException:
                 self.pool.pinned.discard(path)
                 raise
@@ -112,6 +144,11 @@ class OpenAIServer:
     @property
     def ready(self) -> bool:
         return self.latest is not None
+
+    def resident_ids(self) -> list[str]:
+        """Model ids of the loaded rounds (no paths: /health needs no key)."""
+        by_path = {p: n for n, p in self.follower.catalog.rounds.items()}
+        return [self.follower.catalog.model_id(by_path[p]) for p in self.pool.resident() if p in by_path]
 
     def model_ids(self) -> list[str]:
         """Ids a client may ask for now."""
@@ -146,7 +183,12 @@ class OpenAIServer:
             raise APIError(503, "no checkpoint of this run is loaded yet", type_="service_unavailable",
                            code="not_ready", headers={"Retry-After": str(max(1, self.settings.retry_after_s))})
         model_id, path = self.resolve(req.model)
-        backend = await stack.enter_async_context(self.pool.lease(path))
+        if not self.pool.is_resident(path):  # a resident round answers from memory
+            await self.usable(model_id, path)
+        try:
+            backend = await stack.enter_async_context(self.pool.lease(path))
+        except Exception as exc:
+            raise await self._failed_load(model_id, path, exc) from None
         ids = self._tokenize(req, backend.tokenizer)
         return model_id, backend, gen_params(req, ids, self.settings.limits, self.settings.max_model_len)
 

@@ -68,3 +68,121 @@ def test_concurrent_requests_for_many_non_resident_rounds_all_succeed(tmp_path):
         await server.stop()
 
     asyncio.run(main())
+
+
+async def wait_for(cond, timeout: float = 3.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+# --- defect 2: deleted, half-written and failing rounds ------------------------------------
+def test_deleted_or_broken_rounds_answer_404_503_without_spending_an_engine(tmp_path):
+    async def main():
+        loader = CountingLoader(delay=0)
+        server, run = await with_loader(tmp_path, [1, 2, 3, 4], loader, resident_models=2, spare_engines=1)
+        await wait_for(lambda: server.pool.spares == 1)
+        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(server, KeyChecker(()))),
+                                base_url="http://t")
+        shutil.rmtree(run / "imm/round-001")
+        (run / "imm/round-002/merged/config.json").unlink()
+        st = run / "imm/round-003/merged/model.safetensors"
+        st.write_bytes(st.read_bytes()[:-10])  # truncated
+        (run / "base/model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2]          ")
+        loads = loader.loads
+        expected = {1: (404, "was removed"), 2: (503, "config.json is missing"), 3: (503, "truncated"),
+                    0: (503, "malformed")}
+        for _ in range(3):  # retries are answered from memory: no engine is taken or started
+            for n, (status, words) in expected.items():
+                r = await raw.post("/v1/chat/completions", json={"model": f"run/round-{n}", "messages": MSG})
+                err = r.json()["error"]
+                assert (r.status_code, words in err["message"]) == (status, True), err
+                assert str(tmp_path) not in err["message"] and f"run/round-{n}" in err["message"]
+        assert loader.loads == loads and server.pool.spares == 1 and loader.open == 2
+        ok = await make_client(server_app(server)).chat.completions.create(model="run/latest", messages=MSG)
+        assert ok.model == "run/round-4"
+        # repaired: served again (the verdict was tied to the folder's files)
+        (run / "imm/round-002/merged/config.json").write_text("{}")
+        ok = await make_client(server_app(server)).chat.completions.create(model="run/round-2", messages=MSG)
+        assert ok.model == "run/round-2"
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def server_app(server):
+    return create_app(server, KeyChecker(()))
+
+
+def test_a_round_whose_engine_fails_to_load_is_not_retried_and_keeps_the_engine(tmp_path):
+    async def main():
+        loader = CountingLoader(delay=0)
+        server, run = await with_loader(tmp_path, [1, 2], loader, resident_models=1, spare_engines=1)
+        await wait_for(lambda: server.pool.spares == 1)
+        spare = server.pool._spares[0]
+        attempts = []
+
+        async def failing_reload(path):
+            attempts.append(path)
+            raise RuntimeError(f"cannot load {path}")
+
+        spare.reload = failing_reload
+        client = make_client(server_app(server))
+        for _ in range(3):
+            with pytest.raises(openai.InternalServerError) as err:  # 503
+                await client.chat.completions.create(model="run/round-1", messages=MSG)
+            assert err.value.status_code == 503 and "failed to load (RuntimeError" in err.value.message
+            assert str(tmp_path) not in err.value.message
+        assert len(attempts) == 1 and server.pool.spares == 1 and not spare.closed
+        assert (await client.chat.completions.create(model="run/latest", messages=MSG)).model == "run/round-2"
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_garbage_state_json_keeps_the_rounds_it_listed(tmp_path):
+    async def main():
+        server, loader, run = await started(tmp_path, [1, 2])
+        client = make_client(server_app(server))
+        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        for garbage in ("\x00garbage{", "[1, 2]", '{"stages": {"imm/round-003/evaluate": "done", "x": [1]}}'):
+            (run / "state.json").write_text(garbage)
+            await asyncio.sleep(0.15)
+            for model in ("run/round-1", "run/latest"):
+                assert (await client.chat.completions.create(model=model, messages=MSG)).choices
+            health = (await raw.get("/health")).json()
+            assert health["status"] == "ok"
+            assert "state.json" in health["warning"]
+        write_state(run, [1, 2, 3])
+        await wait_for(lambda: server.latest[0] == 3)
+        assert "warning" not in (await raw.get("/health")).json()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+# --- defect 6: nothing internal in open routes or error text ---------------------------------
+def test_health_and_generation_errors_reveal_no_paths(tmp_path):
+    async def main():
+        server, loader, run = await started(tmp_path, [1])
+        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        health = (await raw.get("/health")).json()
+        assert health["resident"] == ["run/round-1"] and str(tmp_path) not in json.dumps(health)
+
+        async def broken_stream(params):
+            raise RuntimeError(f"CUDA error in {run}/secret.py")
+            yield  # pragma: no cover
+
+        loader.backends[run / "imm/round-001/merged"].stream = broken_stream
+        body = {"model": "run/latest", "messages": MSG}
+        r = await raw.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500 and "RuntimeError" in r.json()["error"]["message"]
+        assert str(run) not in r.text and "reference" in r.json()["error"]["message"]
+        r = await raw.post("/v1/chat/completions", json={**body, "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert "generation failed (RuntimeError)" in events[-1]["error"]["message"] and str(run) not in r.text
+        await server.stop()
+
+    asyncio.run(main())
