@@ -12,6 +12,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.backends import Backend
@@ -60,6 +61,16 @@ def _route(request: Request) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
+def _route_label(app: FastAPI, request: Request) -> str:
+    """The matched route's template (``/v1/models/{model_id:path}``), or ``unmatched``: metric labels
+    stay a fixed set whatever paths clients send."""
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            return route.path
+    return "unmatched"
+
+
 def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | None = None) -> FastAPI:
     """The ASGI app of one replica."""
     metrics = metrics or ServerMetrics()
@@ -79,8 +90,9 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
                 resp = await call_next(request)
             except Exception:  # never let a replica answer a bare 500 page
                 resp = error_response(internal_error(f"{request.method} {route}"))
-        metrics.requests.labels(route, str(resp.status_code)).inc()
-        metrics.latency.labels(route).observe(time.monotonic() - t0)
+        label = _route_label(app, request)
+        metrics.requests.labels(label, str(resp.status_code)).inc()
+        metrics.latency.labels(label).observe(time.monotonic() - t0)
         return resp
 
     @app.exception_handler(APIError)

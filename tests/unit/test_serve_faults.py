@@ -186,3 +186,25 @@ def test_health_and_generation_errors_reveal_no_paths(tmp_path):
         await server.stop()
 
     asyncio.run(main())
+
+
+# --- defect 3: metric labels are route templates ----------------------------------------------
+def test_metrics_do_not_grow_with_the_paths_clients_send(tmp_path):
+    async def main():
+        server, _, _ = await started(tmp_path, [1])
+        app = create_app(server, KeyChecker(("k",)))
+        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                headers={"Authorization": "Bearer k"})
+        await raw.get("/v1/models/run/round-1")
+        before = len((await raw.get("/metrics")).content)
+        for i in range(300):
+            await raw.get(f"/random-{i}/{'x' * 50}")  # unknown paths
+            await raw.get(f"/v1/models/run/round-{i}")  # one route, many model ids
+            await raw.get(f"/nope-{i}", headers={"Authorization": "Bearer wrong"})  # unauthenticated
+        text = (await raw.get("/metrics")).text
+        assert len(text) < before + 3000, len(text)
+        assert 'route="unmatched"' in text and 'route="/v1/models/{model_id:path}"' in text
+        assert "random-" not in text and "round-7" not in text
+        await server.stop()
+
+    asyncio.run(main())
