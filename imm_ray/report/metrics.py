@@ -11,9 +11,12 @@ from typing import Any
 
 import yaml
 
+from imm_ray.storage import Location, layout, read_text, resolve
+
 __all__ = ["STAGE_ORDER", "RunMetrics", "load_run_metrics"]
 
-STAGE_ORDER = ("generate", "verify", "sft", "merge", "evaluate")
+STAGE_ORDER = layout.STAGES
+ANALYSIS_FILE = "analysis.json"
 _DIVERSITY_FIRST = ("distinct_1", "distinct_2", "distinct_3", "distinct_4", "self_bleu",
                     "distinct_answers", "mean_token_entropy")
 _DIVERSITY_SKIP = {"questions", "samples"}
@@ -29,7 +32,7 @@ def _number(value: Any) -> float | None:
 class RunMetrics:
     """The metrics rows of a run plus its config (for names) and its analysis, if any."""
 
-    run_dir: Path
+    run_dir: Location
     rows: list[dict[str, Any]]
     config: dict[str, Any]
     analysis: dict[str, Any] | None = None
@@ -106,15 +109,22 @@ class RunMetrics:
         return _number((row.get("diversity") or {}).get(key))
 
 
-def load_run_metrics(run_dir: str | Path) -> RunMetrics:
-    """Rows of RUN_DIR/metrics.jsonl (empty if absent), run.yaml and analysis.json if present."""
-    run_dir = Path(run_dir)
-    rows: list[dict[str, Any]] = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    config_path = run_dir / "run.yaml"
-    config = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else {}
-    analysis_path = run_dir / "analysis.json"
-    analysis = json.loads(analysis_path.read_text()) if analysis_path.is_file() else None
-    return RunMetrics(run_dir, rows, config, analysis)
+def _read_optional(loc: Location) -> str | None:
+    try:
+        return read_text(loc)
+    except FileNotFoundError:
+        return None
+
+
+def load_run_metrics(run_dir: str | Path | Location) -> RunMetrics:
+    """Rows of RUN_DIR/metrics.jsonl (empty if absent), run.yaml and analysis.json if present.
+
+    RUN_DIR is a local path or an object-storage URI."""
+    root = resolve(run_dir)
+    metrics = _read_optional(root / layout.METRICS)
+    rows = [json.loads(line) for line in metrics.splitlines() if line.strip()] if metrics else []
+    config_text = _read_optional(root / layout.CONFIG)
+    config = (yaml.safe_load(config_text) or {}) if config_text else {}
+    analysis_text = _read_optional(root / ANALYSIS_FILE)
+    analysis = json.loads(analysis_text) if analysis_text else None
+    return RunMetrics(root, rows, config, analysis)

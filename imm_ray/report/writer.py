@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,6 +13,8 @@ from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.report.plots import write_plots
 from imm_ray.report.sinks import make_sink, publish_rows
 from imm_ray.report.tables import analysis_table, rounds_table, summary_lines
+from imm_ray.storage import Location, write_text
+from imm_ray.storage.fs import upload_file
 
 __all__ = ["REPORT_FILE", "render_report", "write_report"]
 
@@ -90,18 +93,25 @@ def render_report(run: RunMetrics, plots: Sequence[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(run_dir: str | Path, sinks: Sequence[str] = (), **sink_options: Any) -> Path:
-    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the report path.
+def write_report(run_dir: str | Path | Location, sinks: Sequence[str] = (), **sink_options: Any) -> Location:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the report's location.
 
-    sinks: also publish the metrics rows to these sinks ("tensorboard", "mlflow").
+    RUN_DIR is a local path or an object-storage URI (plots are drawn locally, then uploaded).
+    sinks: also publish the metrics rows to these sinks ("tensorboard", "mlflow"; local runs only).
     """
-    from imm_ray.loop.rundir import atomic_write_text
-
     run = load_run_metrics(run_dir)
-    plots = write_plots(run, run.run_dir / PLOTS_DIR)
+    if sinks and not run.run_dir.is_local:
+        raise ValueError(f"metric sinks write beside the run: {run.run_dir} is on object storage; "
+                         "run `imm report` without --sink, or on a local copy")
+    with tempfile.TemporaryDirectory(prefix="imm-report-") as tmp:
+        plots_dir = run.run_dir.local_path() / PLOTS_DIR if run.run_dir.is_local else Path(tmp)
+        plots = write_plots(run, plots_dir)
+        if not run.run_dir.is_local:
+            for plot in plots:
+                upload_file(plot, run.run_dir / PLOTS_DIR / plot.name)
     path = run.run_dir / REPORT_FILE
-    atomic_write_text(path, render_report(run, [p.name for p in plots]))
+    write_text(path, render_report(run, [p.name for p in plots]))
     if sinks:
-        publish_rows(run.rows, [make_sink(kind, run.run_dir, **sink_options) for kind in sinks])
+        publish_rows(run.rows, [make_sink(kind, run.run_dir.local_path(), **sink_options) for kind in sinks])
     logger.info("report written to %s (%d rows, %d plots)", path, len(run.rows), len(plots))
     return path

@@ -11,6 +11,8 @@ import yaml
 from imm_ray.report import flatten_row, load_run_metrics, publish_rows, write_report
 from imm_ray.report.cli import add_report_arguments, run_report_cli
 from imm_ray.report.sinks import TensorBoardSink, make_sink
+from imm_ray.storage import read_text, resolve
+from imm_ray.storage.fs import list_files, upload_file
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -70,8 +72,8 @@ def full_run(tmp_path) -> Path:
 
 def test_report_and_plots(full_run):
     path = write_report(full_run)
-    assert path == full_run / "report.md"
-    text = path.read_text()
+    assert path.uri == str(full_run / "report.md")
+    text = read_text(path)
     assert "| arm | round | generated | accepted | ID: id-set | OOD: ood-set |" in text.splitlines()[
         next(i for i, line in enumerate(text.splitlines()) if line.startswith("| arm | round | generated"))]
     assert "40.0% [35.0, 45.0]" in text  # imm round 2 ID accuracy with its CI
@@ -88,15 +90,27 @@ def test_report_and_plots(full_run):
 def test_report_without_optional_parts(tmp_path):
     rows = [_row("base", 0, 0.3, 0.2), _row("imm", 1, 0.35, 0.22)]
     run = _write_run(tmp_path / "plain", rows)
-    text = write_report(run).read_text()
+    text = read_text(write_report(run))
     assert "[" not in text.split("## Results by round")[1].split("##")[0].replace("](", "")
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["accuracy.png", "accuracy_by_dataset.png"]
     assert "Layer analysis" not in text
 
 
 def test_report_of_empty_run(tmp_path):
-    text = write_report(tmp_path).read_text()
+    text = read_text(write_report(tmp_path))
     assert "No finished rounds yet" in text
+
+
+def test_report_on_object_storage(full_run, s3_bucket):
+    root = resolve(s3_bucket) / "runs/fab"
+    for name in ("metrics.jsonl", "run.yaml", "analysis.json"):
+        upload_file(full_run / name, root / name)
+    path = write_report(root.uri)
+    assert path.uri == f"{s3_bucket}/runs/fab/report.md"
+    assert "**si** after round 2" in read_text(path)
+    assert {"plots/accuracy.png", "plots/layer_change.png", "report.md"} <= set(list_files(root))
+    with pytest.raises(ValueError, match="object storage"):
+        write_report(root.uri, sinks=["tensorboard"])
 
 
 def test_run_metrics_names(full_run):
