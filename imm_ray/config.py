@@ -8,19 +8,39 @@ The resolved tree is saved as ``run.yaml`` in the run directory.
 from __future__ import annotations
 
 import copy
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from imm_ray.data import DatasetSpec
+from imm_ray.errors import UserError, unknown_name
 from imm_ray.serve.settings import ServeSettings
 from imm_ray.train import SFTSettings
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The configuration is invalid; the message says which key and how to fix it."""
+
+
+def _known(kind: str, name: str, known: typing.Iterable[str]) -> str:
+    """``name`` if it is one of ``known``; else a ValueError listing them (a pydantic validator's error)."""
+    known = set(known)
+    if name not in known:
+        raise ValueError(unknown_name(kind, name, known))
+    return name
 
 
 class _Strict(BaseModel):
@@ -59,6 +79,13 @@ class DataConfig(_Strict):
     prompt_template: str = "chat"
     system_prompt: str | None = None
     instruction_suffix: str | None = None
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _known_template(cls, v: str) -> str:
+        from imm_ray.data.prompts import PROMPT_TEMPLATES
+
+        return _known("prompt template", v, PROMPT_TEMPLATES)
 
     @field_validator("eval")
     @classmethod
@@ -107,6 +134,13 @@ class VerifyConfig(_Strict):
     batch_size: int = Field(512, ge=1)
     resources: ActorResources = ActorResources(num_cpus=0.5)
 
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, v: str) -> str:
+        from imm_ray.verify import VERIFIERS
+
+        return _known("verifier", v, VERIFIERS)
+
 
 class MergeConfig(_Strict):
     """The merge after each round's SFT (arm ``imm``)."""
@@ -117,6 +151,27 @@ class MergeConfig(_Strict):
     anchor: str = "original"
     resources: ActorResources = ActorResources()
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from imm_ray.merge.methods import MERGE_METHODS
+
+        return _known("merge method", v, MERGE_METHODS)
+
+    @field_validator("params")
+    @classmethod
+    def _valid_params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Check the parameters against the method's typed specs (the loop merges one model into the
+        anchor); kept as written, so that run.yaml compares them as the user wrote them."""
+        from imm_ray.merge import MergeError, get_merge_method
+
+        if "method" in info.data:  # an unknown method is reported by itself
+            try:
+                get_merge_method(info.data["method"]).validate(v, n_models=1)
+            except MergeError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
 
 class EvalConfig(_Strict):
     """Greedy evaluation of every round's model on the eval sets."""
@@ -125,6 +180,20 @@ class EvalConfig(_Strict):
     baseline: bool = True
     # auto: numeric when every gold answer of a set is a number, math-verify otherwise (MATH-500).
     verifier: str = "auto"
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, v: str) -> str:
+        from imm_ray.verify import VERIFIERS
+
+        return _known("evaluation verifier", v, ["auto", *VERIFIERS])
+
+
+class StorageConfig(_Strict):
+    """Object storage for s3:// run directories; unset keys come from the AWS environment variables."""
+
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, moto, ...)
+    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
 
 
 class RayConfig(_Strict):
@@ -142,19 +211,29 @@ class RunSettings(_Strict):
     rounds: int = Field(2, ge=1)
     # imm: SFT the current model, merge with the original. si: SFT the current model, no merge.
     # rest: ReST-EM/STaR style, SFT the ORIGINAL model on data the current model wrote.
-    arms: list[Literal["imm", "si", "rest"]] = Field(default_factory=lambda: ["imm"])
+    # The arms and what each does: imm_ray.loop.arms.ARMS.
+    arms: list[str] = Field(default_factory=lambda: ["imm"])
     progress: bool = True
     report: bool = True  # write report.md + plots/ at the end of every run
     analyze: bool = False  # layer analysis (parameter change vs importance) at the end of the run
     analyze_probe_size: int = Field(16, ge=1)
     metric_sinks: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, v: str) -> str:
+        if not v or v in (".", "..") or "/" in v or "\\" in v or v.startswith("~") or "\0" in v:
+            raise ValueError(f"run.name must be a plain folder name (no '/', '..', '~' or absolute path), got {v!r}")
+        return v
+
     @field_validator("arms")
     @classmethod
-    def _arms_unique(cls, v: list[str]) -> list[str]:
+    def _arms_known_and_unique(cls, v: list[str]) -> list[str]:
+        from imm_ray.loop.arms import ARMS
+
         if not v or len(set(v)) != len(v):
             raise ValueError(f"run.arms must be a non-empty list without repeats, got {v}")
-        return v
+        return [_known("arm", arm, ARMS) for arm in v]
 
 
 class ImmConfig(_Strict):
@@ -171,6 +250,7 @@ class ImmConfig(_Strict):
     evaluate: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
     serve: ServeSettings = ServeSettings()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ImmConfig":
@@ -295,11 +375,47 @@ def config_from_dict(tree: dict[str, Any]) -> ImmConfig:
     try:
         return ImmConfig.model_validate(tree)
     except ValidationError as exc:
-        lines = []
+        problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}")
-        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc
+            if err["type"] == "extra_forbidden":
+                problems.append(f"{loc}: unknown key{_nearest_key(err['loc'])}")
+            elif err["type"] == "value_error":
+                problems.append(f"{loc}: {err['ctx']['error']}")
+            else:
+                problems.append(f"{loc}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _nearest_key(loc: tuple[str | int, ...]) -> str:
+    """``; did you mean a.b.c?`` for an unknown key at ``loc`` (by the fields of the model holding it)."""
+    node: Any = ImmConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            node = _item_type(node)
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = _model_type(node.model_fields[part].annotation)
+        else:
+            return ""
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=1)
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {', '.join(node.model_fields)}"
+
+
+def _model_type(annotation: Any) -> Any:
+    """``X`` from ``X``, ``X | None`` or ``Optional[X]``; anything else as it is."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _item_type(annotation: Any) -> Any:
+    """``X`` from ``list[X]`` (or ``list[X] | None``)."""
+    args = typing.get_args(_model_type(annotation))
+    return _model_type(args[0]) if typing.get_origin(_model_type(annotation)) is list and args else None
 
 
 def config_to_yaml(cfg: ImmConfig) -> str:
@@ -309,7 +425,7 @@ def config_to_yaml(cfg: ImmConfig) -> str:
 
 # Keys that may change when a run is resumed: they do not change what finished stages produced.
 RESUMABLE_CHANGES = (
-    "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.", "serve.",
+    "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.", "serve.", "storage.",
     "generate.num_actors", "generate.chunk_size", "generate.entropy_top_k",
 )
 
