@@ -38,6 +38,7 @@ class Backend(Protocol):
 
     path: Path
     tokenizer: object
+    supports_seed: bool  # whether a request's ``seed`` makes its sampling reproducible
 
     def stream(self, params: GenParams) -> AsyncIterator[Delta]: ...
 
@@ -57,8 +58,9 @@ def _load_tokenizer(path: Path):
 class VLLMAsyncBackend:
     """One ``vllm.v1.engine.async_llm.AsyncLLM`` on one checkpoint folder."""
 
-    def __init__(self, path: Path, engine, tokenizer) -> None:
+    def __init__(self, path: Path, engine, tokenizer, gpu: bool) -> None:
         self.path, self.engine, self.tokenizer = path, engine, tokenizer
+        self.supports_seed = gpu  # a per-request seed kills vLLM's CPU engine (env facts)
 
     @classmethod
     async def start(cls, path: Path, options: EngineOptions) -> "VLLMAsyncBackend":
@@ -84,7 +86,7 @@ class VLLMAsyncBackend:
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         logger.info("starting vLLM AsyncLLM on %s (%s)", path, "GPU" if gpu else "CPU")
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        return cls(path, engine, _load_tokenizer(path))
+        return cls(path, engine, _load_tokenizer(path), gpu)
 
     async def stream(self, params: GenParams) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
@@ -94,7 +96,7 @@ class VLLMAsyncBackend:
         sp = SamplingParams(n=params.n, temperature=params.temperature,
                             top_p=1.0 if params.temperature == 0 else params.top_p,
                             max_tokens=params.max_tokens, stop=list(params.stop) or None,
-                            output_kind=RequestOutputKind.DELTA)
+                            seed=params.seed if self.supports_seed else None, output_kind=RequestOutputKind.DELTA)
         request_id = uuid.uuid4().hex
         try:
             async for out in self.engine.generate(TokensPrompt(prompt_token_ids=params.prompt_ids), sp, request_id):
@@ -122,6 +124,8 @@ class VLLMAsyncBackend:
 class EngineBackend:
     """A blocking :class:`~imm_ray.generate.engine.Engine` behind a lock, run in a worker thread."""
 
+    supports_seed = True
+
     def __init__(self, path: Path, engine: Engine, tokenizer) -> None:
         self.path, self.engine, self.tokenizer = path, engine, tokenizer
         self._lock = asyncio.Lock()
@@ -135,7 +139,7 @@ class EngineBackend:
 
     async def stream(self, params: GenParams) -> AsyncIterator[Delta]:
         spec = SamplingSpec(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                            max_tokens=params.max_tokens, stop=params.stop, seed=None)
+                            max_tokens=params.max_tokens, stop=params.stop, seed=params.seed)
         async with self._lock:
             [comps] = await asyncio.to_thread(self.engine.generate, [params.prompt_ids], spec)
         for i, c in enumerate(comps):

@@ -140,9 +140,10 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
             await stack.aclose()
             raise
         rid = new_id("chatcmpl" if chat else "cmpl")
+        echo = req.prompt if getattr(req, "echo", False) else ""
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _stream(backend, params, stack, rid, model_id, chat, include_usage, metrics)
+            body = _stream(backend, params, stack, rid, model_id, chat, include_usage, metrics, echo)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         metrics.in_flight.inc()
@@ -154,6 +155,7 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
             metrics.in_flight.dec()
             await stack.aclose()
         metrics.tokens.labels(model_id).inc(tokens)
+        choices = [(echo + text, reason) for text, reason in choices]
         build = chat_response if chat else completion_response
         return JSONResponse(build(rid, model_id, choices, usage(len(params.prompt_ids), tokens)))
 
@@ -169,14 +171,17 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
 
 
 async def _stream(backend: Backend, params: GenParams, stack: AsyncExitStack, rid: str, model_id: str, chat: bool,
-                  include_usage: bool, metrics: ServerMetrics) -> AsyncIterator[bytes]:
-    """Server-sent events in the OpenAI format, ending with ``data: [DONE]``; releases the lease."""
+                  include_usage: bool, metrics: ServerMetrics, echo: str = "") -> AsyncIterator[bytes]:
+    """Server-sent events in the OpenAI format, ending with ``data: [DONE]``; releases the lease.
+    ``echo``: the prompt, sent first in every choice (completions' ``echo``)."""
     tokens = 0
     metrics.in_flight.inc()
     try:
-        if chat:
-            for i in range(params.n):
+        for i in range(params.n):
+            if chat:
                 yield sse(chunk(rid, model_id, True, i, "", None, role=True))
+            elif echo:
+                yield sse(chunk(rid, model_id, False, i, echo, None))
         async for d in backend.stream(params):
             tokens += d.num_tokens
             if d.text:

@@ -37,8 +37,11 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: "StreamOptions | None" = None
-    seed: int | None = None  # accepted; CPU vLLM samples with the engine seed
+    seed: int | None = None  # honoured where the engine can (see `OpenAIServer.prepare`)
+    # end-user / cache identifiers: they do not change the output, here as at OpenAI
     user: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=256)
 
     @field_validator("stop")
     @classmethod
@@ -91,6 +94,40 @@ class CompletionRequest(_Request):
         return v
 
 
+# OpenAI parameters this server does not implement: accepted with their default (or null), which
+# clients send when the user set nothing and which means the same here; any other value is a 400.
+_NOT_IMPLEMENTED_COMMON: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},)}
+NOT_IMPLEMENTED: dict[str, dict[str, tuple[Any, ...]]] = {
+    "chat": {**_NOT_IMPLEMENTED_COMMON, "logprobs": (False,), "top_logprobs": (0,), "tools": ([],),
+             "tool_choice": ("none", "auto"), "parallel_tool_calls": (True,), "functions": ([],),
+             "function_call": ("none", "auto"), "response_format": ({"type": "text"},), "store": (False,),
+             "metadata": ({},), "modalities": (["text"],), "audio": (), "prediction": (),
+             "reasoning_effort": (), "service_tier": ("auto", "default"), "web_search_options": (),
+             "verbosity": ()},
+    "completion": {**_NOT_IMPLEMENTED_COMMON, "logprobs": (), "best_of": (1,), "suffix": ("",)},
+}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """JSON equality without Python's ``False == 0`` (``logprobs: 0`` is not ``logprobs: false``)."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return value == default
+
+
+def _drop_defaults(data: dict[str, Any], kind: str) -> None:
+    """Remove not-implemented parameters that hold their default; 400 for any other value."""
+    for name, defaults in NOT_IMPLEMENTED[kind].items():
+        if name not in data:
+            continue
+        value = data.pop(name)
+        if value is not None and not any(_same(value, d) for d in defaults):
+            allowed = ", ".join(["null", *(json.dumps(d) for d in defaults)])
+            raise APIError(400, f"parameter {name!r} is not supported by this server (allowed: {allowed})",
+                           param=name, code="unsupported_parameter")
+
+
 _Request.model_rebuild()
 ChatMessage.model_rebuild()
 ChatRequest.model_rebuild()
@@ -108,6 +145,7 @@ def parse_request(cls: type[_Request], raw: bytes, limits: LimitSettings) -> _Re
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    _drop_defaults(data, "chat" if cls is ChatRequest else "completion")
     try:
         req = cls.model_validate(data)
     except ValidationError as exc:
@@ -142,6 +180,7 @@ class GenParams:
     top_p: float
     max_tokens: int
     stop: tuple[str, ...]
+    seed: int | None = None
 
 
 def gen_params(req: _Request, prompt_ids: list[int], limits: LimitSettings, max_model_len: int) -> GenParams:
@@ -152,7 +191,7 @@ def gen_params(req: _Request, prompt_ids: list[int], limits: LimitSettings, max_
                        param="messages" if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
     room = max_model_len - len(prompt_ids)
     max_tokens = min(requested_max_tokens(req) or limits.max_tokens, room)
-    return GenParams(prompt_ids, req.n, req.temperature, req.top_p, max_tokens, tuple(req.stop or ()))
+    return GenParams(prompt_ids, req.n, req.temperature, req.top_p, max_tokens, tuple(req.stop or ()), req.seed)
 
 
 # --- responses ---------------------------------------------------------------------------------

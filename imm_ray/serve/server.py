@@ -189,6 +189,9 @@ class OpenAIServer:
             backend = await stack.enter_async_context(self.pool.lease(path))
         except Exception as exc:
             raise await self._failed_load(model_id, path, exc) from None
+        if req.seed is not None and req.temperature > 0 and not backend.supports_seed:
+            raise APIError(400, "'seed' is not supported by this server's engine (vLLM on CPU) when sampling; "
+                           "leave it out or use temperature 0", param="seed", code="unsupported_parameter")
         ids = self._tokenize(req, backend.tokenizer)
         return model_id, backend, gen_params(req, ids, self.settings.limits, self.settings.max_model_len)
 

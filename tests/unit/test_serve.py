@@ -137,12 +137,15 @@ class FakeTokenizer:
 class FakeBackend:
     """Answers "<folder name> says hi" in three deltas; ``gate`` holds generation."""
 
+    supports_seed = False
+
     def __init__(self, path: Path) -> None:
         self.path, self.tokenizer, self.closed = path, FakeTokenizer(), False
         self.gate = asyncio.Event()
         self.gate.set()
 
     async def stream(self, params):
+        self.last_params = params
         words = [self.path.parent.name, " says", " hi"]
         for i in range(params.n):
             for j, w in enumerate(words):

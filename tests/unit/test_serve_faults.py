@@ -208,3 +208,42 @@ def test_metrics_do_not_grow_with_the_paths_clients_send(tmp_path):
         await server.stop()
 
     asyncio.run(main())
+
+
+# --- defect 7: OpenAI parameters -----------------------------------------------------------
+def test_openai_defaults_are_accepted_and_unsupported_values_refused(tmp_path):
+    async def main():
+        server, loader, run = await started(tmp_path, [1])
+        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        chat = {"model": "run/latest", "messages": MSG}
+        defaults = {"logprobs": None, "top_logprobs": None, "frequency_penalty": 0, "presence_penalty": 0.0,
+                    "logit_bias": {}, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+                    "n": 1, "stream": False, "user": "u1", "store": False, "parallel_tool_calls": True,
+                    "seed": 5, "temperature": 0, "max_tokens": None, "safety_identifier": "x", "metadata": None}
+        r = await raw.post("/v1/chat/completions", json={**chat, **defaults})
+        assert r.status_code == 200, r.text
+        for name, value in [("logprobs", True), ("logprobs", 0), ("top_logprobs", 3), ("frequency_penalty", 0.5),
+                            ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                            ("response_format", {"type": "json_object"}), ("seed", 5)]:
+            r = await raw.post("/v1/chat/completions", json={**chat, name: value, "temperature": 0.7})
+            err = r.json()["error"]
+            assert (r.status_code, err["code"], err["param"]) == (400, "unsupported_parameter", name), (name, err)
+        comp = {"model": "run/latest", "prompt": "2+2="}
+        for name, value in [("logprobs", 0), ("best_of", 2), ("suffix", "x")]:
+            r = await raw.post("/v1/completions", json={**comp, name: value})
+            assert (r.status_code, r.json()["error"]["param"]) == (400, name)
+        assert (await raw.post("/v1/completions", json={**comp, "best_of": 1, "suffix": None,
+                                                        "logprobs": None})).status_code == 200
+        # seed reaches engines that honour it; echo repeats the prompt (plain and streamed)
+        backend = loader.backends[run / "imm/round-001/merged"]
+        backend.supports_seed = True
+        assert (await raw.post("/v1/completions", json={**comp, "seed": 7, "temperature": 0.7})).status_code == 200
+        assert backend.last_params.seed == 7
+        client = make_client(server_app(server))
+        out = await client.completions.create(model="run/latest", prompt="2+2=", echo=True, n=2)
+        assert [c.text for c in out.choices] == ["2+2=round-001 says hi"] * 2
+        stream = await client.completions.create(model="run/latest", prompt="2+2=", echo=True, stream=True)
+        assert "".join([c.choices[0].text async for c in stream]) == "2+2=round-001 says hi"
+        await server.stop()
+
+    asyncio.run(main())
