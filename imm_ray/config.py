@@ -107,6 +107,13 @@ class EngineConfig(_Strict):
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.85
 
+    @field_validator("name")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from imm_ray.generate.engine import ENGINES  # the built-in engines register only when loaded
+
+        return _known("engine", v, {"vllm", "hf", *ENGINES})
+
 
 class GenerateConfig(_Strict):
     """Rejection-sampling generation on the ID training pool."""
@@ -142,11 +149,15 @@ class VerifyConfig(_Strict):
         return _known("verifier", v, VERIFIERS)
 
 
+_DEFAULT_MERGE_PARAMS = {"lam": 0.5, "drop_rate": 0.2}  # the paper's IMM merge
+
+
 class MergeConfig(_Strict):
     """The merge after each round's SFT (arm ``imm``)."""
 
     method: str = "imm"
-    params: dict[str, Any] = Field(default_factory=lambda: {"lam": 0.5, "drop_rate": 0.2})
+    # Checked against the method's parameters even when left at the default (the imm method's).
+    params: dict[str, Any] = Field(default_factory=lambda: dict(_DEFAULT_MERGE_PARAMS), validate_default=True)
     seed: int = 0
     anchor: str = "original"
     resources: ActorResources = ActorResources()
@@ -169,7 +180,8 @@ class MergeConfig(_Strict):
             try:
                 get_merge_method(info.data["method"]).validate(v, n_models=1)
             except MergeError as exc:
-                raise ValueError(str(exc)) from None
+                hint = " (the default merge.params are the imm method's: set merge.params too)"
+                raise ValueError(f"{exc}{hint if v == _DEFAULT_MERGE_PARAMS else ''}") from None
         return v
 
 

@@ -86,3 +86,42 @@ def test_config_differences_lists_dotted_keys():
     assert config_differences(tree, other) == ["a.b", "e"]
     apply_override(tree, "a.b=2")
     assert tree["a"]["b"] == 2
+
+
+@pytest.mark.parametrize(
+    "override, key, choice",
+    [
+        ("merge.method=nope", "merge.method", "dare_ties"),
+        ("merge.method=nope", "merge.method", "imm"),
+        ("merge.params.drop_rate=1.5", "merge.params", "[0, 1)"),
+        ("merge.params.dropp_rate=0.1", "merge.params", "drop_rate"),
+        ("merge.params.lam=[]", "merge.params", "lam"),
+        ("verify.verifier=nope", "verify.verifier", "math"),
+        ("evaluate.verifier=nope", "evaluate.verifier", "auto"),
+        ("generate.engine.name=nope", "generate.engine.name", "vllm"),
+        ("data.prompt_template=nope", "data.prompt_template", "alpaca"),
+        ("run.arms=[imm, nope]", "run.arms", "rest"),
+    ],
+)
+def test_registry_names_and_merge_params_fail_at_load_time(override, key, choice):
+    with pytest.raises(ConfigError) as exc:
+        load_config(REPO / "jobs/configs/demo.yaml", [override])
+    message = str(exc.value)
+    assert key in message and choice in message, message
+    assert "\n" not in message  # one line, for the CLI
+
+
+def test_merge_params_are_checked_against_the_chosen_method():
+    cfg = load_config(None, ["merge.method=ties", "merge.params={density: 0.3, lam: 1.0}"])
+    assert cfg.merge.params == {"density": 0.3, "lam": 1.0}  # kept as written (run.yaml compares them)
+    with pytest.raises(ConfigError, match="drop_rate"):  # ties has no drop rate
+        load_config(None, ["merge.method=ties"])  # the default params are the imm method's
+
+
+def test_unknown_key_suggests_the_nearest_valid_key():
+    with pytest.raises(ConfigError, match=r"run\.roundz.*did you mean run\.rounds"):
+        load_config(None, ["run.roundz=3"])
+    with pytest.raises(ConfigError, match=r"data\.eval\.0\.limt.*did you mean data\.eval\.0\.limit"):
+        load_config(REPO / "jobs/configs/demo.yaml", ["data.eval.0.limt=3"])
+    with pytest.raises(ConfigError, match=r"genrate.*did you mean generate"):
+        load_config(None, ["genrate.seed=3"])
