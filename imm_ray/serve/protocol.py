@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imm_ray.serve.settings import LimitSettings
 
+# Prompts longer than this many characters per allowed token are refused before tokenizing (no
+# tokenizer's tokens are that long on average), so a big body never ties up the tokenizer.
+MAX_CHARS_PER_TOKEN = 16
+
 
 class APIError(Exception):
     """An error answered as ``{"error": {...}}`` with an HTTP status (never a 500 for bad input)."""
@@ -159,6 +163,12 @@ def parse_request(cls: type[_Request], raw: bytes, limits: LimitSettings) -> _Re
         raise APIError(400, f"n={req.n} exceeds the limit {limits.max_n}", param="n", code="invalid_value")
     if req.stop and len(req.stop) > limits.max_stop:
         raise APIError(400, f"at most {limits.max_stop} stop strings", param="stop", code="invalid_value")
+    chars = len(req.prompt) if isinstance(req, CompletionRequest) else sum(len(m.text()) for m in req.messages)
+    max_chars = limits.max_prompt_tokens * MAX_CHARS_PER_TOKEN
+    if chars > max_chars:
+        raise APIError(400, f"the prompt has {chars} characters; at most {max_chars} ({MAX_CHARS_PER_TOKEN} per "
+                       "token of limits.max_prompt_tokens) are tokenized",
+                       param="messages" if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
     max_tokens = requested_max_tokens(req)
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens={max_tokens} exceeds the limit {limits.max_tokens}", param="max_tokens",

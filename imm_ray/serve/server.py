@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -46,6 +47,7 @@ class OpenAIServer:
         self.latest: tuple[int, Path] | None = None  # the newest round whose engine is loaded
         self._task: asyncio.Task | None = None
         self._swap_lock = asyncio.Lock()
+        self._tokenizer_lock = threading.Lock()
         # folder -> (its files' stamp, why it cannot be served or None): a broken or failed round is
         # answered from here until its files change, without touching an engine again
         self._verdicts: dict[Path, tuple[tuple, str | None]] = {}
@@ -192,18 +194,24 @@ class OpenAIServer:
         if req.seed is not None and req.temperature > 0 and not backend.supports_seed:
             raise APIError(400, "'seed' is not supported by this server's engine (vLLM on CPU) when sampling; "
                            "leave it out or use temperature 0", param="seed", code="unsupported_parameter")
-        ids = self._tokenize(req, backend.tokenizer)
+        ids = await asyncio.to_thread(self._tokenize, req, backend.tokenizer)  # off the event loop
         return model_id, backend, gen_params(req, ids, self.settings.limits, self.settings.max_model_len)
 
-    @staticmethod
-    def _tokenize(req: ChatRequest | CompletionRequest, tokenizer) -> list[int]:
+    def _tokenize(self, req: ChatRequest | CompletionRequest, tokenizer) -> list[int]:
+        """Token ids of the prompt (in a worker thread; one at a time: fast tokenizers are not
+        safe to call from several threads at once)."""
         if isinstance(req, CompletionRequest):
-            return encode_prompt(tokenizer, req.prompt)
-        if not getattr(tokenizer, "chat_template", None):
+            text = req.prompt
+        elif not getattr(tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template: use /v1/completions", code="no_chat_template")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return encode_prompt(tokenizer, text)
+        else:
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]
+            text = None
+        with self._tokenizer_lock:
+            if text is None:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return encode_prompt(tokenizer, text)
 
     @staticmethod
     async def collect(backend: Backend, params: GenParams) -> tuple[list[tuple[str, str]], int]:

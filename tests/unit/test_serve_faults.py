@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -244,6 +245,34 @@ def test_openai_defaults_are_accepted_and_unsupported_values_refused(tmp_path):
         assert [c.text for c in out.choices] == ["2+2=round-001 says hi"] * 2
         stream = await client.completions.create(model="run/latest", prompt="2+2=", echo=True, stream=True)
         assert "".join([c.choices[0].text async for c in stream]) == "2+2=round-001 says hi"
+        await server.stop()
+
+    asyncio.run(main())
+
+
+# --- defect 4: prompts are bounded before tokenizing, and tokenized off the event loop ---------
+def test_big_prompts_are_refused_untokenized_and_tokenizing_never_blocks_the_loop(tmp_path):
+    async def main():
+        server, loader, run = await started(tmp_path, [1])  # max_prompt_tokens=200
+        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        tok = loader.backends[run / "imm/round-001/merged"].tokenizer
+        calls = []
+        plain = type(tok).__call__
+
+        def slow_call(text, add_special_tokens=False):
+            calls.append(len(text))
+            time.sleep(0.5)  # a tokenizer busy with a long text
+            return plain(tok, text, add_special_tokens)
+
+        tok.__class__ = type("SlowTokenizer", (type(tok),), {"__call__": lambda self, *a, **k: slow_call(*a, **k)})
+        r = await raw.post("/v1/completions", json={"model": "run/latest", "prompt": "x" * 500_000})
+        assert r.status_code == 400 and "characters" in r.json()["error"]["message"] and calls == []
+        slow = asyncio.ensure_future(raw.post("/v1/completions", json={"model": "run/latest", "prompt": "y" * 150}))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        assert (await raw.get("/health")).status_code == 200
+        assert time.monotonic() - t0 < 0.3  # answered while the tokenizer works
+        assert (await slow).status_code == 200 and calls == [150]
         await server.stop()
 
     asyncio.run(main())
