@@ -141,7 +141,16 @@ class EngineBackend:
         spec = SamplingSpec(n=params.n, temperature=params.temperature, top_p=params.top_p,
                             max_tokens=params.max_tokens, stop=params.stop, seed=params.seed)
         async with self._lock:
-            [comps] = await asyncio.to_thread(self.engine.generate, [params.prompt_ids], spec)
+            job = asyncio.ensure_future(asyncio.to_thread(self.engine.generate, [params.prompt_ids], spec))
+            try:
+                [comps] = await asyncio.shield(job)
+            except asyncio.CancelledError:  # the thread cannot be stopped: keep the engine locked until it ends
+                while not job.done():
+                    try:
+                        await asyncio.wait({job})
+                    except asyncio.CancelledError:
+                        continue
+                raise
         for i, c in enumerate(comps):
             yield Delta(i, c.text, c.finish_reason, c.num_tokens)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -274,5 +275,48 @@ def test_big_prompts_are_refused_untokenized_and_tokenizing_never_blocks_the_loo
         assert time.monotonic() - t0 < 0.3  # answered while the tokenizer works
         assert (await slow).status_code == 200 and calls == [150]
         await server.stop()
+
+    asyncio.run(main())
+
+
+# --- defect 5: a cancelled request keeps a blocking engine locked until its generation ended ---
+def test_cancelled_request_on_a_blocking_engine_never_overlaps_the_next(tmp_path):
+    from imm_ray.generate.engine import Completion
+    from imm_ray.serve.backends import EngineBackend
+    from imm_ray.serve.protocol import GenParams
+
+    class BlockingEngine:
+        def __init__(self) -> None:
+            self.running = self.max_running = 0
+            self.release = threading.Event()
+            self.guard = threading.Lock()
+
+        def generate(self, prompts, spec):
+            with self.guard:
+                self.running += 1
+                self.max_running = max(self.max_running, self.running)
+            self.release.wait(5)
+            with self.guard:
+                self.running -= 1
+            return [[Completion(text="ok", finish_reason="stop", num_tokens=1)]]
+
+    async def main():
+        engine = BlockingEngine()
+        backend = EngineBackend(tmp_path, engine, tokenizer=None)
+        params = GenParams([1, 2], 1, 0.0, 1.0, 4, ())
+
+        async def run() -> str:
+            return "".join([d.text async for d in backend.stream(params)])
+
+        first = asyncio.ensure_future(run())
+        await asyncio.sleep(0.05)
+        first.cancel()  # the client went away while the engine generates
+        second = asyncio.ensure_future(run())
+        await asyncio.sleep(0.1)
+        assert engine.running == 1  # the second waits for the first's generation
+        engine.release.set()
+        assert await second == "ok" and engine.max_running == 1
+        with pytest.raises(asyncio.CancelledError):
+            await first
 
     asyncio.run(main())
