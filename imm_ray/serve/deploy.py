@@ -64,13 +64,36 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServeSettings, str]:
 
 def build_application(settings: ServeSettings, run_dir: str | Path):
     """The bound Serve application (import of Ray happens here, not at module import)."""
-    from services.app import ImmOpenAI
+    from imm_ray.serve.deployment import ImmOpenAI
 
     keys = load_api_keys(settings.api_keys_file)
     logger.info("serving run %s with engine %s; API keys %s", run_dir, settings.engine,
                 f"on ({len(keys)})" if keys else "off")
     deployment = ImmOpenAI.options(**deployment_options(settings))
     return deployment.bind(settings.model_dump(), str(Path(run_dir).resolve()), list(keys))
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve's app builder (``services.app:app``): ``run_dir=DIR [host=H port=P key=value ...]``.
+
+    Under ``serve run IMPORT_PATH`` it is called before Ray is up: it then starts Serve's proxy on
+    ``host:port``. Under a Serve config (``serve deploy``, RayService) Ray is up and the config's
+    ``http_options`` decide where the proxy listens.
+    """
+    import ray
+    from ray import serve
+
+    from imm_ray.ray_env import ray_binds_loopback
+
+    settings, run_dir = settings_from_args(args)
+    if not ray.is_initialized():
+        if not ray_binds_loopback() and not os.environ.get("RAY_ADDRESS"):
+            logger.warning("a local Ray head would bind the external interface: export "
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled before `serve run`")
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+    elif {"host", "port"} & set(args):
+        logger.warning("host/port args are ignored here: the Serve config's http_options decide where it listens")
+    return build_application(settings, run_dir)
 
 
 def start_serving(run_dir: str | Path, settings: ServeSettings, blocking: bool = False):
