@@ -46,6 +46,10 @@ class Backend(Protocol):
         """Load another same-architecture checkpoint into this idle engine; return it."""
         ...
 
+    async def check(self) -> None:
+        """Raise if the engine died (its process was killed)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -117,6 +121,9 @@ class VLLMAsyncBackend:
         self.path = path
         return self
 
+    async def check(self) -> None:
+        await self.engine.check_health()  # EngineDeadError once the engine-core process is gone
+
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.shutdown)
 
@@ -161,6 +168,9 @@ class EngineBackend:
         self.tokenizer = await asyncio.to_thread(_load_tokenizer, path)
         self.path = path
         return self
+
+    async def check(self) -> None:
+        """The engine runs in this process: it lives as long as the replica."""
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.close)

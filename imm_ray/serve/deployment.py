@@ -32,6 +32,7 @@ class ImmOpenAI:
     async def check_health(self) -> None:
         if not self.server.following:
             raise RuntimeError("the run-directory follower stopped")
+        await self.server.check_engines()
 
     async def __del__(self) -> None:
         await self.server.stop()

@@ -58,6 +58,10 @@ class ModelPool(Generic[B]):
         """Loaded paths, least recently used first."""
         return [p for p, e in self._entries.items() if not e.retired]
 
+    def backends(self) -> list[tuple[Path | None, B]]:
+        """Every open backend with its checkpoint (None for spares)."""
+        return [(p, e.backend) for p, e in self._entries.items()] + [(None, b) for b in self._spares]
+
     def is_resident(self, path: Path) -> bool:
         e = self._entries.get(path)
         return e is not None and not e.retired

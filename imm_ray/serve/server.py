@@ -137,6 +137,18 @@ class OpenAIServer:
         """Whether the follower task runs (False before `start` or after it died)."""
         return self._task is not None and not self._task.done()
 
+    async def check_engines(self) -> None:
+        """Raise if an engine of this replica died (Serve's health check then replaces the replica)."""
+        by_path = {p: n for n, p in self.follower.catalog.rounds.items()}
+        for path, backend in self.pool.backends():
+            try:
+                await backend.check()
+            except Exception as exc:
+                name = "a spare engine" if path is None else (
+                    f"the engine of {self.follower.catalog.model_id(by_path[path])}" if path in by_path else
+                    "an engine")
+                raise RuntimeError(f"{name} died ({type(exc).__name__})") from exc
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

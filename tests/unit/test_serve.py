@@ -158,6 +158,10 @@ class FakeBackend:
         self.path, self.reloads = path, getattr(self, "reloads", 0) + 1
         return self
 
+    async def check(self) -> None:
+        if getattr(self, "dead", False):
+            raise RuntimeError("EngineCore died")
+
     async def close(self) -> None:
         self.closed = True
 

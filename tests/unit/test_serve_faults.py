@@ -320,3 +320,16 @@ def test_cancelled_request_on_a_blocking_engine_never_overlaps_the_next(tmp_path
             await first
 
     asyncio.run(main())
+
+
+# --- fault matrix: an engine process dies ------------------------------------------------------
+def test_a_dead_engine_fails_the_health_check_with_its_round(tmp_path):
+    async def main():
+        server, loader, run = await started(tmp_path, [1, 2], resident_models=2)
+        await server.check_engines()
+        loader.backends[run / "imm/round-002/merged"].dead = True
+        with pytest.raises(RuntimeError, match=r"the engine of run/round-2 died \(RuntimeError\)"):
+            await server.check_engines()
+        await server.stop()
+
+    asyncio.run(main())
