@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -391,3 +393,28 @@ def test_a_full_pool_reuses_the_engine_it_would_evict(tmp_path):
         await server.stop()
 
     asyncio.run(main())
+
+
+# --- the Serve entry point ------------------------------------------------------------------
+SERVE_CONFIG = """
+http_options: {host: 127.0.0.1, port: 8000}
+applications:
+  - name: imm
+    route_prefix: /
+    import_path: services.app:app
+    args: {run_dir: /data/runs/demo, engine: vllm, resident_models: 3, limits: {max_tokens: 64}}
+"""
+
+
+def test_a_serve_config_names_the_entry_point_and_its_args_are_settings():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    [app] = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG)).applications
+    s, run_dir = settings_from_args(app.args)
+    assert (run_dir, s.engine, s.resident_models, s.limits.max_tokens) == ("/data/runs/demo", "vllm", 3, 64)
+    code = ("import sys, imm_ray.serve.deploy, imm_ray.serve.deployment\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'services'], 'the package imports services'\n"
+            "import services.app\n"
+            "assert services.app.app is imm_ray.serve.deploy.app_builder\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
