@@ -10,11 +10,14 @@ from imm_ray.storage.checkpoints import (
     CheckpointError,
     clear_output,
     default_cache_dir,
+    folder_checksum,
     is_published,
     materialize,
     publish_dir,
     published_manifest,
+    scratch_dir,
     verify_manifest,
+    work_dir_for,
     write_manifest,
 )
 from imm_ray.storage.fs import (
@@ -39,9 +42,9 @@ from imm_ray.storage.lease import RunLockedError
 from imm_ray.storage.rundir import RunDir, RunStateError
 
 __all__ = [
-    "MANIFEST_NAME", "CheckpointError", "Location", "RunDir", "RunLockedError", "RunStateError", "StorageError",
-    "StorageOptions", "clear_output", "default_cache_dir", "default_mode", "delete", "exists", "is_published",
-    "is_remote", "make_temp_dir", "materialize", "publish_dir", "published_manifest", "read_json", "read_jsonl",
-    "read_text", "resolve", "set_default_options", "verify_manifest", "write_json", "write_jsonl", "write_manifest",
-    "write_text",
+    "CheckpointError", "Location", "MANIFEST_NAME", "RunDir", "RunLockedError", "RunStateError", "StorageError",
+    "StorageOptions", "clear_output", "default_cache_dir", "default_mode", "delete", "exists", "folder_checksum",
+    "is_published", "is_remote", "make_temp_dir", "materialize", "publish_dir", "published_manifest", "read_json",
+    "read_jsonl", "read_text", "resolve", "scratch_dir", "set_default_options", "verify_manifest", "work_dir_for",
+    "write_json", "write_jsonl", "write_manifest", "write_text",
 ]

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,6 +58,34 @@ def node_cache_dir() -> Path:
     """Where this node keeps materialized checkpoints: ``$IMM_NODE_CACHE_DIR``, else the cache folder."""
     env = os.environ.get("IMM_NODE_CACHE_DIR")
     return Path(env).expanduser() if env else default_cache_dir() / "materialized"
+
+
+def scratch_dir() -> Path:
+    """This node's scratch space for outputs being built: ``$IMM_SCRATCH_DIR``, else the temp dir."""
+    env = os.environ.get("IMM_SCRATCH_DIR")
+    return Path(env).expanduser() if env else Path(tempfile.gettempdir()) / "imm-scratch"
+
+
+def work_dir_for(target: str | Path | Location) -> Path:
+    """A fresh local folder to build the output ``target`` in before :func:`publish_dir`.
+
+    For a local output it is a temporary sibling (``.NAME.tmp-*``: renamed into place, and
+    cleared by :func:`clear_output` after a kill); for object storage, in :func:`scratch_dir`.
+    """
+    loc = resolve(target)
+    if loc.is_local:
+        return make_temp_dir(loc.parent.local_path(), f".{loc.name}.tmp-")
+    return make_temp_dir(scratch_dir(), f"{loc.name}.tmp-")
+
+
+def folder_checksum(folder: str | Path) -> str:
+    """One sha256 for the files of a local folder (from its manifest when it has one)."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        files = build_manifest(folder)["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -144,25 +173,26 @@ def clear_output(target: str | Path | Location) -> None:
 def publish_dir(src: str | Path, dest: str | Path | Location, move: bool = False) -> Location:
     """Publish the local folder ``src`` as the checkpoint ``dest`` (which must not exist yet).
 
-    Writes the manifest, then: on a local disk renames ``src`` into place (``move``) or a copy of
-    it; on object storage uploads every file and the manifest last. Returns ``dest``.
+    On a local disk: ``src`` itself (``move``: it then gets the manifest and is renamed into
+    place) or a copy of it, with the manifest, renamed into place. On object storage: every file
+    uploaded, the manifest last. ``src`` is left as it is unless ``move``. Returns ``dest``.
     """
     src, loc = Path(src), resolve(dest)
     if is_published(loc) or (loc.is_local and exists(loc)):
         raise CheckpointError(f"{loc} already exists (refusing to overwrite)")
-    manifest = write_manifest(src)
+    manifest = build_manifest(src)
     if loc.is_local:
         dst = loc.local_path()
-        if move:
-            src.chmod(default_mode(folder=True))
-            os.rename(src, dst)
-        else:
-            tmp = make_temp_dir(dst.parent, f".{dst.name}.tmp-")
-            try:
-                shutil.copytree(src, tmp, dirs_exist_ok=True)
-                os.rename(tmp, dst)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        staging = src if move else make_temp_dir(dst.parent, f".{dst.name}.tmp-")
+        try:
+            if not move:
+                shutil.copytree(src, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_NAME))
+            staging.chmod(default_mode(folder=True))
+            write_bytes(staging / MANIFEST_NAME, _manifest_bytes(manifest))
+            os.rename(staging, dst)
+        finally:
+            if not move:
+                shutil.rmtree(staging, ignore_errors=True)
         return loc
     delete(loc)  # objects of an interrupted upload: invisible without a manifest, but not kept
     for rel in manifest["files"]:

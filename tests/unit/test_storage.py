@@ -102,6 +102,7 @@ def test_publish_and_materialize(root, tmp_path):
     dest = resolve(root) / "imm/round-001/merged"
     publish_dir(src, dest)
     assert is_published(dest)
+    assert not (src / "manifest.json").exists()  # the source (e.g. a read-only model) is not touched
     with pytest.raises(CheckpointError, match="already exists"):
         publish_dir(src, dest)
     local = materialize(dest, cache_dir=tmp_path / "cache")
