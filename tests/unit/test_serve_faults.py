@@ -333,3 +333,56 @@ def test_a_dead_engine_fails_the_health_check_with_its_round(tmp_path):
         await server.stop()
 
     asyncio.run(main())
+
+
+def test_an_engine_dying_mid_stream_fails_only_its_own_streams(tmp_path):
+    async def main():
+        server, loader, run = await started(tmp_path, [1, 2], resident_models=3)
+        client = make_client(server_app(server))
+        await client.chat.completions.create(model="run/round-1", messages=MSG)  # resident
+        dying = loader.backends[run / "imm/round-001/merged"]
+        healthy = loader.backends[run / "imm/round-002/merged"]
+        dying.gate.clear()
+        healthy.gate.clear()
+
+        async def read(model: str) -> str:
+            stream = await client.chat.completions.create(model=model, messages=MSG, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        streams = [asyncio.ensure_future(read(m)) for m in ["run/round-1", "run/latest"] * 3]
+        await asyncio.sleep(0.1)
+        dying.closed = True  # its engine died: the next step of each of its generations fails
+        dying.gate.set()
+        healthy.gate.set()
+        results = await asyncio.gather(*streams, return_exceptions=True)
+        assert results[1::2] == ["round-002 says hi"] * 3
+        assert all(isinstance(r, openai.APIError) and "generation failed" in str(r) for r in results[0::2]), results
+        assert server.pool._entries[run / "imm/round-001/merged"].leases == 0  # leases released
+        await server.stop()
+
+    asyncio.run(main())
+
+
+# --- load: many clients over resident and on-demand rounds -------------------------------------
+def test_load_many_clients_across_rounds_no_failures_and_bounded_engines(tmp_path):
+    async def main():
+        loader = CountingLoader(delay=0.01)
+        server, _ = await with_loader(tmp_path, [1, 2, 3, 4, 5], loader, resident_models=2, spare_engines=1)
+        client = make_client(server_app(server))
+        models = [f"run/round-{n}" for n in range(6)] + ["run/latest"]
+
+        async def one(i: int) -> str:
+            model = models[i % len(models)]
+            if i % 2:
+                stream = await client.chat.completions.create(model=model, messages=MSG, stream=True)
+                return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            return (await client.chat.completions.create(model=model, messages=MSG)).choices[0].message.content
+
+        texts = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(210))), timeout=60)
+        names = ["run"] + [f"round-00{n}" for n in range(1, 6)] + ["round-005"]
+        assert texts == [f"{names[i % 7]} says hi" for i in range(210)]
+        assert loader.max_open <= 3  # resident_models + spare_engines, whatever the load
+        assert not server.pool._waiting and all(e.leases == 0 for e in server.pool._entries.values())
+        await server.stop()
+
+    asyncio.run(main())
