@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 import safetensors
 from tqdm.auto import tqdm
+
+from imm_ray.storage import make_temp_dir
 
 from .dtypes import FLOAT32, DType, parse_dtype
 from .errors import MergeError
@@ -125,7 +126,7 @@ def merge_checkpoints(
             anchor_path, out_dir,
         )
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")  # umask permissions, not mkdtemp's 0700
         writer: StreamingSafetensorsWriter | None = None
         try:
             copied = copy_support_files(anchor_path, tmp, out_dtype)

@@ -777,3 +777,18 @@ def test_yaml_config_cli(ckpts, imm_default, tmp_path):
     prov = json.loads((tmp_path / "d" / "merge_provenance.json").read_text())
     assert prov["method"] == "dare_linear" and prov["params"]["drop_rate"] == 0.0 and prov["checksum"] is None
     assert run_merge_cli(parser.parse_args(["--no-progress"])) == 2  # nothing to merge
+
+
+def test_merged_folder_gets_umask_permissions(ckpts, tmp_path):
+    """Defect 15: the merged folder was created 0700 (mkdtemp), unreadable by a server under another user."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "merged", params={"lam": 0.5},
+                                seed=0)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(Path(out).stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in Path(out).iterdir())
