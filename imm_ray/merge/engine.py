@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import ExitStack
@@ -29,8 +30,6 @@ from typing import Any
 import numpy as np
 import safetensors
 from tqdm.auto import tqdm
-
-from imm_ray.storage import make_temp_dir
 
 from .dtypes import FLOAT32, DType, parse_dtype
 from .errors import MergeError
@@ -126,7 +125,8 @@ def merge_checkpoints(
             anchor_path, out_dir,
         )
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")  # umask permissions, not mkdtemp's 0700
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()  # umask permissions (mkdtemp's are 0700: unreadable by a server under another user)
         writer: StreamingSafetensorsWriter | None = None
         try:
             copied = copy_support_files(anchor_path, tmp, out_dtype)
