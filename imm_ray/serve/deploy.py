@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from imm_ray.errors import UserError, unknown_name
 from imm_ray.serve.auth import load_api_keys
 from imm_ray.serve.settings import ServeSettings
 
@@ -41,14 +42,19 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServeSettings, str]:
     """Settings and run dir from ``serve run`` builder args (``key=value``, dotted keys nest).
 
     ``config=FILE`` reads a YAML file first: either ServeSettings or an imm config with a ``serve``
-    section; ``run_dir`` is required (or ``serve.run_dir`` in the file).
+    section; ``run_dir`` is required (or ``serve.run_dir`` in the file). Bad input raises a one-line
+    `UserError`.
     """
     import yaml
+    from pydantic import ValidationError
 
     data: dict[str, Any] = {}
     args = dict(args)
     if cfg := args.pop("config", None):
-        loaded = yaml.safe_load(Path(cfg).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(cfg).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UserError(f"cannot read the serve config {cfg}: {exc}") from None
         data = loaded.get("serve", loaded) if isinstance(loaded, dict) else {}
     for key, value in args.items():
         node = data
@@ -58,8 +64,24 @@ def settings_from_args(args: dict[str, Any]) -> tuple[ServeSettings, str]:
         node[leaf] = value
     run_dir = data.pop("run_dir", None)
     if not run_dir:
-        raise ValueError("give the run directory: run_dir=DIR")
-    return ServeSettings.model_validate(data), str(run_dir)
+        raise UserError("give the run directory: run_dir=DIR (imm serve --run-dir DIR)")
+    try:
+        return ServeSettings.model_validate(data), str(run_dir)
+    except ValidationError as exc:
+        raise UserError(_settings_error(exc)) from None
+
+
+def _settings_error(exc: Any) -> str:
+    """One line for the first problem of a ServeSettings validation error."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        model: Any = ServeSettings
+        parents = [str(p) for p in err["loc"][:-1]]
+        for part in parents:
+            model = model.model_fields[part].annotation
+        return unknown_name("serve setting", key, [".".join([*parents, f]) for f in model.model_fields])
+    return f"serve setting {key}: {err['msg']}"
 
 
 def build_application(settings: ServeSettings, run_dir: str | Path):

@@ -16,6 +16,7 @@ import openai
 import pytest
 from safetensors.numpy import save_file
 
+from imm_ray.errors import UserError
 from imm_ray.serve.auth import KeyChecker, load_api_keys
 from imm_ray.serve.backends import Delta
 from imm_ray.serve.cli import add_serve_arguments, settings_from_cli
@@ -113,15 +114,21 @@ def test_settings_from_builder_args_and_deployment_options():
     assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
     assert opts["backpressure_config"]["status_code"] == 429
     assert deployment_options(ServeSettings(num_replicas=2))["num_replicas"] == 2
-    with pytest.raises(ValueError, match="run_dir"):
+    with pytest.raises(UserError, match="run_dir"):
         settings_from_args({"port": "1"})
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     args = parser.parse_args(["--run-dir", "runs/d", "--port", "8123", "resident_models=3", "limits.max_tokens=9"])
     s, run_dir = settings_from_cli(args)
     assert (run_dir, s.port, s.resident_models, s.limits.max_tokens, s.engine) == ("runs/d", 8123, 3, 9, "vllm")
-    with pytest.raises(ValueError):
-        settings_from_args({"run_dir": "x", "no_such_setting": "1"})
+    with pytest.raises(UserError, match="unknown serve setting 'resident_model' .did you mean 'resident_models'"):
+        settings_from_args({"run_dir": "x", "resident_model": "1"})
+    with pytest.raises(UserError, match="'limits.max_tokn' .did you mean 'limits.max_tokens'"):
+        settings_from_args({"run_dir": "x", "limits.max_tokn": "1"})
+    with pytest.raises(UserError, match="serve setting port: Input should be less than or equal to 65535"):
+        settings_from_args({"run_dir": "x", "port": "70000"})
+    with pytest.raises(UserError, match="cannot read the serve config"):
+        settings_from_args({"run_dir": "x", "config": "/no/such.yaml"})
 
 
 # --- a fake engine ---------------------------------------------------------------------------
