@@ -24,11 +24,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_cli(args: argparse.Namespace):
     """(ServeSettings, run_dir) from the parsed flags: file, then key=value overrides, then flags."""
+    from imm_ray.errors import UserError
     from imm_ray.serve.deploy import settings_from_args
 
     bad = [kv for kv in args.overrides if "=" not in kv]
     if bad:
-        raise ValueError(f"overrides must be key=value, got {bad}")
+        raise UserError(f"serve settings are key=value (e.g. resident_models=3), got {' '.join(bad)}")
     raw: dict[str, object] = dict(kv.split("=", 1) for kv in args.overrides)
     raw["run_dir"] = args.run_dir
     if args.config:
