@@ -7,7 +7,9 @@ import logging
 import os
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+
+from imm_ray.errors import add_common_arguments, dispatch
 
 logger = logging.getLogger("imm_ray")
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from imm_ray.serve.cli import add_serve_arguments, run_serve_cli
 
     parser = argparse.ArgumentParser(prog="imm", description="Iterative Model Merging on Ray")
-    parser.add_argument("--log-level", default="INFO")
+    add_common_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     commands = [
         ("run", "run or resume the IMM self-improvement loop", add_run_arguments, run_command),
@@ -72,20 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     ]
     for name, help_text, add_arguments, func in commands:
         command = sub.add_parser(name, help=help_text)
+        add_common_arguments(command, before_command=False)
         add_arguments(command)
         command.set_defaults(func=func)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``imm`` console script."""
+    """Entry point of the ``imm`` console script (and of ``python -m jobs.imm_run``)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        logger.error("interrupted; run the same command again to resume")
-        return 130
+    return dispatch(args.func, args, f"imm {args.command}")
 
 
 if __name__ == "__main__":

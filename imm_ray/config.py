@@ -362,7 +362,7 @@ def load_config(
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+            raise ConfigError(f"config file {p} does not exist (check the path given to --config)")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
@@ -400,7 +400,7 @@ def config_from_dict(tree: dict[str, Any]) -> ImmConfig:
 
 
 def _nearest_key(loc: tuple[str | int, ...]) -> str:
-    """``; did you mean a.b.c?`` for an unknown key at ``loc`` (by the fields of the model holding it)."""
+    """`` (did you mean a.b.c?)`` for an unknown key at ``loc`` (by the fields of the model holding it)."""
     node: Any = ImmConfig
     for part in loc[:-1]:
         if isinstance(part, int):
@@ -413,7 +413,7 @@ def _nearest_key(loc: tuple[str | int, ...]) -> str:
         return ""
     close = difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=1)
     prefix = "".join(f"{p}." for p in loc[:-1])
-    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys here: {', '.join(node.model_fields)}"
+    return f" (did you mean {prefix}{close[0]}?)" if close else f" (valid keys here: {', '.join(node.model_fields)})"
 
 
 def _model_type(annotation: Any) -> Any:

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from imm_ray.cli import add_run_arguments, run_command, setup_logging
+from imm_ray.cli import main as imm_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the run flags and run (or resume) the IMM loop."""
-    parser = argparse.ArgumentParser(prog="jobs.imm_run", description="Run or resume an IMM run")
-    parser.add_argument("--log-level", default="INFO")
-    add_run_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        return run_command(args)
-    except KeyboardInterrupt:
-        return 130
+    """``imm run`` itself: the same flags, and failures reported the same way (one line, exit 2)."""
+    return imm_main(["run", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

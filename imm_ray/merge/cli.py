@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from imm_ray.errors import add_common_arguments, dispatch
+
 from .engine import DEFAULT_MAX_SHARD_SIZE, merge_checkpoints
 from .errors import MergeError
 from .methods import MERGE_METHODS, get_merge_method
@@ -126,48 +128,45 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def run_merge_cli(args: argparse.Namespace) -> int:
-    """Run a merge from parsed arguments; returns 0 on success, 2 on a MergeError."""
-    try:
-        cfg = load_config(args.config) if getattr(args, "config", None) else {}
+    """Run a merge from parsed arguments; returns 0, raises MergeError on bad input (nothing published)."""
+    cfg = load_config(args.config) if getattr(args, "config", None) else {}
 
-        def pick(key: str, cli: Any) -> Any:
-            return cli if cli is not None else cfg.get(key)
+    def pick(key: str, cli: Any) -> Any:
+        return cli if cli is not None else cfg.get(key)
 
-        method = pick("method", args.method) or "imm"
-        base, models, out = pick("base", args.base), pick("models", args.models), pick("out", args.out)
-        missing = [flag for flag, v in (("--base", base), ("--model", models), ("--out", out)) if not v]
-        if missing:
-            raise MergeError(f"missing {', '.join(missing)} (on the command line or in --config)")
-        out_dir = merge_checkpoints(
-            method,
-            base,
-            models,
-            out,
-            params=params_from_args(args, method, cfg.get("params")),
-            seed=pick("seed", args.seed) or 0,
-            dtype=pick("dtype", args.dtype),
-            progress=not args.no_progress,
-            max_shard_size=pick("max_shard_size", args.max_shard_size) or DEFAULT_MAX_SHARD_SIZE,
-            include=pick("include", args.include),
-            exclude=pick("exclude", args.exclude),
-            threads=pick("threads", args.threads),
-            checksums=False if args.no_checksums else cfg.get("checksums", True),
-            fsync=args.fsync,
-        )
-    except MergeError as exc:
-        logger.error("merge failed: %s", exc)
-        return 2
+    method = pick("method", args.method) or "imm"
+    base, models, out = pick("base", args.base), pick("models", args.models), pick("out", args.out)
+    missing = [flag for flag, v in (("--base", base), ("--model", models), ("--out", out)) if not v]
+    if missing:
+        raise MergeError(f"missing {', '.join(missing)} (on the command line or in --config)")
+    out_dir = merge_checkpoints(
+        method,
+        base,
+        models,
+        out,
+        params=params_from_args(args, method, cfg.get("params")),
+        seed=pick("seed", args.seed) or 0,
+        dtype=pick("dtype", args.dtype),
+        progress=not args.no_progress,
+        max_shard_size=pick("max_shard_size", args.max_shard_size) or DEFAULT_MAX_SHARD_SIZE,
+        include=pick("include", args.include),
+        exclude=pick("exclude", args.exclude),
+        threads=pick("threads", args.threads),
+        checksums=False if args.no_checksums else cfg.get("checksums", True),
+        fsync=args.fsync,
+    )
     logger.info("merged model written to %s", out_dir)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m imm_ray.merge.cli ...``)."""
+    """Stand-alone entry point (``python -m imm_ray.merge.cli ...``): failures as ``imm merge`` reports them."""
     parser = argparse.ArgumentParser(prog="imm merge", description="Merge HF checkpoints (IMM and friends).")
+    add_common_arguments(parser)
     add_merge_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_merge_cli(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return dispatch(run_merge_cli, args, "imm merge")
 
 
 if __name__ == "__main__":

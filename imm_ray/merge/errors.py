@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from imm_ray.errors import UserError
 
-class MergeError(Exception):
+
+class MergeError(UserError):
     """A merge cannot be performed (bad method, parameters, inputs or a bad result).
 
     Raised before anything is published: when it comes from the engine, ``out_dir`` does not exist.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_RESAVE = "the file is damaged or not a safetensors checkpoint: re-save it"
 
 
 def parse_size(size: int | str | None) -> int | None:
@@ -85,13 +87,54 @@ def read_header(path: Path) -> dict[str, Any]:
                 raise MergeError(f"{path}: not a safetensors file (too short)")
             (length,) = struct.unpack("<Q", raw)
             if length > _MAX_HEADER_BYTES:
-                raise MergeError(f"{path}: safetensors header too large ({length} bytes)")
+                raise MergeError(f"{path}: safetensors header too large ({length} bytes); {_RESAVE}")
             header = json.loads(fh.read(length))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{path}: cannot read safetensors header: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise MergeError(f"{path}: cannot parse the safetensors header ({exc}); {_RESAVE}") from exc
+    except OSError as exc:
+        raise MergeError(f"{path}: cannot read the safetensors header: {exc.strerror or exc}") from exc
     if not isinstance(header, dict):
-        raise MergeError(f"{path}: malformed safetensors header")
+        kind = type(header).__name__
+        raise MergeError(f"{path}: the safetensors header must be a JSON object, got {kind}; {_RESAVE}")
     return header
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def parse_header_entry(
+    path: Path, name: str, meta: Any, data_start: int, file_size: int
+) -> tuple[DType, tuple[int, ...], int, int]:
+    """Check one tensor's header entry; return its dtype, shape and absolute data ``begin, end``.
+
+    Rejects (MergeError naming the file and tensor) what a crafted header can put there: an entry
+    that is not a mapping, an unknown dtype, a shape that is not a list of non-negative integers,
+    data offsets that are not ``[begin, end]`` with ``0 <= begin <= end`` inside the file, and a
+    byte length that does not match the shape.
+    """
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(meta, dict):
+        raise MergeError(f"{where}: its header entry must be an object with dtype, shape and data_offsets, "
+                         f"got {type(meta).__name__}; {_RESAVE}")
+    st = meta.get("dtype")
+    dtype = dtype_from_safetensors(st) if isinstance(st, str) else None
+    if dtype is None:
+        raise MergeError(f"{where}: unsupported dtype {st!r}")
+    shape, offsets = meta.get("shape"), meta.get("data_offsets")
+    if not _is_int_list(shape) or any(d < 0 for d in shape):
+        raise MergeError(f"{where}: shape must be a list of non-negative integers, got {shape!r}; {_RESAVE}")
+    if not (_is_int_list(offsets) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+        raise MergeError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}; "
+                         f"{_RESAVE}")
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise MergeError(f"{where}: data_offsets {offsets} hold {end - begin} bytes but {st} {shape} needs {nbytes}; "
+                         f"{_RESAVE}")
+    if end > file_size:
+        raise MergeError(f"{where}: data ends at byte {end} but the file has {file_size} (truncated); {_RESAVE}")
+    return dtype, tuple(shape), begin, end
 
 
 class CheckpointReader:
@@ -118,32 +161,33 @@ class CheckpointReader:
         header = read_header(path)
         data_start = 8 + _header_length(path)
         size = path.stat().st_size
+        spans: list[tuple[int, int, str]] = []
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
             if name in self.tensors:
                 raise MergeError(f"{self.folder}: tensor {name!r} is stored twice")
-            dtype = dtype_from_safetensors(meta.get("dtype"))
-            if dtype is None:
-                raise MergeError(f"{path}: unsupported dtype {meta.get('dtype')!r} for {name!r}")
-            try:
-                begin, end = (int(x) for x in meta["data_offsets"])
-                info = TensorInfo(name, dtype, tuple(int(d) for d in meta["shape"]),
-                                  fname, data_start + begin)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise MergeError(f"{path}: malformed header entry for {name!r}: {exc}") from exc
-            if end - begin != info.nbytes or data_start + end > size:
-                raise MergeError(f"{path}: data of {name!r} is truncated or inconsistent with its shape")
-            self.tensors[name] = info
+            dtype, shape, begin, end = parse_header_entry(path, name, meta, data_start, size)
+            self.tensors[name] = TensorInfo(name, dtype, shape, fname, begin)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:
+                raise MergeError(f"{path}: the data of tensors {first!r} and {second!r} overlap; {_RESAVE}")
 
     def _find_weight_files(self) -> list[str]:
         index = self.folder / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise MergeError(f"{index}: malformed index: {exc}") from exc
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise MergeError(f"{index}: malformed index ({exc}); re-save the checkpoint") from exc
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise MergeError(f"{index}: weight_map must map tensor names to file names; re-save the checkpoint")
             files = sorted(set(weight_map.values()))
+            outside = [f for f in files if Path(f).name != f or f in (".", "..")]
+            if outside:
+                raise MergeError(f"{index}: shard names must be files in {self.folder}, got {outside}")
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
                 raise MergeError(f"{self.folder}: shards listed in {INDEX_FILE} are missing: {missing}")

@@ -643,12 +643,14 @@ def test_cli(ckpts, imm_default, tmp_path):
         "--model", str(ckpts["sft2"]), "--weight", "1", "--weight", "1", "--lambda", "0.5",
         "--no-progress", "--out", str(tmp_path / "bad"),
     ])
-    assert run_merge_cli(args) == 2  # linear has no 'lam'
+    with pytest.raises(MergeError, match="lam"):  # linear has no 'lam'
+        run_merge_cli(args)
     assert not (tmp_path / "bad").exists()
 
 
 def test_merge_package_does_not_import_ray():
-    """The merge package is pure: it imports neither ray nor other imm_ray packages (which might)."""
+    """The merge package is pure: it imports neither ray nor other imm_ray packages (which might),
+    except the stdlib-only imm_ray.errors (UserError, the one-line error reporting)."""
     import ast
 
     import imm_ray.merge
@@ -658,7 +660,7 @@ def test_merge_package_does_not_import_ray():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 roots = [alias.name.split(".")[0] for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module != "imm_ray.errors":
                 roots = [(node.module or "").split(".")[0]]
             else:
                 continue
@@ -776,7 +778,8 @@ def test_yaml_config_cli(ckpts, imm_default, tmp_path):
     assert run_merge_cli(args) == 0
     prov = json.loads((tmp_path / "d" / "merge_provenance.json").read_text())
     assert prov["method"] == "dare_linear" and prov["params"]["drop_rate"] == 0.0 and prov["checksum"] is None
-    assert run_merge_cli(parser.parse_args(["--no-progress"])) == 2  # nothing to merge
+    with pytest.raises(MergeError, match="missing --base, --model, --out"):  # nothing to merge
+        run_merge_cli(parser.parse_args(["--no-progress"]))
 
 
 def test_merged_folder_gets_umask_permissions(ckpts, tmp_path):

@@ -1,0 +1,174 @@
+"""Every ``imm`` failure is one line on stderr naming the thing and the fix, exit status 2; the traceback
+only with ``--debug``. Crafted safetensors headers are refused with such errors (real subprocesses)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imm_ray.errors import UserError, describe_error
+from imm_ray.merge import MergeError
+from imm_ray.merge.safetensors_io import CheckpointReader
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = str(REPO / "jobs/configs/demo.yaml")
+W = np.arange(8, dtype=np.float32)
+GOOD = {"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}}
+
+
+def write_checkpoint(folder: Path, header: object, data: bytes = W.tobytes(), index: object = None) -> Path:
+    """A checkpoint folder whose model.safetensors has exactly this (possibly crafted) JSON header."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    (folder / "config.json").write_text("{}")
+    if index is not None:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def imm(*args: str, module: str = "imm_ray.cli", cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env)
+
+
+def one_line_failure(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The single stderr line of a failed command (exit 2, no traceback), checked to hold ``needles``."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# --- crafted safetensors headers -------------------------------------------------------------------------
+
+CRAFTED = {
+    "entry is a list": ({"w": ["F32", [2, 4], [0, 32]]}, "header entry must be an object"),
+    "header is a list": ([1, 2, 3], "must be a JSON object"),
+    "negative shape": ({"w": {"dtype": "F32", "shape": [-2, -4], "data_offsets": [0, 32]}}, "non-negative"),
+    "shape is a string": ({"w": {"dtype": "F32", "shape": "24", "data_offsets": [0, 32]}}, "shape must be"),
+    "shape of booleans": ({"w": {"dtype": "F32", "shape": [True, 8], "data_offsets": [0, 32]}}, "shape must be"),
+    "offsets before the data": ({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [-8, 24]}}, "data_offsets"),
+    "offsets reversed": ({"w": {"dtype": "F32", "shape": [0], "data_offsets": [32, 0]}}, "begin <= end"),
+    "offsets past the file": ({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [8, 40]}}, "truncated"),
+    "offsets a string": ({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": "0,32"}}, "data_offsets"),
+    "length does not match shape": ({"w": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 32]}}, "needs 48"),
+    "dtype is a list": ({"w": {"dtype": ["F32"], "shape": [2, 4], "data_offsets": [0, 32]}}, "unsupported dtype"),
+    "tensors overlap": ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                         "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, "overlap"),
+}
+
+
+@pytest.mark.parametrize("header, needle", CRAFTED.values(), ids=CRAFTED.keys())
+def test_crafted_headers_are_refused_naming_the_file(tmp_path, header, needle):
+    folder = write_checkpoint(tmp_path / "ckpt", header)
+    with pytest.raises(MergeError, match=needle) as err:
+        CheckpointReader(folder)
+    assert str(folder / "model.safetensors") in str(err.value)
+
+
+def test_deeply_nested_header_is_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    raw = b"[" * 100_000 + b"]" * 100_000
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(MergeError, match="cannot parse the safetensors header"):
+        CheckpointReader(folder)
+
+
+@pytest.mark.parametrize("weight_map, needle", [
+    ({"w": "../outside.safetensors"}, "shard names must be files in"),
+    ({"w": ["model.safetensors"]}, "weight_map must map"),
+    ([1], "weight_map must map"),
+])
+def test_crafted_index_is_refused(tmp_path, weight_map, needle):
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    folder = write_checkpoint(tmp_path / "ckpt", GOOD, index={"weight_map": weight_map})
+    with pytest.raises(MergeError, match=needle):
+        CheckpointReader(folder)
+
+
+def test_a_valid_header_still_reads(tmp_path):
+    with CheckpointReader(write_checkpoint(tmp_path / "ok", GOOD)) as reader:
+        assert np.array_equal(reader.get("w"), W.reshape(2, 4))
+
+
+# --- one-line failures of every subcommand ---------------------------------------------------------------
+
+def test_describe_error_unwraps_remote_causes_and_names_os_errors():
+    class RemoteError(Exception):  # the shape of Ray's RayTaskError: the task's exception as .cause
+        cause = MergeError("anchor/model.safetensors: tensor 'w': shape must be ...")
+
+    assert describe_error(RemoteError("Traceback...\nlots")).startswith("anchor/model.safetensors")
+    err = FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/x")
+    assert describe_error(err) == "/data/x: No such file or directory (check the path)"
+    assert describe_error(UserError("line one\n  line two")) == "line one line two"
+    assert describe_error(TypeError("bad")) == "TypeError: bad (rerun with --debug for the traceback)"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "--config", "/no/such.yaml"], ["config file /no/such.yaml does not exist", "--config"]),
+    (["run", "--config", DEMO, "merge.params.drop_rate=1.5"], ["merge.params", "out of range [0, 1)"]),
+    (["run", "--config", DEMO, "merge.method=dare-ties"], ["merge.method", "did you mean 'dare_ties'"]),
+    (["run", "--config", DEMO, "run.roundz=3"], ["run.roundz", "did you mean run.rounds"]),
+    (["run", "--config", DEMO, "verify.verifier=exact"], ["verify.verifier", "numeric"]),
+    (["run", "--config", DEMO, "run.arms=[imm, star]"], ["run.arms", "rest"]),
+])
+def test_imm_run_config_errors_are_one_line(args, needles):
+    line = one_line_failure(imm(*args), *needles)
+    assert line.startswith("imm run: error: ")
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    one_line_failure(imm("run", "--config", str(bad)), "not valid YAML", str(bad))
+
+
+def test_jobs_entry_point_goes_through_the_same_main():
+    one_line_failure(imm("--config", "/no/such.yaml", module="jobs.imm_run"), "imm run: error: config file")
+
+
+def test_imm_merge_crafted_header_and_os_error_are_one_line(tmp_path):
+    good = write_checkpoint(tmp_path / "good", GOOD)
+    crafted = write_checkpoint(tmp_path / "crafted", CRAFTED["entry is a list"][0])
+    proc = imm("merge", "--base", str(good), "--model", str(crafted), "--out", str(tmp_path / "o"), "--no-progress")
+    one_line_failure(proc, "imm merge: error: ", str(crafted / "model.safetensors"), "re-save it")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("")
+    proc = imm("--log-level", "WARNING", "merge", "--base", str(good), "--model", str(good),
+               "--out", str(tmp_path / "afile" / "o"), "--no-progress")
+    one_line_failure(proc, str(tmp_path / "afile"), "choose another path")
+    # the stand-alone module reports the same way
+    proc = imm("--base", str(good), "--model", str(crafted), "--out", str(tmp_path / "o"), "--no-progress",
+               module="imm_ray.merge.cli")
+    one_line_failure(proc, "imm merge: error: ", "header entry must be an object")
+
+
+def test_imm_serve_eval_analyze_failures_are_one_line(tmp_path):
+    one_line_failure(imm("serve", "--run-dir", str(tmp_path), "not-a-key-value"), "imm serve: error: ", "key=value")
+    proc = imm("eval", "--model", str(tmp_path / "absent"), "--dataset", "gsm8k", "--data-dir", str(tmp_path))
+    one_line_failure(proc, "imm eval failed: dataset 'gsm8k'", "IMM_DATA_DIR")
+    one_line_failure(imm("analyze", "--measures", "bogus"), "bogus")
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_debug_shows_the_traceback(before):
+    flags = ["--debug", "run"] if before else ["run", "--debug"]
+    proc = imm(*flags, "--config", "/no/such.yaml")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("imm run: error: config file")
