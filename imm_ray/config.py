@@ -87,6 +87,17 @@ class DataConfig(_Strict):
 
         return _known("prompt template", v, PROMPT_TEMPLATES)
 
+    @field_validator("train", "eval")
+    @classmethod
+    def _known_presets(cls, v: DatasetSpec | list[DatasetSpec]) -> DatasetSpec | list[DatasetSpec]:
+        from imm_ray.data.presets import DATASET_PRESETS
+
+        for spec in v if isinstance(v, list) else [v]:
+            if spec.preset is not None and spec.preset not in DATASET_PRESETS:
+                known = unknown_name("dataset preset", spec.preset, DATASET_PRESETS)
+                raise ValueError(f"data set {spec.name!r}: {known}")
+        return v
+
     @field_validator("eval")
     @classmethod
     def _unique_names(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:

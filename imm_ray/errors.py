@@ -35,6 +35,13 @@ class UserError(Exception):
     """Bad input the user can fix; the message names the thing that is wrong and how to fix it."""
 
 
+class UnknownNameError(UserError, KeyError):
+    """A name that is not in a registry (a KeyError whose text is the plain message, not its repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def unknown_name(kind: str, name: object, known: Iterable[str]) -> str:
     """``unknown <kind> 'x' (did you mean 'y'?); choose from a, b, c`` (the hint only when one is close)."""
     choices = sorted(known)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+from imm_ray.errors import UnknownNameError, unknown_name
+
 T = TypeVar("T")
 
 
@@ -22,8 +24,8 @@ class Registry(dict[str, T]):
         return item
 
     def lookup(self, name: str) -> T:
-        """The item called ``name``; KeyError listing the known names otherwise."""
+        """The item called ``name``; an UnknownNameError (a KeyError) naming the nearest and the known ones."""
         try:
             return self[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {sorted(self)}") from None
+            raise UnknownNameError(unknown_name(self.kind, name, self)) from None

@@ -125,3 +125,22 @@ def test_unknown_key_suggests_the_nearest_valid_key():
         load_config(REPO / "jobs/configs/demo.yaml", ["data.eval.0.limt=3"])
     with pytest.raises(ConfigError, match=r"genrate.*did you mean generate"):
         load_config(None, ["genrate.seed=3"])
+
+
+def test_registry_lookup_suggests_the_nearest_name_and_is_a_user_error():
+    from imm_ray.data.prompts import get_prompt_template
+    from imm_ray.errors import UserError
+
+    with pytest.raises(KeyError) as err:
+        get_prompt_template("alpacca")
+    assert isinstance(err.value, UserError)
+    assert str(err.value) == "unknown prompt template 'alpacca' (did you mean 'alpaca'?); choose from alpaca, chat"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.train.preset=gsm8kk", "data.train"),
+    ("data.eval.1.preset=svampp", "data.eval"),
+])
+def test_unknown_dataset_presets_fail_at_load_time(override, key):
+    with pytest.raises(ConfigError, match=rf"{key}.*unknown dataset preset .*did you mean"):
+        load_config(REPO / "jobs/configs/demo.yaml", [override])
