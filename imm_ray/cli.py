@@ -33,6 +33,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-dir", help="run directory (default: $IMM_RUNS_DIR/<run.name>, IMM_RUNS_DIR defaulting to runs)"
     )
+    parser.add_argument("--force-unlock", action="store_true",
+                        help="break the run lease of another driver on an s3:// run (it stops at its next stage)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
 
 
@@ -48,7 +50,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     run_dir = args.run_dir or os.path.join(os.environ.get("IMM_RUNS_DIR", "runs"), cfg.run.name)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    RoundDriver(cfg, run_dir).run()
+    RoundDriver(cfg, run_dir, force_unlock=args.force_unlock).run()
     return 0
 
 

@@ -146,7 +146,7 @@ def analyze(plan: AnalysisPlan, out: str | Path, use_ray: bool = True, ray_addre
             cpus_per_task: float = 1.0, gpus_per_task: float = 0.0,
             num_tasks: int | None = None) -> dict[str, Any]:
     """Run the plan (as Ray tasks unless use_ray is False) and write the JSON to ``out``."""
-    from imm_ray.loop.rundir import atomic_write_json
+    from imm_ray.storage import write_json
 
     runner = None
     if use_ray:
@@ -167,7 +167,7 @@ def analyze(plan: AnalysisPlan, out: str | Path, use_ray: bool = True, ray_addre
     elif num_tasks:
         plan.num_tasks = num_tasks
     result = run_analysis(plan, runner) if runner is not None else run_analysis(plan)
-    atomic_write_json(Path(out), result)
+    write_json(Path(out), result)
     logger.info("layer analysis written to %s (%.0f s)", out, result["seconds"])
     return result
 

@@ -1,14 +1,22 @@
 """The round driver: generate -> verify -> SFT -> merge -> evaluate, resumable stage by stage.
 
 Every stage writes its outputs atomically into the round folder and is then marked done in
-``state.json``. A stage that started but was not marked done is cleared and redone on resume;
-a finished stage is never redone.
+``state.json``. A stage that started but was not marked done is cleared (with the temporary
+siblings a killed writer left) and redone on resume; a finished stage is never redone.
+
+The run directory is a local path or an object-storage URI (:mod:`imm_ray.storage`). Stages hand
+each other locations, never bare local paths: a task on another node materializes a checkpoint
+into its node cache and publishes what it made; only the driver deletes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,15 +38,31 @@ from imm_ray.evaluate import (
     pick_verifier,
 )
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
-from imm_ray.generate.engine import EngineOptions, SamplingSpec
+from imm_ray.generate.engine import SamplingSpec
 from imm_ray.loop.remote import merge_remote, verify_remote
-from imm_ray.loop.rundir import RunDir, atomic_write_json, atomic_write_text, read_jsonl, remove_path, write_jsonl
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
 from imm_ray.ray_env import ray_binds_loopback
 from imm_ray.report import write_report
 from imm_ray.serve.cli import serve_command
 from imm_ray.serve.deploy import start_serving
+from imm_ray.storage import (
+    Location,
+    RunDir,
+    StorageOptions,
+    clear_output,
+    folder_checksum,
+    is_published,
+    layout,
+    materialize,
+    publish_dir,
+    read_jsonl,
+    set_default_options,
+    work_dir_for,
+    write_json,
+    write_jsonl,
+)
+from imm_ray.storage.fs import download_file, upload_file
 from imm_ray.train import run_sft
 from imm_ray.verify import select_accepted
 
@@ -69,28 +93,58 @@ def init_ray(cfg: ImmConfig) -> None:
 class RoundDriver:
     """Runs the configured arms for the configured number of rounds in one run directory."""
 
-    def __init__(self, cfg: ImmConfig, run_dir: str | Path) -> None:
+    def __init__(self, cfg: ImmConfig, run_dir: str | Path, force_unlock: bool = False) -> None:
         self.cfg = cfg
-        self.rd = RunDir(run_dir)
+        self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        set_default_options(self.options)
+        self.rd = RunDir(run_dir, self.options)
+        self.force_unlock = force_unlock
         self._problems: dict[str, list[Problem]] = {}
         self._student_prompts: dict[str, list[dict[str, Any]]] = {}  # rendered once per run
         self._pools: dict[str, GeneratorPool] = {}
-        self.original: Path | None = None
-        self.teacher: Path | None = None
+        self.original: str | None = None  # model locations: a local path or a URI
+        self.teacher: str | None = None
         self.tokenizer = None
 
     # --- set-up -----------------------------------------------------------------------------
     def _save_config(self) -> None:
-        new = yaml.safe_load(config_to_yaml(self.cfg))
-        if self.rd.config_path.exists():
-            old = yaml.safe_load(self.rd.config_path.read_text())
-            blocking = [d for d in config_differences(old, new) if not d.startswith(RESUMABLE_CHANGES)]
-            if blocking:
+        """Save run.yaml; refuse changed keys that a finished stage used (naming that stage)."""
+        text = config_to_yaml(self.cfg)
+        old_text = self.rd.read_config_text()
+        if old_text is not None:
+            diffs = [d for d in config_differences(yaml.safe_load(old_text), yaml.safe_load(text))
+                     if not d.startswith(RESUMABLE_CHANGES)]
+            done = self.rd.done_keys()
+            pinned = [(d, stage) for d in diffs if (stage := layout.pinning_stage(d, done))]
+            if pinned:
                 raise ConfigError(
-                    f"{self.rd.root} was started with a different config ({', '.join(blocking)} differ). "
-                    "Resume with the same config and overrides, or use a new --run-dir."
-                )
-        atomic_write_text(self.rd.config_path, config_to_yaml(self.cfg))
+                    f"{self.rd.root} was started with a different config: "
+                    + "; ".join(f"{key} differs and finished stage {stage} used it" for key, stage in pinned)
+                    + ". Resume with the same config and overrides, or use a new --run-dir.")
+            if diffs:
+                logger.info("config changed before any stage that uses it finished: %s", ", ".join(diffs))
+        self.rd.write_config(text)
+
+    def _pin_inputs(self) -> None:
+        """Record the original model's and the data sets' checksums; a resume must see the same ones."""
+        inputs = {"model": folder_checksum(materialize(self.original))}
+        if self.teacher is not None:
+            inputs["teacher"] = folder_checksum(materialize(self.teacher))
+        for spec in [self.cfg.data.train, *self.cfg.data.eval]:
+            rows = [[p.id, p.question, p.answer] for p in self.problems(spec)]
+            inputs[f"data:{spec.name}"] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+        self.rd.pin_inputs(inputs)
+
+    def _publish_original(self, local: Path, name: str) -> str:
+        """The original model's location for every stage: its folder, or a copy in an object-store run."""
+        if self.rd.root.is_local:
+            return str(local)
+        dest = self.rd.root / name
+        if not is_published(dest):
+            logger.info("publishing %s to %s so that every node can load it", local, dest)
+            clear_output(dest)
+            publish_dir(local, dest)
+        return dest.uri
 
     def problems(self, spec: DatasetSpec) -> list[Problem]:
         """Load (once) the problems of a data set."""
@@ -109,10 +163,7 @@ class RoundDriver:
         if role not in self._pools:
             g = self.cfg.generate
             e = g.engine
-            options = EngineOptions(
-                dtype=e.dtype, max_model_len=e.max_model_len, kv_cache_gb=e.kv_cache_gb, batch_size=e.batch_size,
-                enforce_eager=e.enforce_eager, gpu_memory_utilization=e.gpu_memory_utilization, seed=g.seed,
-            )
+            options = e.model_copy(update={"seed": g.seed})  # the engine settings, seeded per run
             spec = PoolSpec(
                 engine=e.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
                 num_gpus=g.resources.num_gpus, chunk_size=g.chunk_size,
@@ -145,10 +196,10 @@ class RoundDriver:
 
     # --- stage bookkeeping ------------------------------------------------------------------
     @contextmanager
-    def stage(self, key: str, outputs: list[Path]) -> Iterator[dict[str, Any]]:
-        """Run a stage: clear half-written outputs, time it, mark it done with its info."""
-        for path in outputs:
-            remove_path(path)
+    def stage(self, key: str, outputs: list[Location]) -> Iterator[dict[str, Any]]:
+        """Run a stage: clear half-written outputs (and temp siblings), time it, mark it done with its info."""
+        for loc in outputs:
+            clear_output(loc)
         self.rd.mark_started(key)
         logger.info("[%s] started", key)
         info: dict[str, Any] = {}
@@ -161,23 +212,31 @@ class RoundDriver:
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         """Run (or resume) every arm and round; return the metrics rows."""
+        self.rd.check_is_run()
+        if self.force_unlock:
+            broken = self.rd.force_unlock()
+            logger.warning("--force-unlock: %s", f"broke the lease of {broken}; if that driver still runs, it stops "
+                           "at its next stage boundary" if broken else "no lease was held")
         self.rd.lock()
-        log_handler = _file_log_handler(self.rd.log_path)
+        log_file, log_handler = self._open_log()
         finished = False
         try:
             self._save_config()
             logger.info("run directory %s\nresolved config:\n%s", self.rd.root, config_to_yaml(self.cfg))
-            done = [k for k in self.rd.state["stages"] if self.rd.is_done(k)]
+            done = self.rd.done_keys()
             if done:
                 logger.info("resuming: %d stages already done and kept (last: %s)", len(done), done[-1])
-            self.original = resolve_model(self.cfg.model.ref, self.cfg.model.cache_dir)
+            original = resolve_model(self.cfg.model.ref, self.cfg.model.cache_dir)
+            self.tokenizer = AutoTokenizer.from_pretrained(original)
+            self.original = self._publish_original(original, "original")
             if self.cfg.model.teacher:
-                self.teacher = resolve_model(self.cfg.model.teacher, self.cfg.model.cache_dir)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.original)
+                teacher = resolve_model(self.cfg.model.teacher, self.cfg.model.cache_dir)
+                self.teacher = self._publish_original(teacher, "teacher")
+            self._pin_inputs()
             init_ray(self.cfg)
             if self.cfg.serve.enabled:
                 # The app follows state.json: every finished round becomes servable by itself.
-                start_serving(self.cfg.serve.run_dir or self.rd.root, self.cfg.serve)
+                start_serving(self.cfg.serve.run_dir or str(self.rd.root), self.cfg.serve)
             if self.cfg.evaluate.baseline:
                 self._baseline()
             for arm in self.cfg.run.arms:
@@ -189,81 +248,111 @@ class RoundDriver:
             self._finish_outputs()
             finished = True
             logger.info("IMM run finished: %s\n%s\nserve its rounds over HTTP (OpenAI-compatible):\n  %s",
-                        self.rd.root, format_table(rows), serve_command(self.rd.root))
+                        self.rd.root, format_table(rows), serve_command(str(self.rd.root)))
             return rows
         finally:
             for pool in self._pools.values():
                 pool.shutdown(graceful=finished)
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
+            if log_file is not None:  # object storage: the log is kept locally and uploaded
+                try:
+                    upload_file(log_file, self.rd.log_path)
+                    shutil.rmtree(log_file.parent, ignore_errors=True)
+                except OSError as exc:
+                    logger.warning("could not upload the driver log to %s (%s); it stays in %s",
+                                   self.rd.log_path, exc, log_file)
             self.rd.unlock()
+
+    def _open_log(self) -> tuple[Path | None, logging.Handler]:
+        """The driver's log handler: RUN/driver.log, or a local copy uploaded there at the end."""
+        if self.rd.root.is_local:
+            return None, _file_log_handler(self.rd.log_path.local_path())
+        local = Path(tempfile.mkdtemp(prefix="imm-driver-log-")) / layout.DRIVER_LOG
+        try:
+            download_file(self.rd.log_path, local)  # append across resumes
+        except FileNotFoundError:
+            pass
+        return local, _file_log_handler(local)
 
     def _finish_outputs(self) -> None:
         """Layer analysis (when asked for) and the report with its plots."""
         run = self.cfg.run
         if run.analyze:
-            path = analyze_run(self.rd.root, "--probe-size", str(run.analyze_probe_size))
-            logger.info("layer analysis: %s", path)
+            if self.rd.root.is_local:
+                path = analyze_run(str(self.rd.root), "--probe-size", str(run.analyze_probe_size))
+                logger.info("layer analysis: %s", path)
+            else:
+                logger.warning("run.analyze: the layer analysis reads a local run directory; skipped for %s",
+                               self.rd.root)
         if run.report:
-            logger.info("report: %s", write_report(self.rd.root, sinks=tuple(run.metric_sinks)))
+            sinks = tuple(run.metric_sinks) if self.rd.root.is_local else ()
+            logger.info("report: %s", write_report(self.rd.root, sinks=sinks))
 
     def _write_metrics(self) -> list[dict[str, Any]]:
         rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)
-        write_jsonl(self.rd.metrics_path, rows)
+        self.rd.write_metrics(rows)
         return rows
 
     def _baseline(self) -> None:
-        key = "baseline/evaluate"
+        key = layout.stage_key(layout.BASELINE_ARM, layout.BASELINE_ROUND, "evaluate")
         if self.rd.is_done(key):
             logger.info("[%s] already done, skipping", key)
             return
         self._evaluate(key, self.original, self.rd.baseline_dir)
 
-    def _round(self, arm: str, t: int, current: Path) -> Path:
-        """Run the unfinished stages of round ``t`` of ``arm``; return the round's model."""
+    def _round(self, arm: str, t: int, current: str) -> str:
+        """Run the unfinished stages of round ``t`` of ``arm``; return the location of the round's model."""
         rdir = self.rd.round_dir(arm, t)
-        prefix = f"{arm}/round-{t:03d}"
-        samples, accepted = rdir / "samples.jsonl", rdir / "accepted.jsonl"
+        key = {stage: layout.stage_key(arm, t, stage) for stage in layout.STAGES}
+        samples, accepted = rdir / layout.SAMPLES, rdir / layout.ACCEPTED
+        sft_out, merged_out = rdir / layout.SFT, rdir / layout.MERGED
 
-        if not self.rd.is_done(f"{prefix}/generate"):
-            with self.stage(f"{prefix}/generate", [samples]) as info:
+        if not self.rd.is_done(key["generate"]):
+            with self.stage(key["generate"], [samples]) as info:
                 if self.teacher is not None:
                     info.update(self._generate(self.teacher, samples, t, role="teacher"))
                 else:
                     info.update(self._generate(current, samples, t))
-        if not self.rd.is_done(f"{prefix}/verify"):
-            with self.stage(f"{prefix}/verify", [accepted]) as info:
+        if not self.rd.is_done(key["verify"]):
+            with self.stage(key["verify"], [accepted]) as info:
                 info.update(self._verify(samples, accepted))
 
         model = current
         init = self.original if arm == "rest" else current
-        if not self.rd.is_done(f"{prefix}/sft"):
-            with self.stage(f"{prefix}/sft", [rdir / "sft", rdir / "_ray_train"]) as info:
-                info.update(self._sft(init, accepted, rdir))
-        sft_info = self.rd.stage(f"{prefix}/sft")["info"]
+        if not self.rd.is_done(key["sft"]):
+            with self.stage(key["sft"], [sft_out, rdir / layout.RAY_TRAIN]) as info:
+                info.update(self._sft(init, accepted, sft_out))
+        sft_info = self.rd.stage(key["sft"])["info"]
         if not sft_info.get("skipped"):
-            model = rdir / "sft"
+            model = sft_out.uri
             if arm == "imm":
-                if not self.rd.is_done(f"{prefix}/merge"):
-                    with self.stage(f"{prefix}/merge", [rdir / "merged"]) as info:
-                        info.update(self._merge(model, rdir / "merged"))
-                model = rdir / "merged"
-        if not self.rd.is_done(f"{prefix}/evaluate"):
-            self._evaluate(f"{prefix}/evaluate", model, rdir)
+                if not self.rd.is_done(key["merge"]):
+                    with self.stage(key["merge"], [merged_out]) as info:
+                        info.update(self._merge(model, merged_out))
+                model = merged_out.uri
+        if not self.rd.is_done(key["evaluate"]):
+            self._evaluate(key["evaluate"], model, rdir)
         return model
 
     # --- stages -----------------------------------------------------------------------------
-    def _generate(self, model: Path, out: Path, t: int, role: str = "student") -> dict[str, Any]:
+    def _load(self, role: str, model: str) -> GeneratorPool:
+        """The pool of ``role`` serving ``model`` (materialized into this node's cache)."""
+        pool = self.pool(role)
+        pool.load(materialize(model))
+        return pool
+
+    def _generate(self, model: str, out: Location, t: int, role: str = "student") -> dict[str, Any]:
         g = self.cfg.generate
         problems = self.problems(self.cfg.data.train)
         prompts = self.student_prompts("train", problems)  # the student's prompts: what SFT trains on
-        gen_prompts = prompts if role == "student" else self.prompts(problems, AutoTokenizer.from_pretrained(model))
+        gen_prompts = (prompts if role == "student"
+                       else self.prompts(problems, AutoTokenizer.from_pretrained(materialize(model))))
         sampling = SamplingSpec(
             n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
             stop=self.stop_strings(), seed=g.seed + t, entropy_top_k=g.entropy_top_k,
         )
-        pool = self.pool(role)
-        pool.load(model)
+        pool = self._load(role, model)
         outs = pool.generate([p["ids"] for p in gen_prompts], sampling, desc=f"generate round {t}")
         rows = [
             {
@@ -282,9 +371,11 @@ class RoundDriver:
                          "max_tokens": g.max_tokens, "greedy": sampling.greedy},
             "truncated": sum(r["finish_reason"] == "length" for r in rows),
             "tokens": sum(r["num_tokens"] for r in rows),
+            "tokens_per_s": round(pool.last_stats.tokens_per_s, 1),
+            "actor_retries": pool.last_stats.retries,  # generator actors replaced mid-round
         }
 
-    def _verify(self, samples: Path, out: Path) -> dict[str, Any]:
+    def _verify(self, samples: Location, out: Location) -> dict[str, Any]:
         v = self.cfg.verify
         rows = read_jsonl(samples)
         verdicts = verify_remote(
@@ -305,33 +396,43 @@ class RoundDriver:
             # Collapse metrics on the k samples per training question.
             "diversity": diversity_metrics(
                 group_by_question(verified), group_by_question(verified, field="extracted"),
-                group_by_question(verified, field="token_entropies")
-                if all("token_entropies" in r for r in verified) else None),
+                # entropy is measured on a sample of the questions (generate's entropy stride)
+                group_by_question([r for r in verified if "token_entropies" in r], field="token_entropies")
+                if any("token_entropies" in r for r in verified) else None),
         }
 
-    def _sft(self, model: Path, accepted: Path, rdir: Path) -> dict[str, Any]:
+    def _sft(self, model: str, accepted: Location, out: Location) -> dict[str, Any]:
         n = len(read_jsonl(accepted))
         if n == 0:
             logger.warning("no sample was accepted this round: SFT skipped, the model stays %s", model)
             return {"skipped": True, "reason": "no accepted samples", "examples": 0}
-        res = run_sft(model, accepted, rdir / "sft", self.cfg.train, storage_dir=rdir / "_ray_train")
-        remove_path(rdir / "_ray_train")
+        # Built in a work folder (the output's temp sibling, or node scratch for object storage),
+        # Ray Train's own run folder inside it, then published by this stage.
+        work = work_dir_for(out)
+        try:
+            data = work / layout.ACCEPTED
+            download_file(accepted, data)
+            res = run_sft(materialize(model), data, work / layout.SFT, self.cfg.train,
+                          storage_dir=work / layout.RAY_TRAIN)
+            publish_dir(res.checkpoint_dir, out, move=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return {
-            "skipped": False, "init_model": str(model), "examples": res.examples, "dropped": res.dropped, "steps": res.steps,
-            "final_loss": res.final_loss, "checkpoint": str(res.checkpoint_dir),
+            "skipped": False, "init_model": model, "examples": res.examples, "dropped": res.dropped,
+            "steps": res.steps, "final_loss": res.final_loss, "checkpoint": out.uri,
         }
 
-    def _merge(self, sft: Path, out: Path) -> dict[str, Any]:
+    def _merge(self, sft: str, out: Location) -> dict[str, Any]:
         m = self.cfg.merge
-        anchor = self.original if m.anchor == "original" else resolve_model(m.anchor, self.cfg.model.cache_dir)
-        merged = merge_remote(
-            m.method, anchor, [sft], out, dict(m.params), m.seed, m.resources.num_cpus, m.resources.num_gpus
-        )
-        return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": str(anchor),
-                "checkpoint": str(merged)}
+        anchor = self.original if m.anchor == "original" else m.anchor
+        if anchor != self.original and "://" not in anchor:
+            anchor = str(resolve_model(anchor, self.cfg.model.cache_dir))
+        resources = {"num_cpus": m.resources.num_cpus, "num_gpus": m.resources.num_gpus}
+        merged = merge_remote(m.method, anchor, [sft], out.uri, dict(m.params), m.seed, self.options, resources)
+        return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": anchor, "checkpoint": merged}
 
-    def _evaluate(self, key: str, model: Path, folder: Path) -> None:
-        eval_json, eval_samples = folder / "eval.json", folder / "eval_samples.jsonl"
+    def _evaluate(self, key: str, model: str, folder: Location) -> None:
+        eval_json, eval_samples = folder / layout.EVAL, folder / layout.EVAL_SAMPLES
         with self.stage(key, [eval_json, eval_samples]) as info:
             specs = self.cfg.data.eval
             sets = [(s.name, self.problems(s)) for s in specs]
@@ -339,8 +440,7 @@ class RoundDriver:
             prompts = self.student_prompts("eval", all_problems)
             sampling = SamplingSpec(n=1, temperature=0.0, max_tokens=self.cfg.evaluate.max_tokens,
                                     stop=self.stop_strings(), seed=None)
-            pool = self.pool()
-            pool.load(model)
+            pool = self._load("student", model)
             outs = pool.generate([p["ids"] for p in prompts], sampling, desc=f"evaluate {key.split('/evaluate')[0]}")
             texts = [o[0].text for o in outs]
             results, start, rows = {}, 0, []
@@ -354,8 +454,8 @@ class RoundDriver:
                           "extracted": vd.extracted, "correct": vd.correct}
                          for p, c, vd in zip(probs, chunk, ev.greedy_verdicts)]
             write_jsonl(eval_samples, rows)
-            atomic_write_json(eval_json, {"model": str(model), "datasets": results})
-            info.update({"model": str(model), "datasets": results})
+            write_json(eval_json, {"model": model, "datasets": results})
+            info.update({"model": model, "datasets": results})
 
 
 def _brief(info: dict[str, Any]) -> str:

@@ -1,13 +1,15 @@
-"""Ray tasks wrapping the pure verify and merge cores (thin edges, no logic of their own)."""
+"""Ray tasks wrapping the pure verify and merge cores (thin edges: storage in, storage out)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import shutil
 from typing import Any
 
 import ray
 
 from imm_ray.merge import merge_checkpoints
+from imm_ray.storage import StorageOptions, materialize, publish_dir, resolve, set_default_options, work_dir_for
+from imm_ray.storage.fs import storage_env
 from imm_ray.verify import Verdict, verify_batch
 
 
@@ -25,17 +27,23 @@ def verify_remote(pairs: list[tuple[str, str]], verifier: str, batch_size: int, 
 
 
 @ray.remote
-def merge_task(method: str, anchor: str, models: list[str], out_dir: str, params: dict[str, Any], seed: int) -> str:
-    """Run one merge on a worker; returns the output folder (fsynced: the stage is then marked done)."""
-    return str(merge_checkpoints(method, anchor, models, out_dir, params=params, seed=seed, fsync=True))
+def merge_task(method: str, anchor: str, models: list[str], out: str, params: dict[str, Any], seed: int,
+               options: StorageOptions) -> str:
+    """On whichever node runs it: materialize the inputs, merge into local scratch, publish to ``out``."""
+    set_default_options(options)
+    work = work_dir_for(out)
+    try:
+        merged = merge_checkpoints(method, str(materialize(anchor)), [str(materialize(m)) for m in models],
+                                   str(work / "merged"), params=params, seed=seed, fsync=True)
+        return publish_dir(merged, resolve(out), move=True).uri
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def merge_remote(
-    method: str, anchor: Path, models: list[Path], out_dir: Path, params: dict[str, Any], seed: int,
-    num_cpus: float, num_gpus: float,
-) -> Path:
-    """Run a merge as a Ray task with its own resource request."""
-    ref = merge_task.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
-        method, str(anchor), [str(m) for m in models], str(out_dir), params, seed
-    )
-    return Path(ray.get(ref))
+def merge_remote(method: str, anchor: str, models: list[str], out: str, params: dict[str, Any], seed: int,
+                 options: StorageOptions, resources: dict[str, float]) -> str:
+    """Run a merge as a Ray task with its own resource request; returns the published checkpoint's URI."""
+    env = storage_env()
+    task = merge_task.options(**resources, **({"runtime_env": {"env_vars": env}} if env else {}))
+    ref = task.remote(method, anchor, models, out, params, seed, options)
+    return ray.get(ref)

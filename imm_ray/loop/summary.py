@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-STAGES = ("generate", "verify", "sft", "merge", "evaluate")
+from imm_ray.storage.layout import BASELINE_ARM, BASELINE_ROUND, STAGES, stage_key
 
 
 def metrics_rows(state: dict[str, Any], arms: list[str], rounds: int) -> list[dict[str, Any]]:
     """Build one metrics row per finished round and arm (plus the baseline) from ``state.json``."""
     stages = state.get("stages", {})
     rows: list[dict[str, Any]] = []
-    base = stages.get("baseline/evaluate")
+    base = stages.get(stage_key(BASELINE_ARM, BASELINE_ROUND, "evaluate"))
     if base and base.get("status") == "done":
-        rows.append(_row(0, "base", {"evaluate": base}))
+        rows.append(_row(BASELINE_ROUND, BASELINE_ARM, {"evaluate": base}))
     for arm in arms:
         for t in range(1, rounds + 1):
-            recs = {s: stages.get(f"{arm}/round-{t:03d}/{s}") for s in STAGES}
+            recs = {s: stages.get(stage_key(arm, t, s)) for s in STAGES}
             ev = recs["evaluate"]
             if not ev or ev.get("status") != "done":
                 break

@@ -292,7 +292,9 @@ def upload_file(src: Path, loc: Location) -> None:
 
 
 def download_file(loc: Location, dst: Path) -> None:
-    """Copy the file at ``loc`` to the local path ``dst``."""
+    """Copy the file at ``loc`` to the local path ``dst``; FileNotFoundError when it is missing."""
+    if not is_file(loc):
+        raise FileNotFoundError(loc.uri)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with loc.fs.open_input_stream(loc.path) as fin, open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 8 << 20)

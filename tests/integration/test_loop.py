@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,18 @@ from transformers import AutoModelForCausalLM
 from imm_ray.config import ConfigError, config_from_dict
 from imm_ray.loop import driver as driver_mod
 from imm_ray.loop.driver import RoundDriver
-from imm_ray.loop.rundir import read_jsonl
+from imm_ray.storage import (
+    RunDir,
+    RunLockedError,
+    delete,
+    is_published,
+    materialize,
+    read_jsonl,
+    read_text,
+    resolve,
+    write_json,
+)
+from imm_ray.storage.fs import list_files, write_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +106,8 @@ def test_resume_redoes_only_the_interrupted_stage(one_round, tiny_model_dir, tin
     def broken_sft(*args, **kwargs):
         (run_dir / "imm/round-002/sft").mkdir(parents=True)
         (run_dir / "imm/round-002/sft/half-written.bin").write_bytes(b"x")
+        # What a kill -9 leaves: the work folder with Ray Train's checkpoints (removed on a plain error).
+        (run_dir / "imm/round-002/.sft.tmp-killed/_ray_train/checkpoint_000000").mkdir(parents=True)
         raise RuntimeError("killed during SFT")
 
     monkeypatch.setattr(driver_mod, "run_sft", broken_sft)
@@ -117,6 +131,7 @@ def test_resume_redoes_only_the_interrupted_stage(one_round, tiny_model_dir, tin
     assert round1.stat().st_mtime_ns == mtime  # round 1 never redone
     assert (run_dir / "imm/round-002/samples.jsonl").stat().st_mtime_ns == gen2  # nor round 2's generation
     assert not (run_dir / "imm/round-002/sft/half-written.bin").exists()
+    assert not list((run_dir / "imm/round-002").glob(".*tmp*"))  # defect 12: no temp sibling left
     assert (run_dir / "imm/round-002/merged/config.json").exists()
 
 
@@ -138,3 +153,84 @@ def test_distillation_teacher_writes_the_data(ray_local, tiny_model_dir, scrambl
     assert Path(rows[0]["sft"]["init_model"]) == Path(scrambled_model).resolve()
     merge = json.loads((tmp_path / "state.json").read_text())["stages"]["imm/round-001/merge"]["info"]
     assert Path(merge["anchor"]) == Path(scrambled_model).resolve()  # merged with the student's own weights
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """The bytes of a checkpoint's files; the merge provenance by content (it names its input folders)."""
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
+    if "merge_provenance.json" in files:
+        provenance = json.loads(files.pop("merge_provenance.json"))
+        for entry in (provenance["anchor"], *provenance["models"]):
+            entry.pop("path")
+        files["merge_provenance.json"] = json.dumps(provenance, sort_keys=True).encode()
+    return files
+
+
+@pytest.fixture(scope="module")
+def s3_round(one_round, s3_endpoint, tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """The imm arm's round on s3:// (same seeds as one_round), with its own node cache and scratch."""
+    import boto3
+
+    work = tmp_path_factory.mktemp("s3-node")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": s3_endpoint, "IMM_NODE_CACHE_DIR": str(work / "cache"),
+           "IMM_SCRATCH_DIR": str(work / "scratch")}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="imm-loop")
+        uri = "s3://imm-loop/runs/tiny"
+        cfg = config_from_dict(tiny_config(tiny_model_dir, tiny_data_dir, run={"arms": ["imm"]}))
+        rows = RoundDriver(cfg, uri).run()
+        yield uri, rows, work, mp
+
+
+def test_round_on_s3_is_byte_identical_to_the_local_round(one_round, s3_round, record_property):
+    run_dir, local_rows = one_round
+    uri, rows, work, _ = s3_round
+    assert [(r["arm"], r["round"]) for r in rows] == [("base", 0), ("imm", 1)]
+    root = resolve(uri)
+    assert is_published(root / "imm/round-001/merged") and is_published(root / "imm/round-001/sft")
+    merged = materialize(root / "imm/round-001/merged")
+    assert _files(merged) == _files(run_dir / "imm/round-001/merged")
+    files = set(list_files(root))
+    assert {"run.yaml", "state.json", "state.json.bak", "metrics.jsonl", "driver.log", "report.md",
+            "baseline/eval.json", "imm/round-001/samples.jsonl", "imm/round-001/accepted.jsonl",
+            "imm/round-001/eval.json", "original/manifest.json"} <= files
+    assert not [f for f in files if ".tmp" in f or "_ray_train" in f or f.startswith(".lease")]
+    assert not any((work / "scratch").iterdir())  # every work folder was removed after publication
+    state = json.loads(read_text(root / "state.json"))["stages"]
+    assert state["imm/round-001/merge"]["info"]["checkpoint"] == f"{uri}/imm/round-001/merged"
+    assert rows[1]["accuracy"] == local_rows[1]["accuracy"]
+    record_property("seconds_local", local_rows[1]["seconds"])  # what storage adds, per stage (--junitxml)
+    record_property("seconds_s3", rows[1]["seconds"])
+
+
+def test_s3_resume_never_loads_a_half_uploaded_merge(s3_round, tiny_model_dir, tiny_data_dir):
+    """A driver SIGKILLed during the merge upload: its files without a manifest and its live lease
+    stay behind. The next driver is refused until the lease expires, then redoes the merge only."""
+    uri, rows, _, _ = s3_round
+    root = resolve(uri)
+    merged = root / "imm/round-001/merged"
+    good = _files(materialize(merged))
+    rd = RunDir(uri)
+    rd.state["stages"]["imm/round-001/merge"] = {"status": "started", "started_at": time.time()}
+    rd.state["stages"].pop("imm/round-001/evaluate")
+    rd._save_state()
+    delete(merged / "manifest.json")  # the upload stopped before its manifest
+    write_bytes(merged / "model.safetensors", b"half")
+    write_json(root / ".lease.json", {"holder": "dead-driver", "host": "elsewhere", "pid": 1,
+                                      "expires_at": time.time() + 3, "ttl_s": 60})
+    assert not is_published(merged)
+    cfg = config_from_dict(tiny_config(tiny_model_dir, tiny_data_dir, run={"arms": ["imm"]}))
+    with pytest.raises(RunLockedError, match="pid 1 on elsewhere"):
+        RoundDriver(cfg, uri).run()
+    time.sleep(3.5)
+    again = RoundDriver(cfg, uri).run()
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+    assert _files(materialize(merged)) == good
+    state = json.loads(read_text(root / "state.json"))["stages"]
+    assert state["imm/round-001/merge"]["status"] == "done"
+    assert state["imm/round-001/sft"]["finished_at"] < state["imm/round-001/merge"]["finished_at"]

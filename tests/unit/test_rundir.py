@@ -1,47 +1,44 @@
-"""Run directory: atomic writes, stage state, locking, metrics rows and the summary table."""
+"""Run directory as the driver uses it: config changes on resume, run names, metrics rows, the summary table."""
 
-import json
+import shutil
 
 import pytest
 
-from imm_ray.loop.rundir import RunDir, RunLockedError, atomic_write_json, read_jsonl, write_jsonl
+from imm_ray.config import ConfigError, config_from_dict, config_to_yaml
+from imm_ray.loop.driver import RoundDriver
 from imm_ray.loop.summary import format_table, metrics_rows
+from imm_ray.storage import RunDir, StorageError
 
 
-def test_atomic_write_leaves_no_temp_files(tmp_path):
-    atomic_write_json(tmp_path / "x.json", {"a": 1})
-    write_jsonl(tmp_path / "r.jsonl", [{"i": 1}, {"i": 2}])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl", "x.json"]
-    assert read_jsonl(tmp_path / "r.jsonl") == [{"i": 1}, {"i": 2}]
+def _save(cfg_tree: dict, run_dir) -> None:
+    RoundDriver(config_from_dict(cfg_tree), run_dir)._save_config()
 
 
-def test_failed_write_keeps_the_old_file(tmp_path):
-    atomic_write_json(tmp_path / "x.json", {"a": 1})
-    with pytest.raises(TypeError):
-        atomic_write_json(tmp_path / "x.json", {"a": object()})
-    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+def test_config_may_change_freely_until_a_stage_that_uses_it_is_done(tmp_path):
+    """Defect 10: a config that failed before any stage finished could never be fixed."""
+    _save({"merge": {"seed": 1}}, tmp_path)
+    _save({"merge": {"seed": 2}, "generate": {"temperature": 0.9}}, tmp_path)  # nothing done yet
+    RunDir(tmp_path).mark_done("imm/round-001/generate", 1.0, {})
+    _save({"merge": {"seed": 3}, "generate": {"temperature": 0.9}}, tmp_path)  # no merge done yet
+    with pytest.raises(ConfigError, match="generate.temperature differs and finished stage "
+                                          "imm/round-001/generate used it") as err:
+        _save({"merge": {"seed": 4}, "generate": {"temperature": 0.5}}, tmp_path)
+    assert "merge.seed" not in str(err.value)
+    assert RunDir(tmp_path).read_config().merge.seed == 3
 
 
-def test_stage_state_persists_and_started_is_not_done(tmp_path):
+@pytest.mark.parametrize("name", ["a/b", "..", "/etc", "~x", ""])
+def test_run_name_must_be_one_folder(name):
+    """Defect 13: run.name accepted '/', '..' and absolute paths."""
+    with pytest.raises(ConfigError, match="run.name"):
+        config_from_dict({"run": {"name": name}})
+
+
+def test_run_yaml_reads_back_as_the_typed_config(tmp_path):
+    cfg = config_from_dict({"run": {"rounds": 3}, "merge": {"seed": 4}})
     rd = RunDir(tmp_path)
-    rd.mark_started("imm/round-001/generate")
-    assert not rd.is_done("imm/round-001/generate")
-    rd.mark_done("imm/round-001/generate", 1.5, {"generated": 8})
-    again = RunDir(tmp_path)
-    assert again.is_done("imm/round-001/generate")
-    assert again.stage("imm/round-001/generate")["info"] == {"generated": 8}
-    assert again.round_dir("imm", 3) == tmp_path.resolve() / "imm" / "round-003"
-
-
-def test_second_driver_is_refused(tmp_path):
-    a, b = RunDir(tmp_path), RunDir(tmp_path)
-    a.lock()
-    with pytest.raises(RunLockedError, match="in use"):
-        b.lock()
-    a.unlock()
-    b.lock()
-    b.unlock()
+    rd.write_config(config_to_yaml(cfg))
+    assert rd.read_config() == cfg
 
 
 def _done(info, seconds=1.0):
@@ -65,3 +62,26 @@ def test_metrics_rows_and_table_stop_at_the_first_unfinished_round():
     assert rows[1]["seconds"]["evaluate"] == 2.0
     table = format_table(rows)
     assert "25.0%" in table and "imm" in table
+
+
+def test_resume_with_other_inputs_is_refused(tmp_path, tiny_model_dir, tiny_data_dir):
+    """Defect 14: the original model and the data files were not pinned, so a resume elsewhere could
+    silently change them."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    cfg = config_from_dict({"model": {"ref": str(tiny_model_dir)}, "data": {
+        "dir": str(data), "train": {"name": "t", "preset": "gsm8k", "split": "train"},
+        "eval": [{"name": "e", "preset": "gsm8k", "split": "test"}]}})
+
+    def pin() -> None:
+        driver = RoundDriver(cfg, tmp_path / "run")
+        driver.original = str(tiny_model_dir)
+        driver._pin_inputs()
+
+    pin()
+    RunDir(tmp_path / "run").mark_done("baseline/evaluate", 1.0, {})
+    pin()  # same inputs: fine
+    test_file = data / "gsm8k" / "test.jsonl"
+    test_file.write_text("".join(test_file.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(StorageError, match=r"inputs .* changed .*\(data:e\)"):
+        pin()
