@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from imm_ray.errors import UserError
 from imm_ray.storage import MANIFEST_NAME, default_cache_dir, is_remote, make_temp_dir, materialize, write_manifest
 from imm_ray.storage.checkpoints import file_lock, verify_manifest
 
@@ -58,7 +59,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model reference cannot be resolved or a checkpoint cannot be written."""
 
 

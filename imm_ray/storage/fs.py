@@ -26,10 +26,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from imm_ray.errors import UserError
+
 REMOTE_SCHEMES = ("s3", "gs")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError):
     """A storage location cannot be used; the message says which and what to do."""
 
 

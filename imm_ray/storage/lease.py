@@ -21,12 +21,13 @@ import time
 import uuid
 from typing import Any
 
+from imm_ray.errors import UserError
 from imm_ray.storage.fs import Location, delete, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError):
     """Another driver holds this run directory."""
 
 

@@ -286,3 +286,19 @@ def test_force_unlock_breaks_a_live_lease(s3_bucket):
     a.unlock()
     assert exists(resolve(root) / layout.LEASE)  # a did not delete b's lease
     b.unlock()
+
+
+def test_storage_failures_are_one_line_user_errors(tmp_path):
+    """Defect 11's contract for this layer: the CLI prints these as one line that says what to do."""
+    from imm_ray.errors import describe_error
+
+    a = RunDir(tmp_path)
+    a.lock()
+    with pytest.raises(RunLockedError) as locked:
+        RunDir(tmp_path).lock()
+    a.unlock()
+    with pytest.raises(StorageError) as scheme:
+        resolve("ftp://x/y")
+    for err in (locked.value, scheme.value):
+        text = describe_error(err)
+        assert "--debug" not in text and "\n" not in text and type(err).__name__ not in text
