@@ -194,7 +194,8 @@ def publish_dir(src: str | Path, dest: str | Path | Location, move: bool = False
             if not move:
                 shutil.rmtree(staging, ignore_errors=True)
         return loc
-    delete(loc)  # objects of an interrupted upload: invisible without a manifest, but not kept
+    # Objects an interrupted upload left here are overwritten or, if not listed in the manifest,
+    # ignored by readers; deleting them is the driver's job (clear_output before the stage).
     for rel in manifest["files"]:
         upload_file(src / rel, loc / rel)
     write_bytes(loc / MANIFEST_NAME, _manifest_bytes(manifest))

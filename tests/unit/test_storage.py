@@ -121,6 +121,12 @@ def test_checkpoint_without_manifest_or_with_wrong_bytes_does_not_exist(s3_bucke
     assert not is_published(dest)
     with pytest.raises(CheckpointError, match="no manifest.json"):
         materialize(dest, cache_dir=tmp_path / "cache")
+    # Publishing again over the leftovers (plus a stray object) gives exactly the manifest's files.
+    write_bytes(dest / "stray.bin", b"left by a killed writer")
+    publish_dir(src, dest)
+    assert sorted(p.relative_to(m).as_posix() for m in [materialize(dest, cache_dir=tmp_path / "c2")]
+                  for p in m.rglob("*") if p.is_file()) == ["config.json", "manifest.json", "model.safetensors",
+                                                            "tok/vocab.txt"]
     # Bytes that do not match: another size is not listed; the same size is refused on load.
     publish_dir(src, resolve(s3_bucket) / "ck2")
     write_bytes(resolve(s3_bucket) / "ck2/config.json", b'{"a": 2, "b": 3}')
