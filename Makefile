@@ -14,7 +14,7 @@ export IMM_DATA_DIR ?= $(abspath ../shared/data)
 endif
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo lint test test-quick bench bench-merge bench-serve compare cluster-up cluster-down clean
+.PHONY: setup demo lint test test-quick bench bench-merge bench-serve bench-generate compare cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ bench-merge: setup
 
 bench-serve: setup
 	$(PY) tests/bench/bench_serve_hotswap.py
+
+# Generation/evaluation tokens/s: raw vLLM, the pool, ray.data.llm, hf (smaller:
+# BENCH_GENERATE_ARGS="--prompts 32 --max-tokens 128 --eval-prompts 64 --skip hf").
+bench-generate: setup
+	$(PY) tests/bench/bench_generate.py $(BENCH_GENERATE_ARGS)
 
 cluster-up: setup
 	bash cluster/local-up.sh

@@ -27,6 +27,7 @@ from pydantic import (
 
 from imm_ray.data import DatasetSpec
 from imm_ray.errors import UserError, unknown_name
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.serve.settings import ServeSettings
 from imm_ray.train import SFTSettings
 
@@ -107,29 +108,10 @@ class DataConfig(_Strict):
         return v
 
 
-class EngineConfig(_Strict):
-    """The inference engine used by generator actors (generation and evaluation)."""
-
-    name: str = "vllm"
-    dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    kv_cache_gb: float = 2.0
-    batch_size: int = 16
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.85
-
-    @field_validator("name")
-    @classmethod
-    def _known_engine(cls, v: str) -> str:
-        from imm_ray.generate.engine import ENGINES  # the built-in engines register only when loaded
-
-        return _known("engine", v, {"vllm", "hf", *ENGINES})
-
-
 class GenerateConfig(_Strict):
     """Rejection-sampling generation on the ID training pool."""
 
-    engine: EngineConfig = EngineConfig()
+    engine: EngineSettings = EngineSettings()  # the one engine-settings model (imm_ray.generate.settings)
     num_actors: int = Field(1, ge=1)
     resources: ActorResources = ActorResources()
     samples_per_question: int = Field(4, ge=1)

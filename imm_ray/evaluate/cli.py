@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.evaluate.harness import EvalSettings, evaluate_model
-from imm_ray.generate.engine import EngineOptions
+from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
 
 __all__ = ["add_eval_arguments", "run_eval_cli", "settings_from_args", "format_results"]
 
@@ -37,7 +37,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature of the k samples (accuracy is always greedy); default 0")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the k samples")
     parser.add_argument("--max-tokens", type=int, default=512, help="max new tokens (default 512)")
-    parser.add_argument("--engine", choices=("vllm", "hf"), default="vllm", help="generation engine")
     parser.add_argument("--template", choices=("chat", "alpaca"), default="chat", help="prompt template")
     parser.add_argument("--system-prompt", help="system message of the chat template (default none)")
     parser.add_argument("--instruction-suffix", default=None, metavar="TEXT",
@@ -51,11 +50,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write the results JSON here (printed to stdout otherwise)")
     parser.add_argument("--save-samples", metavar="FILE", help="write every completion and verdict as JSONL")
     parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
-    parser.add_argument("--dtype", default="auto", help="model dtype for the engine (default: the checkpoint's)")
-    parser.add_argument("--max-model-len", type=int, default=2048, help="engine context length")
-    parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="vLLM CPU KV cache (GiB)")
-    parser.add_argument("--batch-size", type=int, default=16, help="hf engine batch size")
-    parser.add_argument("--chunk-size", type=int, default=128, help="prompts per engine call (progress step)")
+    # --engine, --dtype, --max-model-len, ...: one flag per EngineSettings field (--seed above sets its seed)
+    add_settings_arguments(parser, EngineSettings(dtype="auto"), skip=("seed",))
     parser.add_argument("--ray-address", metavar="ADDR",
                         help="generate on Ray: a cluster address, or 'local' for a loopback head "
                              "(default: the engine runs in this process)")
@@ -67,16 +63,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """EvalSettings from parsed ``imm eval`` arguments."""
-    options = EngineOptions(dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
-                            batch_size=args.batch_size, seed=args.seed)
+    options = settings_from_namespace(args, seed=args.seed)
     suffix = {} if args.instruction_suffix is None else {"instruction_suffix": args.instruction_suffix}
     return EvalSettings(
-        engine=args.engine, template=args.template, system_prompt=args.system_prompt, **suffix,
+        engine=options.name, template=args.template, system_prompt=args.system_prompt, **suffix,
         samples=args.samples, temperature=args.temperature,
         top_p=args.top_p, max_tokens=args.max_tokens, verifier=args.verifier,
         verify_timeout_s=args.verify_timeout, seed=args.seed, engine_options=options,
         ray_address=args.ray_address, actors=args.actors, num_gpus=args.gpus_per_actor,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
+        progress=not args.no_progress,
     )
 
 

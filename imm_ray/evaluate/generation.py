@@ -10,12 +10,13 @@ per GPU. Ray is imported only on that path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 from tqdm import tqdm
 
-from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec, create_engine
+from imm_ray.generate.engine import Completion, EngineOptions, Finished, SamplingSpec, collect, create_engine
 
 __all__ = ["Generator", "LocalGenerator", "RayGenerator", "open_generator"]
 
@@ -31,22 +32,22 @@ class Generator(Protocol):
 
 
 class LocalGenerator:
-    """An engine in this process; prompts go in chunks so that a progress bar can advance."""
+    """An engine in this process, given all prompts at once; the progress bar advances as
+    prompts finish (``chunk_size`` is unused: the engine streams)."""
 
     def __init__(self, engine: str, model_path: Path, options: EngineOptions,
                  chunk_size: int = 128, progress: bool = True) -> None:
         self.engine = create_engine(engine, model_path, options)
-        self.chunk_size = max(1, chunk_size)
         self.progress = progress
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec, desc: str) -> list[list[Completion]]:
-        out: list[list[Completion]] = []
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.progress) as bar:
-            for start in range(0, len(prompts), self.chunk_size):
-                chunk = prompts[start : start + self.chunk_size]
-                out += self.engine.generate(chunk, sampling)
-                bar.update(len(chunk))
-        return out
+            def advancing(batches: Iterator[Finished]) -> Iterator[Finished]:
+                for batch in batches:
+                    bar.update(len(batch))
+                    yield batch
+
+            return collect(advancing(self.engine.stream(prompts, sampling)), len(prompts))
 
     def close(self) -> None:
         self.engine.close()
@@ -58,19 +59,11 @@ class RayGenerator:
     def __init__(self, engine: str, model_path: Path, options: EngineOptions, address: str,
                  actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  chunk_size: int = 128, progress: bool = True) -> None:
-        from imm_ray.ray_env import use_loopback_ray
+        from imm_ray.ray_env import connect_ray
 
-        local = address == "local"
-        if local and not use_loopback_ray():
-            logger.warning("Ray was imported before use_loopback_ray(): the local head may not bind loopback")
-        import ray
-
+        self._started_ray = connect_ray(None if address == "local" else address)
         from imm_ray.generate.actors import GeneratorPool, PoolSpec
 
-        self._started_ray = not ray.is_initialized()
-        if self._started_ray:
-            logger.info("connecting to Ray (%s)", "a local loopback head" if local else address)
-            ray.init(address=None if local else address, include_dashboard=False)
         spec = PoolSpec(engine=engine, options=options, num_actors=actors, num_cpus=num_cpus,
                         num_gpus=num_gpus, chunk_size=chunk_size)
         self.pool = GeneratorPool(spec, progress=progress)

@@ -9,5 +9,7 @@ from imm_ray.generate.engine import (
     create_engine,
     register_engine,
 )
+from imm_ray.generate.settings import EngineSettings
 
-__all__ = ["ENGINES", "Completion", "Engine", "EngineOptions", "SamplingSpec", "create_engine", "register_engine"]
+__all__ = ["ENGINES", "Completion", "Engine", "EngineOptions", "EngineSettings", "SamplingSpec", "create_engine",
+           "register_engine"]

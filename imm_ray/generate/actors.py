@@ -1,16 +1,26 @@
-"""Ray edges of generation: one engine per actor, a pool that splits prompts across actors."""
+"""Ray edges of generation: one engine per actor, a pool that streams prompts through the actors.
+
+Each actor gets its whole share of a call's prompts in one streaming call: the engine holds them
+all at once (its batch never drains between chunks) and yields prompts as they finish, so the
+progress bar advances and the results land in order. An actor that dies mid-call (its process or
+its engine's) is replaced and only its unfinished prompts are redone.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec, create_engine
+from imm_ray.generate.engine import Completion, EngineOptions, Finished, SamplingSpec, create_engine, entropy_mask
+from imm_ray.placement import ResourceRequest, check_on_cluster, wait_placed
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +33,8 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_
 class GeneratorActor:
     """Holds one engine; a thin wrapper that forwards to it.
 
-    ``generate`` and ``load`` run one at a time; ``close`` has its own concurrency group so that
-    it can stop the engine (and vLLM's engine-core process) while a generation is still running.
+    ``stream`` and ``load`` run one at a time; ``close`` and ``pids`` have their own concurrency
+    group, so that they answer (and close can stop vLLM's engine-core process) mid-generation.
     """
 
     def __init__(self, engine: str, model_path: str, options: EngineOptions, num_threads: int) -> None:
@@ -37,8 +47,17 @@ class GeneratorActor:
         self.engine.load(Path(model_path))
         return model_path
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
-        return self.engine.generate(prompts, sampling)
+    def stream(self, indices: list[int], prompts: list[list[int]], sampling: SamplingSpec) -> Iterator[Finished]:
+        """Complete ``prompts`` (round indices ``indices``), yielding finished ones by round index."""
+        for batch in self.engine.stream(prompts, sampling, entropy_mask(indices, sampling)):
+            yield [(indices[i], comps) for i, comps in batch]
+
+    @ray.method(concurrency_group="control")
+    def pids(self) -> list[int]:
+        """This actor's process id, then its children's (vLLM's engine core)."""
+        import psutil
+
+        return [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
 
     @ray.method(concurrency_group="control")
     def close(self) -> None:
@@ -54,7 +73,35 @@ class PoolSpec:
     num_actors: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {"node_1": 1}
+    # Prompts per progress step of the in-process evaluator; the pool streams and ignores it.
     chunk_size: int = 32
+    max_retries: int = 3  # actor replacements per generate call before it gives up
+    placement_log_s: float = 60.0  # while the actors wait for resources, say what is pending this often
+    placement_timeout_s: float | None = None  # give up waiting for resources after this long (None: never)
+    config_key: str = "generate.resources"  # where the resources came from, for error messages
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What the last :meth:`GeneratorPool.generate` did: for tokens/s and the round's record."""
+
+    prompts: int
+    completions: int
+    tokens: int
+    seconds: float
+    retries: int  # actors replaced (and their unfinished prompts redone)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _engine_died(err: Exception) -> bool:
+    """An actor's process died, or its engine did (vLLM's EngineDeadError) while the actor lived."""
+    if isinstance(err, RayActorError):
+        return True
+    return isinstance(err, RayTaskError) and "EngineDead" in type(getattr(err, "cause", None)).__name__
 
 
 class GeneratorPool:
@@ -65,6 +112,37 @@ class GeneratorPool:
         self.progress = progress
         self.actors: list = []
         self.model_path: Path | None = None
+        self.last_stats: GenerationStats | None = None
+        self._pg = None
+
+    def _request(self) -> ResourceRequest:
+        res = {"CPU": self.spec.num_cpus, "GPU": self.spec.num_gpus, **self.spec.resources}
+        return ResourceRequest("generator actor", self.spec.config_key, res, self.spec.num_actors)
+
+    def _reserve(self) -> None:
+        """Check the actors' resources can ever be met (fail at once if not), then reserve them."""
+        from ray.util.placement_group import placement_group
+
+        request = self._request()
+        check_on_cluster(request)
+        bundle = request.needs()
+        if bundle:
+            self._pg = placement_group([bundle] * self.spec.num_actors, strategy="SPREAD")
+            wait_placed([self._pg.ready()], request, self.spec.placement_log_s, self.spec.placement_timeout_s)
+
+    def _start_actor(self, slot: int, model_path: Path):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        opts: dict = dict(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus)
+        if self.spec.resources:
+            opts["resources"] = dict(self.spec.resources)
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
+        if self._pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=slot)
+        return GeneratorActor.options(**opts).remote(
+            self.spec.engine, str(model_path), self.spec.options, int(max(1, self.spec.num_cpus)))
 
     def load(self, model_path: str | Path) -> None:
         """Make every actor serve ``model_path`` (start them on first use)."""
@@ -72,48 +150,86 @@ class GeneratorPool:
         if self.model_path == model_path:
             return
         if not self.actors:
-            env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-            opts = dict(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus)
-            if env:
-                opts["runtime_env"] = {"env_vars": env}
+            self._reserve()
             logger.info("starting %d %s generator actor(s) on %s", self.spec.num_actors, self.spec.engine, model_path)
-            self.actors = [
-                GeneratorActor.options(**opts).remote(
-                    self.spec.engine, str(model_path), self.spec.options, int(max(1, self.spec.num_cpus))
-                )
-                for _ in range(self.spec.num_actors)
-            ]
+            self.actors = [self._start_actor(j, model_path) for j in range(self.spec.num_actors)]
         else:
             logger.info("moving generator actors to %s", model_path)
             ray.get([a.load.remote(str(model_path)) for a in self.actors])
         self.model_path = model_path
 
+    def _replace(self, slot: int, err: Exception) -> None:
+        logger.warning("generator actor %d failed (%s: %s); starting a new one for its unfinished prompts",
+                       slot, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        try:
+            ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - it is gone already
+            pass
+        self.actors[slot] = self._start_actor(slot, self.model_path)
+
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec, desc: str = "generate") -> list[list[Completion]]:
-        """Complete all prompts, split in chunks over the actors, with a progress bar."""
+        """Complete all prompts (prompt i on actor i mod the pool size), with a progress bar.
+
+        Sets :attr:`last_stats` (tokens, seconds, actor replacements).
+        """
         if not self.actors:
             raise RuntimeError("GeneratorPool.generate called before load(model_path)")
-        size = self.spec.chunk_size
-        chunks = [(i, prompts[i : i + size]) for i in range(0, len(prompts), size)]
-        pending = {
-            self.actors[j % len(self.actors)].generate.remote(chunk, sampling): (start, len(chunk))
-            for j, (start, chunk) in enumerate(chunks)
-        }
+        start = time.monotonic()
         results: list[list[Completion] | None] = [None] * len(prompts)
+        streams: dict = {}  # ObjectRefGenerator -> (actor slot, round indices not finished yet)
+
+        def submit(slot: int, indices: list[int]) -> None:
+            if indices:
+                gen = self.actors[slot].stream.remote(indices, [prompts[i] for i in indices], sampling)
+                streams[gen] = (slot, set(indices))
+
+        n = len(self.actors)
+        for slot in range(n):
+            submit(slot, list(range(slot, len(prompts), n)))
+        retries = 0
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.progress) as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                start, count = pending.pop(done[0])
-                results[start : start + count] = ray.get(done[0])
-                bar.update(count)
-        return results  # type: ignore[return-value]
+            while streams:
+                [gen], _ = ray.wait(list(streams), num_returns=1)
+                slot, left = streams[gen]
+                try:
+                    batch = ray.get(next(gen))
+                except StopIteration:
+                    del streams[gen]
+                    if left:
+                        raise RuntimeError(f"generator actor {slot} ended without {len(left)} prompts") from None
+                    continue
+                except (RayActorError, RayTaskError) as err:
+                    if not _engine_died(err) or retries >= self.spec.max_retries:
+                        raise
+                    del streams[gen]
+                    retries += 1
+                    self._replace(slot, err)
+                    submit(slot, sorted(left))
+                    continue
+                for i, comps in batch:
+                    if results[i] is not None:
+                        raise RuntimeError(f"prompt {i} was completed twice")
+                    results[i] = comps
+                    left.discard(i)
+                bar.update(len(batch))
+        done: list[list[Completion]] = results  # type: ignore[assignment]
+        self.last_stats = GenerationStats(
+            prompts=len(prompts), completions=sum(len(c) for c in done),
+            tokens=sum(c.num_tokens for cs in done for c in cs), seconds=time.monotonic() - start, retries=retries)
+        logger.info("%s: %d tokens in %.1f s (%.0f tokens/s)%s", desc, self.last_stats.tokens,
+                    self.last_stats.seconds, self.last_stats.tokens_per_s,
+                    f", {retries} actor(s) replaced" if retries else "")
+        return done
 
     def shutdown(self, graceful: bool = True) -> None:
-        """Close every engine (its own processes included), then stop the actors.
+        """Close every engine (its own processes included), then stop the actors and free their resources.
 
         ``close`` runs beside a generation still in flight, so an interrupted run does not leave
         vLLM's engine-core process generating on its own. After an error (``graceful=False``) a
         failing close is logged and the actor is killed anyway, so the original error surfaces.
         """
+        from ray.util.placement_group import remove_placement_group
+
         for actor in self.actors:
             try:
                 ray.get(actor.close.remote(), timeout=60)
@@ -125,3 +241,6 @@ class GeneratorPool:
                 ray.kill(actor)
         self.actors = []
         self.model_path = None
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None

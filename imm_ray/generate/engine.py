@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
+
+from imm_ray.generate.settings import EngineSettings
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,9 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     seed: int | None = 0
     entropy_top_k: int = 0  # > 0: report each token's entropy over the top-k next-token log-probs
+    # Entropy on every ``entropy_stride``-th prompt only (by its index in the round): returning
+    # top-k log-probs costs the engine; a sample of questions estimates the round's mean entropy.
+    entropy_stride: int = 4
 
     @property
     def greedy(self) -> bool:
@@ -36,18 +42,11 @@ class Completion:
     token_entropies: tuple[float, ...] | None = None
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """Engine settings that do not change between rounds."""
+# The settings shipped to engines are the one engine-settings model (``name`` picks the engine).
+EngineOptions = EngineSettings
 
-    dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    kv_cache_gb: float = 2.0
-    batch_size: int = 16
-    enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.85
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
+# A batch of finished prompts: (index of the prompt in the call, its ``n`` completions).
+Finished = list[tuple[int, list[Completion]]]
 
 
 class Engine(Protocol):
@@ -55,8 +54,17 @@ class Engine(Protocol):
 
     model_path: Path
 
+    def stream(self, prompts: list[list[int]], sampling: SamplingSpec,
+               entropy: Sequence[bool] | None = None) -> Iterator[Finished]:
+        """Complete all prompts at once, yielding each batch of finished prompts as it finishes.
+
+        ``entropy[i]`` says whether prompt i reports token entropies (when
+        ``sampling.entropy_top_k`` > 0); None: every prompt does.
+        """
+        ...
+
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
-        """Return ``sampling.n`` completions for each prompt (given as token ids)."""
+        """Return ``sampling.n`` completions for each prompt (given as token ids), in order."""
         ...
 
     def load(self, model_path: Path) -> None:
@@ -90,6 +98,24 @@ def create_engine(name: str, model_path: str | Path, options: EngineOptions) -> 
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}; known engines: {sorted(ENGINES)}")
     return ENGINES[name](Path(model_path), options)
+
+
+def collect(batches: Iterator[Finished], count: int) -> list[list[Completion]]:
+    """Put the finished batches of a :meth:`Engine.stream` back in prompt order."""
+    out: list[list[Completion] | None] = [None] * count
+    for batch in batches:
+        for i, comps in batch:
+            out[i] = comps
+    missing = [i for i, o in enumerate(out) if o is None]
+    if missing:
+        raise RuntimeError(f"the engine finished without completing prompts {missing[:10]}")
+    return out  # type: ignore[return-value]
+
+
+def entropy_mask(indices: Sequence[int], sampling: SamplingSpec) -> list[bool]:
+    """Which of the prompts at these round indices report token entropies."""
+    stride = max(1, sampling.entropy_stride)
+    return [sampling.entropy_top_k > 0 and i % stride == 0 for i in indices]
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

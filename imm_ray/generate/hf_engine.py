@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from imm_ray.evaluate.diversity import token_entropy
-from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec, register_engine, truncate_at_stop
+from imm_ray.generate.engine import (
+    Completion,
+    EngineOptions,
+    Finished,
+    SamplingSpec,
+    collect,
+    register_engine,
+    truncate_at_stop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,43 +53,54 @@ class HFEngine:
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
-        ids = eos if isinstance(eos, list) else [eos]
+        ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]  # a copy: never the config's own list
         if self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
         return sorted({i for i in ids if i is not None})
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
-        """Generate ``sampling.n`` completions per prompt in batches of ``options.batch_size``."""
+    def stream(self, prompts: list[list[int]], sampling: SamplingSpec,
+               entropy: Sequence[bool] | None = None) -> Iterator[Finished]:
+        """Generate in batches of about ``options.batch_size`` sequences (whole prompts, their
+        ``n`` samples together), yielding each batch's prompts when it is done."""
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        flat = [p for p in prompts for _ in range(sampling.n)]
+        per_batch = max(1, self.options.batch_size // sampling.n)
+        for start in range(0, len(prompts), per_batch):
+            stop = min(start + per_batch, len(prompts))
+            wants = [entropy is None or entropy[i] for i in range(start, stop)]
+            comps = self._generate_batch(prompts[start:stop], sampling, record=any(wants))
+            yield [(start + j, [c if w else replace(c, token_entropies=None) for c in cs])
+                   for j, (cs, w) in enumerate(zip(comps, wants))]
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        """Generate ``sampling.n`` completions per prompt."""
+        return collect(self.stream(prompts, sampling), len(prompts))
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSpec, record: bool) -> list[list[Completion]]:
+        batch = [p for p in prompts for _ in range(sampling.n)]
+        eos_ids = self._eos_ids()
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
-            pad_id = self._eos_ids()[0]
-        eos_ids = self._eos_ids()
-        out: list[Completion] = []
-        bs = max(1, self.options.batch_size)
-        for start in range(0, len(flat), bs):
-            batch = flat[start : start + bs]
-            width = max(len(p) for p in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, p in enumerate(batch):
-                ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p) :] = 1
-            kwargs = dict(max_new_tokens=sampling.max_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
-            if sampling.greedy:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            else:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-            recorder = _TopLogprobs(sampling.entropy_top_k) if sampling.entropy_top_k else None
-            if recorder is not None:
-                kwargs["logits_processor"] = LogitsProcessorList([recorder])
-            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-            tops = torch.stack(recorder.steps, dim=1) if recorder is not None else None  # [batch, steps, k]
-            for r, row in enumerate(gen[:, width:].tolist()):
-                out.append(self._to_completion(row, eos_ids, sampling, None if tops is None else tops[r]))
+            pad_id = eos_ids[0]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        kwargs = dict(max_new_tokens=sampling.max_tokens, eos_token_id=eos_ids, pad_token_id=pad_id)
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        recorder = _TopLogprobs(sampling.entropy_top_k) if record and sampling.entropy_top_k else None
+        if recorder is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([recorder])
+        gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        tops = torch.stack(recorder.steps, dim=1) if recorder is not None else None  # [batch, steps, k]
+        out = [self._to_completion(row, eos_ids, sampling, None if tops is None else tops[r])
+               for r, row in enumerate(gen[:, width:].tolist())]
         return [out[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
     def _to_completion(self, row: list[int], eos_ids: list[int], sampling: SamplingSpec,

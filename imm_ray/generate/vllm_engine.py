@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec, register_engine, truncate_at_stop
+from imm_ray.generate.engine import (
+    Completion,
+    EngineOptions,
+    Finished,
+    SamplingSpec,
+    collect,
+    register_engine,
+    truncate_at_stop,
+)
+from imm_ray.generate.entropy import flat_entropies
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +44,7 @@ class VLLMEngine:
         self.options = options
         self.model_path = Path(model_path)
         self.gpu = _on_gpu()
+        self._calls = 0  # numbers each stream's request ids
         if not self.gpu:
             for key, value in cpu_engine_env(options.kv_cache_gb).items():
                 os.environ.setdefault(key, value)
@@ -68,12 +79,9 @@ class VLLMEngine:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
-        """Generate ``sampling.n`` completions per prompt."""
+    def _params(self, sampling: SamplingSpec, entropy: bool):
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        from imm_ray.evaluate.diversity import token_entropy
+        from vllm.sampling_params import RequestOutputKind
 
         params = dict(
             n=sampling.n,
@@ -82,30 +90,60 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
         )
-        if sampling.entropy_top_k:
-            params["logprobs"] = sampling.entropy_top_k
+        if entropy and sampling.entropy_top_k:
+            # Flat log-probs: a few lists per sequence instead of a dict of objects per token.
+            params.update(logprobs=sampling.entropy_top_k, flat_logprobs=True)
+        params["output_kind"] = RequestOutputKind.FINAL_ONLY  # as LLM.generate: only finished outputs
         # A per-request seed kills the CPU engine ("CPU Generator does not use offset"): there the
         # engine-level seed (EngineOptions.seed) makes sampling reproducible instead.
         if self.gpu and sampling.seed is not None and not sampling.greedy:
             params["seed"] = sampling.seed
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], SamplingParams(**params), use_tqdm=False
-        )
-        results: list[list[Completion]] = []
-        for req in outputs:
-            comps = []
-            for o in req.outputs:
-                text, _ = truncate_at_stop(o.text, sampling.stop)
-                reason = "length" if o.finish_reason == "length" else "stop"
-                entropies = None
-                if sampling.entropy_top_k and o.logprobs is not None:
-                    k = sampling.entropy_top_k  # vLLM adds the sampled token when it is not in the top k
-                    entropies = tuple(token_entropy([lp.logprob for lp in pos.values() if lp.rank <= k])
-                                      for pos in o.logprobs)
-                comps.append(Completion(text=text, finish_reason=reason, num_tokens=len(o.token_ids),
-                                        token_entropies=entropies))
-            results.append(comps)
-        return results
+        return SamplingParams(**params)
+
+    def stream(self, prompts: list[list[int]], sampling: SamplingSpec,
+               entropy: Sequence[bool] | None = None) -> Iterator[Finished]:
+        """All prompts into the engine at once (its batch never drains between chunks); yields
+        the prompts finished at each engine step, as ``LLM.generate`` would return them."""
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():  # left over by an interrupted call
+            logger.warning("aborting %d requests left in the engine", engine.get_num_unfinished_requests())
+            engine.abort_request(list(engine.output_processor.external_req_ids))
+        wants = [True] * len(prompts) if entropy is None else list(entropy)
+        with_entropy, plain = self._params(sampling, True), self._params(sampling, False)
+        self._calls += 1
+        index: dict[str, int] = {}
+        for i, (p, w) in enumerate(zip(prompts, wants)):
+            rid = f"imm-{self._calls}-{i}"
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=p), with_entropy if w else plain)
+            index[rid] = i
+        try:
+            while index:
+                done = [out for out in engine.step() if out.finished]
+                batch = [(index.pop(out.request_id), self._completions(out, sampling)) for out in done]
+                if batch:
+                    yield batch
+        finally:
+            if index and self.llm is not None:  # abandoned or failed: free the engine for the next call
+                engine.abort_request(list(index))
+
+    def _completions(self, req, sampling: SamplingSpec) -> list[Completion]:
+        comps = []
+        for o in req.outputs:
+            text, _ = truncate_at_stop(o.text, sampling.stop)
+            entropies = None
+            if o.logprobs is not None:
+                lp = o.logprobs  # FlatLogprobs; vLLM adds the sampled token when it is not in the top k
+                entropies = flat_entropies(lp.start_indices, lp.end_indices, lp.logprobs, lp.ranks,
+                                           sampling.entropy_top_k)
+            comps.append(Completion(text=text, finish_reason="length" if o.finish_reason == "length" else "stop",
+                                    num_tokens=len(o.token_ids), token_entropies=entropies))
+        return comps
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        """Generate ``sampling.n`` completions per prompt."""
+        return collect(self.stream(prompts, sampling), len(prompts))
 
 
 @register_engine("vllm")

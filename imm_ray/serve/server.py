@@ -30,8 +30,7 @@ BackendLoader = Callable[[Path], Awaitable[Backend]]
 
 def engine_options(settings: ServeSettings) -> EngineOptions:
     """Engine options of the serving engines."""
-    return EngineOptions(dtype=settings.dtype, max_model_len=settings.max_model_len, kv_cache_gb=settings.kv_cache_gb,
-                         gpu_memory_utilization=settings.gpu_memory_utilization, seed=settings.seed, batch_size=8)
+    return settings.engine
 
 
 class OpenAIServer:
@@ -41,7 +40,7 @@ class OpenAIServer:
         self.settings = settings
         self.follower = RunFollower(run_dir, settings.arm, settings.run_name)
         options = engine_options(settings)
-        self._loader = loader or (lambda path: start_backend(settings.engine, path, options))
+        self._loader = loader or (lambda path: start_backend(options.name, path, options))
         self.pool: ModelPool[Backend] = ModelPool(self._loader, lambda b: b.close(), settings.resident_models,
                                                   reload=lambda b, path: b.reload(path), spares=settings.spare_engines)
         self.latest: tuple[int, Path] | None = None  # the newest round whose engine is loaded
@@ -207,7 +206,7 @@ class OpenAIServer:
             raise APIError(400, "'seed' is not supported by this server's engine (vLLM on CPU) when sampling; "
                            "leave it out or use temperature 0", param="seed", code="unsupported_parameter")
         ids = await asyncio.to_thread(self._tokenize, req, backend.tokenizer)  # off the event loop
-        return model_id, backend, gen_params(req, ids, self.settings.limits, self.settings.max_model_len)
+        return model_id, backend, gen_params(req, ids, self.settings.limits, self.settings.engine.max_model_len)
 
     def _tokenize(self, req: ChatRequest | CompletionRequest, tokenizer) -> list[int]:
         """Token ids of the prompt (in a worker thread; one at a time: fast tokenizers are not

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from imm_ray.generate.settings import EngineSettings
 
 
 class _Strict(BaseModel):
@@ -36,6 +38,9 @@ class LimitSettings(_Strict):
     max_stop: int = Field(4, ge=0)
 
 
+_SERVE_ENGINE = {"kv_cache_gb": 1.0, "gpu_memory_utilization": 0.4, "batch_size": 8}
+
+
 class ServeSettings(_Strict):
     """Everything ``imm serve`` / ``serve run services.app:app`` / the driver need to serve a run."""
 
@@ -47,13 +52,9 @@ class ServeSettings(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "imm"
     route_prefix: str = "/"
-    # engines
-    engine: Literal["vllm", "hf"] = "vllm"
-    dtype: str = "bfloat16"
-    max_model_len: int = Field(2048, ge=16)
-    kv_cache_gb: float = Field(1.0, gt=0)
-    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
-    seed: int = 0
+    # engines: the one engine-settings model; ``engine: hf`` and flat engine keys (``dtype: float32``)
+    # are accepted as shorthand, over serving's defaults (a smaller KV cache and GPU share)
+    engine: EngineSettings = EngineSettings(**_SERVE_ENGINE)
     resident_models: int = Field(2, ge=1, description="engines kept loaded per replica (latest included)")
     spare_engines: int = Field(1, ge=0, description="idle engines kept warm: a new round is swapped into one "
                                                      "in well under a second instead of starting an engine")
@@ -70,3 +71,18 @@ class ServeSettings(_Strict):
     # safety
     api_keys_file: str | None = None  # one key per line; IMM_API_KEYS (comma-separated) is added
     limits: LimitSettings = LimitSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_shorthand(cls, data: Any) -> Any:
+        """``engine: NAME`` and flat engine keys go into ``engine``, over serving's engine defaults."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        engine = data.get("engine", {})
+        if isinstance(engine, str):
+            engine = {"name": engine}
+        if isinstance(engine, dict):
+            flat = {k: data.pop(k) for k in list(data) if k in EngineSettings.model_fields}
+            data["engine"] = {**_SERVE_ENGINE, **flat, **engine}
+        return data

@@ -36,8 +36,8 @@ def n_correct(outs) -> int:
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_engine_in_actor_generates_and_moves_between_checkpoints(engine, ray_local, tiny_model_dir, scrambled_model):
-    spec = PoolSpec(engine=engine, options=EngineOptions(dtype="float32", max_model_len=256, kv_cache_gb=1),
-                    num_actors=1, num_cpus=1, chunk_size=3)
+    options = EngineOptions(name=engine, dtype="float32", max_model_len=256, kv_cache_gb=1)
+    spec = PoolSpec(engine=engine, options=options, num_actors=1, num_cpus=1)
     pool = GeneratorPool(spec, progress=False)
     greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=40, seed=None)
     try:
@@ -47,7 +47,7 @@ def test_engine_in_actor_generates_and_moves_between_checkpoints(engine, ray_loc
         assert n_correct(first) >= 6
         assert all(o[0].finish_reason == "stop" for o in first)
 
-        entropy = SamplingSpec(n=3, temperature=0.7, max_tokens=40, seed=3, entropy_top_k=5)
+        entropy = SamplingSpec(n=3, temperature=0.7, max_tokens=40, seed=3, entropy_top_k=5, entropy_stride=1)
         sampled = pool.generate(ids[:2], entropy)
         assert [len(o) for o in sampled] == [3, 3]
         assert all(c.token_entropies is not None and len(c.token_entropies) == c.num_tokens
@@ -76,7 +76,8 @@ def test_interrupted_vllm_pool_leaves_no_engine_process(ray_local, scrambled_mod
     engine = psutil.Process(actor_pid).children(recursive=True)
     assert engine, "the vLLM engine-core process was not found"
     ids = prompts(scrambled_model) * 8
-    busy = pool.actors[0].generate.remote(ids, SamplingSpec(n=8, temperature=1.0, max_tokens=400, seed=0))
+    busy = pool.actors[0].stream.remote(list(range(len(ids))), ids,
+                                        SamplingSpec(n=8, temperature=1.0, max_tokens=400, seed=0))
     time.sleep(2)
     t0 = time.monotonic()
     pool.shutdown(graceful=False)

@@ -120,7 +120,7 @@ def test_settings_from_builder_args_and_deployment_options():
     add_serve_arguments(parser)
     args = parser.parse_args(["--run-dir", "runs/d", "--port", "8123", "resident_models=3", "limits.max_tokens=9"])
     s, run_dir = settings_from_cli(args)
-    assert (run_dir, s.port, s.resident_models, s.limits.max_tokens, s.engine) == ("runs/d", 8123, 3, 9, "vllm")
+    assert (run_dir, s.port, s.resident_models, s.limits.max_tokens, s.engine.name) == ("runs/d", 8123, 3, 9, "vllm")
     with pytest.raises(UserError, match="unknown serve setting 'resident_model' .did you mean 'resident_models'"):
         settings_from_args({"run_dir": "x", "resident_model": "1"})
     with pytest.raises(UserError, match="'limits.max_tokn' .did you mean 'limits.max_tokens'"):
@@ -419,7 +419,7 @@ def test_a_serve_config_names_the_entry_point_and_its_args_are_settings():
 
     [app] = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG)).applications
     s, run_dir = settings_from_args(app.args)
-    assert (run_dir, s.engine, s.resident_models, s.limits.max_tokens) == ("/data/runs/demo", "vllm", 3, 64)
+    assert (run_dir, s.engine.name, s.resident_models, s.limits.max_tokens) == ("/data/runs/demo", "vllm", 3, 64)
     code = ("import sys, imm_ray.serve.deploy, imm_ray.serve.deployment\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'services'], 'the package imports services'\n"
             "import services.app\n"

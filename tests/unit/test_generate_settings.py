@@ -1,0 +1,60 @@
+"""One engine-settings model: validation, and command-line flags generated from its fields."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from imm_ray.evaluate.cli import add_eval_arguments, settings_from_args
+from imm_ray.generate.engine import EngineOptions
+from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
+
+
+def test_engine_options_are_the_settings_model_and_validate():
+    assert EngineOptions is EngineSettings
+    with pytest.raises(ValidationError, match="unknown engine 'vlm'"):
+        EngineSettings(name="vlm")
+    with pytest.raises(ValidationError, match="extra"):
+        EngineSettings(max_num_seqs=4)
+    with pytest.raises(ValidationError):
+        EngineSettings(gpu_memory_utilization=1.5)
+
+
+def test_every_field_has_a_flag_and_round_trips():
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    flags = {a.dest for a in parser._actions} - {"help"}
+    assert flags == {f"engine_{f}" for f in EngineSettings.model_fields} - {"engine_extra"}
+    args = parser.parse_args(["--engine", "hf", "--dtype", "float32", "--max-model-len", "512",
+                              "--kv-cache-gb", "1.5", "--no-enforce-eager", "--seed", "7"])
+    assert settings_from_namespace(args) == EngineSettings(name="hf", dtype="float32", max_model_len=512,
+                                                           kv_cache_gb=1.5, enforce_eager=False, seed=7)
+    assert settings_from_namespace(parser.parse_args([])) == EngineSettings()
+
+
+def test_imm_eval_flags_come_from_the_model():
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--dataset", "gsm8k", "--engine", "hf", "--batch-size", "4",
+                              "--no-enforce-eager", "--seed", "3"])
+    settings = settings_from_args(args)
+    assert settings.engine == "hf"
+    assert settings.engine_options == EngineSettings(name="hf", dtype="auto", batch_size=4, enforce_eager=False, seed=3)
+
+
+def test_run_config_and_serving_embed_the_same_model():
+    from imm_ray.config import load_config
+    from imm_ray.serve.settings import ServeSettings
+
+    cfg = load_config(None, ["generate.engine.enforce_eager=false", "serve.engine.enforce_eager=false"])
+    assert isinstance(cfg.generate.engine, EngineSettings) and cfg.generate.engine.enforce_eager is False
+    assert isinstance(cfg.serve.engine, EngineSettings) and cfg.serve.engine.enforce_eager is False
+    # serving's own defaults (a smaller KV cache and GPU share, batch 8), and its shorthands
+    assert ServeSettings().engine == EngineSettings(kv_cache_gb=1.0, gpu_memory_utilization=0.4, batch_size=8)
+    s = ServeSettings(engine="hf", dtype="float32", max_model_len=256)
+    assert s.engine == EngineSettings(name="hf", dtype="float32", max_model_len=256, kv_cache_gb=1.0,
+                                      gpu_memory_utilization=0.4, batch_size=8)
+    with pytest.raises(ValidationError, match="unknown engine"):
+        ServeSettings(engine="nope")
