@@ -19,13 +19,14 @@ import yaml
 from imm_ray.analysis.importance import ProbeSpec, PromptStyle, Reference
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings
+from imm_ray.storage import layout
 
 __all__ = ["ModelEntry", "discover_models", "probe_from_run", "read_references",
            "references_from_completions", "run_config"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_KINDS = ("sft", "merged")
+MODEL_KINDS = (layout.SFT, layout.MERGED)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ModelEntry:
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:
     """The resolved config tree saved as RUN_DIR/run.yaml ({} when absent)."""
-    path = Path(run_dir) / "run.yaml"
+    path = Path(run_dir) / layout.CONFIG
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
@@ -55,9 +56,8 @@ def discover_models(run_dir: str | Path) -> list[ModelEntry]:
         arm, round_name, kind = folder.parts[-3:]
         if kind not in MODEL_KINDS or not (folder / "config.json").is_file():
             continue
-        try:
-            round_idx = int(round_name.removeprefix("round-"))
-        except ValueError:
+        round_idx = layout.parse_round_folder(round_name)
+        if round_idx is None:
             continue
         entries.append(ModelEntry(arm, round_idx, kind, folder))
     return sorted(entries, key=lambda e: (e.arm, e.round, MODEL_KINDS.index(e.kind)))

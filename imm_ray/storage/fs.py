@@ -97,11 +97,6 @@ def set_default_options(options: StorageOptions) -> None:
     _default_options = options
 
 
-def default_options() -> StorageOptions:
-    """The options set by :func:`set_default_options` (a Ray task receives them as an argument)."""
-    return _default_options
-
-
 @dataclass(frozen=True)
 class Location:
     """A file or folder on some filesystem: ``uri`` is what users and Ray tasks pass around."""
