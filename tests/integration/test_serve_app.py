@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -129,3 +130,45 @@ def test_latest_follows_a_new_round(served, scrambled_model, tiny_model_dir):
     assert [m.id for m in c.models.list()] == ["tinyrun/round-1", "tinyrun/round-2", "tinyrun/latest"]
     old = c.chat.completions.create(model="tinyrun/round-1", messages=MSG, max_tokens=40, temperature=0)
     assert GOLD in old.choices[0].message.content  # the older round stays resident and queryable
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_killed_vllm_engine_fails_its_streams_and_the_replica_is_replaced(served):
+    """Last in this module: SIGKILL the vLLM engine-core process under the vllm app's replica; its
+    requests fail, the hf app keeps answering, and Serve's health check replaces the replica."""
+    _, base = served
+    [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+              if "ImmOpenAI" in a["name"] and a["name"].split("#")[0].endswith("vllm")]
+    replica = ray.get_actor(name, namespace="serve")
+    replica_pid = ray.get(replica.__ray_call__.remote(lambda self: os.getpid()))
+    engines = [p for p in _children(replica_pid) if b"EngineCore" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert engines, "no vLLM engine-core process under the replica"
+    for pid in engines:  # resident rounds and the spare
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(2)
+    with pytest.raises(openai.APIError):  # its own requests fail (no hang: the client's timeout is 60 s)
+        client(base, "vllm", KEY).chat.completions.create(model="tinyrun/round-1", messages=MSG, max_tokens=8)
+    assert client(base, "hf").chat.completions.create(model="tinyrun/round-1", messages=MSG, max_tokens=8).choices
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            chat = client(base, "vllm", KEY).chat.completions.create(model="tinyrun/round-1", messages=MSG,
+                                                                     max_tokens=40, temperature=0)
+            if GOLD in chat.choices[0].message.content:
+                break
+        except openai.APIError:
+            pass
+        time.sleep(3)
+    else:
+        pytest.fail("the vllm app did not recover after its engine was killed")
