@@ -2,7 +2,14 @@
 
 Config keys (built by `imm_ray.train.trainer.run_sft`): ``model_path`` (str), ``examples``
 (object ref to a list of TokenizedExample), ``pad_id`` (int), ``save_dtype`` (torch dtype
-name), ``settings`` (SFTSettings as a dict).
+name), ``settings`` (SFTSettings as a dict), ``staging_dir`` (where rank 0 writes the final HF
+folder when it runs on the driver's node), ``driver_node`` (that node's id), ``fit_started``
+(wall-clock time the driver started the trainer) and ``crash_after_step`` (test hook, see
+`CRASH_ENV`).
+
+Fault tolerance: with ``settings.max_failures > 0`` rank 0 reports a checkpoint (weights,
+optimizer, scheduler, progress) at the end of every epoch but the last, or every
+``checkpoint_every_steps`` steps; a restarted worker group resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -10,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
+import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,16 +33,20 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from imm_ray.train.batches import Batch, micro_batches, plan_epoch, steps_per_epoch
 from imm_ray.train.schedule import lr_factor, warmup_steps
 from imm_ray.train.settings import SFTSettings
-from imm_ray.train.sft_data import IGNORE_INDEX, TokenizedExample, collate
+from imm_ray.train.sft_data import IGNORE_INDEX, TokenizedExample
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "sft_state.json"
+RESUME_FILE = "train_state.pt"
+# Test hook: "STEP:MARKER" makes rank 0 exit hard once after optimizer step STEP (the marker
+# file records that it happened, so the restarted worker trains on).
+CRASH_ENV = "IMM_SFT_CRASH_AFTER_STEP"
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -48,151 +61,243 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy (fp32) over positions whose label is not IGNORE_INDEX."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                           shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+def batch_loss_sum(model: torch.nn.Module, batch: Batch, bf16: bool) -> torch.Tensor:
+    """Forward one micro-batch (padded or packed) and return its summed next-token cross entropy
+    (fp32) over the response tokens. The LM head runs only at positions that predict a response
+    token in some row (`logits_to_keep`): prompt and padding positions cost no vocabulary-sized
+    logits."""
+    labels = batch["labels"]
+    predicts = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if not len(predicts):  # no response token at all: keep every position (loss 0)
+        predicts = torch.arange(labels.size(1) - 1, device=labels.device)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast(device_type=labels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                           labels[:, predicts + 1].reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
-def _windows(batches: Iterable[dict[str, torch.Tensor]],
-             size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Group micro-batches into gradient-accumulation windows (the last one may be shorter)."""
-    window: list[dict[str, torch.Tensor]] = []
-    for batch in batches:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def _global_sum(value: float, device: torch.device, distributed: bool) -> float:
-    """Sum a scalar across workers (identity on a single worker)."""
+def _global_sums(values: list[float], device: torch.device, distributed: bool) -> list[float]:
+    """Sum scalars across workers (identity on a single worker)."""
     if not distributed:
-        return value
-    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.item()
+    return tensor.tolist()
 
 
-def _accumulate(model: torch.nn.Module, window: list[dict[str, torch.Tensor]],
-                device: torch.device, bf16: bool, world_size: int) -> tuple[float, float]:
-    """Forward/backward every micro-batch of one optimizer step; returns (loss sum, tokens),
-    both summed over all workers. Gradients end up as the mean over those tokens."""
+def _accumulate(model: torch.nn.Module, batches: list[Batch], device: torch.device, bf16: bool,
+                world_size: int, input_tokens: int) -> tuple[float, float, float]:
+    """Forward/backward every micro-batch of one optimizer step; returns (loss sum, response
+    tokens, input tokens), each summed over all workers. Gradients end up as the mean over the
+    response tokens."""
     distributed = world_size > 1
-    window = [{k: v.to(device) for k, v in b.items()} for b in window]
-    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
-    tokens = max(_global_sum(float(local_tokens), device, distributed), 1.0)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    local_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    targets, inputs = _global_sums([float(local_targets), float(input_tokens)], device,
+                                   distributed)
+    targets = max(targets, 1.0)
     loss_sum = 0.0
-    for i, batch in enumerate(window):
-        last = i == len(window) - 1
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last or not distributed else model.no_sync()
         with sync:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"], use_cache=False).logits
-            micro_loss = token_loss_sum(logits, batch["labels"])
+            micro_loss = batch_loss_sum(model, batch, bf16)
             # DDP averages gradients over workers, hence the world_size factor.
-            (micro_loss * (world_size / tokens)).backward()
+            (micro_loss * (world_size / targets)).backward()
         loss_sum += micro_loss.item()
-    return _global_sum(loss_sum, device, distributed), tokens
+    (loss_sum,) = _global_sums([loss_sum], device, distributed)
+    return loss_sum, targets, inputs
 
 
-def _save_checkpoint(model: PreTrainedModel, model_path: str, out_dir: str, save_dtype: str,
-                     state: dict[str, Any]) -> None:
-    """Save an HF folder: safetensors weights (ties kept), config, generation config, tokenizer."""
+@dataclass
+class Progress:
+    """What a resumed worker needs besides weights and optimizer: where it stopped."""
+
+    step: int = 0
+    input_tokens: float = 0.0
+    epoch_loss: float = 0.0
+    epoch_tokens: float = 0.0
+    final_loss: float = float("nan")
+    resumes: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _checkpoint_due(settings: SFTSettings, step: int, total: int, per_epoch: int) -> bool:
+    """Whether to report a resume checkpoint after optimizer step `step` (never after the last)."""
+    if settings.max_failures == 0 or step >= total:
+        return False
+    every = settings.checkpoint_every_steps or per_epoch
+    return step % every == 0
+
+
+def _report_resume_checkpoint(rank: int, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                              scheduler: Any, progress: Progress) -> None:
+    """Rank 0 saves weights, optimizer, scheduler and progress; every rank reports (a barrier)."""
+    metrics = {"step": progress.step}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="imm-sft-resume-") as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "progress": asdict(progress)},
+                   Path(tmp) / RESUME_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step-{progress.step:06d}")
+    logger.info("SFT: resume checkpoint after step %d", progress.step)
+
+
+def _load_resume_state() -> dict[str, Any] | None:
+    """The latest resume checkpoint of this run (after a worker failure), or None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / RESUME_FILE, map_location="cpu", weights_only=True)
+
+
+def _maybe_crash(spec: str | None, step: int, rank: int) -> None:
+    """The CRASH_ENV test hook: exit the worker process hard, once."""
+    if not spec or rank != 0:
+        return
+    at, marker = spec.split(":", 1)
+    if step == int(at) and not os.path.exists(marker):
+        Path(marker).touch()
+        logger.warning("SFT: test hook %s: worker exits after step %d", CRASH_ENV, step)
+        os._exit(1)
+
+
+def _save_hf(model: PreTrainedModel, out_dir: Path, save_dtype: str) -> None:
+    """Write the model's part of an HF folder: safetensors weights (ties kept), config and
+    generation config (the driver adds the tokenizer it already has loaded)."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder of a failed attempt
     model.to(getattr(torch, save_dtype))
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir)
-    (Path(out_dir) / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+
+def _publish_final(config: dict[str, Any], model: PreTrainedModel, rank: int,
+                   state: dict[str, Any]) -> None:
+    """Rank 0 writes the final HF folder, with `state` (plus save seconds) as STATE_FILE, straight
+    into the staging folder when it runs on the driver's node (no copy through Ray Train's
+    storage), else into a temporary folder reported as a checkpoint. Every rank reports."""
+    if rank != 0:
+        ray.train.report({})
+        return
+
+    def write(folder: Path) -> None:
+        start = time.perf_counter()
+        _save_hf(model, folder, config["save_dtype"])
+        state["save_seconds"] = time.perf_counter() - start
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+    if ray.get_runtime_context().get_node_id() == config["driver_node"]:
+        write(Path(config["staging_dir"]))
+        ray.train.report({})
+        return
+    with tempfile.TemporaryDirectory(prefix="imm-sft-final-") as tmp:
+        write(Path(tmp))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name="final")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Fine-tune on this worker's shard; rank 0 saves and reports the final HF checkpoint."""
+    """Fine-tune on this worker's share; rank 0 writes the final HF folder."""
+    startup_seconds = max(time.time() - config["fit_started"], 0.0)
     settings = SFTSettings.model_validate(config["settings"])
     examples: Sequence[TokenizedExample] = ray.get(config["examples"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    distributed = world_size > 1
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(settings.cpus_per_worker)
     torch.manual_seed(settings.seed)
     bf16 = use_bf16(settings.precision, device)
 
-    model = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
-    model = ray.train.torch.prepare_model(model)  # moves to device; DDP when world_size > 1
-    unwrapped: PreTrainedModel = model.module if distributed else model
+    load_start = time.perf_counter()
+    unwrapped: PreTrainedModel = AutoModelForCausalLM.from_pretrained(config["model_path"],
+                                                                     dtype=torch.float32)
+    resume = _load_resume_state()
+    if resume is not None:
+        unwrapped.load_state_dict(resume["model"])
+    model = ray.train.torch.prepare_model(unwrapped)  # moves to device; DDP when world_size > 1
+    load_seconds = time.perf_counter() - load_start
 
-    if distributed:
-        sampler = DistributedSampler(examples, num_replicas=world_size, rank=rank,
-                                     shuffle=True, seed=settings.seed)
-    else:
-        sampler = RandomSampler(examples, generator=torch.Generator().manual_seed(settings.seed))
-    loader = DataLoader(examples, batch_size=settings.micro_batch_size, sampler=sampler,
-                        collate_fn=partial(collate, pad_id=config["pad_id"]))
-
-    accum = settings.grad_accum_steps(world_size)
-    steps_per_epoch = math.ceil(len(loader) / accum)
-    total_steps = settings.epochs * steps_per_epoch
+    per_step = settings.micro_batch_size * settings.grad_accum_steps(world_size) * world_size
+    per_epoch = steps_per_epoch(len(examples), per_step, world_size)
+    total_steps = settings.epochs * per_epoch
     optimizer = torch.optim.AdamW(unwrapped.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     warmup = warmup_steps(total_steps, settings.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, total_steps=total_steps, warmup=warmup,
                            kind=settings.lr_scheduler))
+    progress = Progress()
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        progress = Progress(**resume["progress"])
+        progress.resumes += 1
+        if rank == 0:
+            logger.warning("SFT: restarted after a worker failure; resuming from the checkpoint "
+                           "of step %d/%d (restart %d)", progress.step, total_steps,
+                           progress.resumes)
     if rank == 0:
-        logger.info("SFT: %d examples, %d worker(s), micro batch %d x accum %d = %d per step, "
-                    "%d epochs x %d steps = %d steps (%d warmup, %s), bf16 autocast %s, device %s",
-                    len(examples), world_size, settings.micro_batch_size, accum,
-                    settings.micro_batch_size * accum * world_size, settings.epochs,
-                    steps_per_epoch, total_steps, warmup, settings.lr_scheduler, bf16, device)
+        logger.info("SFT: %d examples, %d worker(s), %d examples per step (micro batch %d, "
+                    "%s), %d epochs x %d steps = %d steps (%d warmup, %s), bf16 autocast %s, "
+                    "device %s", len(examples), world_size, per_step, settings.micro_batch_size,
+                    "packed" if settings.packing else "padded", settings.epochs, per_epoch,
+                    total_steps, warmup, settings.lr_scheduler, bf16, device)
 
     model.train()
-    history: list[dict[str, float]] = []
-    step, final_loss = 0, float("nan")
-    start = time.perf_counter()
-    for epoch in range(settings.epochs):
-        if distributed:
-            sampler.set_epoch(epoch)
-        epoch_loss, epoch_tokens = 0.0, 0.0
-        for window in _windows(loader, accum):
-            loss_sum, tokens = _accumulate(model, window, device, bf16, world_size)
+    crash = config.get("crash_after_step")
+    start, trained_here = time.perf_counter(), 0
+    for epoch in range(progress.step // per_epoch, settings.epochs):
+        plan = plan_epoch(len(examples), per_step, world_size, settings.seed, epoch)
+        for index, step_ids in enumerate(plan.for_rank(rank, world_size)):
+            if epoch * per_epoch + index < progress.step:
+                continue  # done before the restart
+            step_examples = [examples[i] for i in step_ids]
+            batches = micro_batches(step_examples, settings.micro_batch_size,
+                                    settings.max_length, config["pad_id"], settings.packing)
+            loss_sum, tokens, inputs = _accumulate(
+                model, batches, device, bf16, world_size,
+                sum(len(ex.input_ids) for ex in step_examples))
             grad_norm = (torch.nn.utils.clip_grad_norm_(unwrapped.parameters(), settings.grad_clip)
                          if settings.grad_clip > 0 else None)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            epoch_loss += loss_sum
-            epoch_tokens += tokens
-            record = {"step": step, "epoch": epoch + 1, "loss": loss_sum / tokens, "lr": lr,
-                      "tokens": tokens}
+            progress.step += 1
+            trained_here += 1
+            progress.input_tokens += inputs
+            progress.epoch_loss += loss_sum
+            progress.epoch_tokens += tokens
+            record = {"step": progress.step, "epoch": epoch + 1, "loss": loss_sum / tokens,
+                      "lr": lr, "tokens": tokens, "input_tokens": inputs,
+                      "micro_batches": len(batches)}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
-            history.append(record)
-            if rank == 0:
-                logger.debug("SFT step %s", record)
-                if step % settings.log_every_steps == 0 or step in (1, total_steps):
-                    logger.info("SFT step %d/%d epoch %d loss %.4f lr %.3g (%.2f s/step)",
-                                step, total_steps, epoch + 1, record["loss"], lr,
-                                (time.perf_counter() - start) / step)
-        final_loss = epoch_loss / max(epoch_tokens, 1.0)
-        if rank == 0:
-            logger.info("SFT epoch %d/%d: mean loss %.4f", epoch + 1, settings.epochs, final_loss)
+            progress.history.append(record)
+            if rank == 0 and (progress.step % settings.log_every_steps == 0
+                              or progress.step in (1, total_steps)):
+                logger.info("SFT step %d/%d epoch %d loss %.4f lr %.3g (%.2f s/step)",
+                            progress.step, total_steps, epoch + 1, record["loss"], lr,
+                            (time.perf_counter() - start) / trained_here)
+            if progress.step % per_epoch == 0:
+                progress.final_loss = progress.epoch_loss / max(progress.epoch_tokens, 1.0)
+                progress.epoch_loss, progress.epoch_tokens = 0.0, 0.0
+                if rank == 0:
+                    logger.info("SFT epoch %d/%d: mean loss %.4f", epoch + 1, settings.epochs,
+                                progress.final_loss)
+            if _checkpoint_due(settings, progress.step, total_steps, per_epoch):
+                _report_resume_checkpoint(rank, unwrapped, optimizer, scheduler, progress)
+            _maybe_crash(crash, progress.step, rank)
 
-    seconds = time.perf_counter() - start
-    metrics = {"steps": step, "final_loss": final_loss, "train_seconds": seconds,
-               "world_size": world_size, "bf16": bf16}
-    with tempfile.TemporaryDirectory(prefix="imm-sft-ckpt-") as tmp:
-        checkpoint = None
-        if rank == 0:
-            _save_checkpoint(unwrapped, config["model_path"], tmp, config["save_dtype"],
-                             {**metrics, "settings": settings.model_dump(), "history": history})
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    metrics = {"steps": progress.step, "final_loss": progress.final_loss,
+               "train_seconds": time.perf_counter() - start, "load_seconds": load_seconds,
+               "startup_seconds": startup_seconds, "input_tokens": progress.input_tokens,
+               "resumes": progress.resumes, "world_size": world_size, "bf16": bf16}
+    _publish_final(config, unwrapped, rank,
+                   {**metrics, "settings": settings.model_dump(), "history": progress.history})

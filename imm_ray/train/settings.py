@@ -32,6 +32,14 @@ class SFTSettings(BaseModel):
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     save_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     log_every_steps: int = Field(10, ge=1)
+    # Pack examples into rows of up to max_length tokens (attention and positions restart per
+    # example); False pads each micro-batch of micro_batch_size examples to its longest one.
+    packing: bool = True
+    # Worker failures Ray Train recovers from by restarting the workers from the last resume
+    # checkpoint (from the start without one); 0 fails at once and writes no resume checkpoints.
+    max_failures: int = Field(1, ge=0)
+    # Resume checkpoints every N optimizer steps; 0: at the end of every epoch but the last.
+    checkpoint_every_steps: int = Field(0, ge=0)
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each worker (at least 1)."""

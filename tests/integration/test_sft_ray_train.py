@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from imm_ray.train import SFTError, SFTSettings, run_sft
-from imm_ray.train.loop import STATE_FILE
+from imm_ray.train.loop import CRASH_ENV, STATE_FILE
 from imm_ray.train.sft_data import collate, read_rows, tokenize_rows
 
 pytestmark = pytest.mark.slow
@@ -67,19 +67,65 @@ def check_checkpoint(out: Path, source: Path, data_path: Path, dtype: torch.dtyp
     assert AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
 
 
-def test_sft_single_worker(ray_local, tiny_model_dir, sft_data, tmp_path):
-    out = tmp_path / "sft-model"
-    result = run_sft(tiny_model_dir, sft_data, out, SFTSettings(**SETTINGS), tmp_path / "storage")
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
+
+@pytest.fixture(scope="module")
+def single_worker_run(ray_local, tiny_model_dir, sft_data, tmp_path_factory):
+    """One uninterrupted single-worker run (with a resume checkpoint after epoch 1)."""
+    root = tmp_path_factory.mktemp("single")
+    # A stale temp sibling from a killed earlier attempt: the stage removes it.
+    (root / ".sft-model.tmp-deadbeef").mkdir()
+    result = run_sft(tiny_model_dir, sft_data, root / "sft-model", SFTSettings(**SETTINGS),
+                     root / "storage")
+    return root, result
+
+
+def test_sft_single_worker(single_worker_run, tiny_model_dir, sft_data):
+    root, result = single_worker_run
+    out = root / "sft-model"
     assert result.checkpoint_dir == out
     assert (result.examples, result.dropped) == (len(PAIRS), 0)
     assert result.steps == 4  # 8 examples / (2 x 2 accumulated) per step, 2 epochs
-    assert 0 < result.final_loss < 10 and result.seconds > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft-model", "storage"]  # no temp left
+    assert 0 < result.final_loss < 10 and result.seconds > 0 and result.restarts == 0
+    assert sorted(p.name for p in root.iterdir()) == ["sft-model", "storage"]  # no temp left
+    assert list((root / "storage").iterdir()) == []  # Ray Train's run folder is removed
     check_checkpoint(out, tiny_model_dir, sft_data, torch.float32)
     state = json.loads((out / STATE_FILE).read_text())
     assert state["world_size"] == 1 and len(state["history"]) == 4
     assert [r["lr"] for r in state["history"]] == pytest.approx([1e-3, 1e-3, 7.5e-4, 2.5e-4])
+    tokens = 2 * sum(len(ex.input_ids) for ex in
+                     tokenize_rows(AutoTokenizer.from_pretrained(out), read_rows(sft_data), 512)[0])
+    assert result.tokens == tokens == sum(r["input_tokens"] for r in state["history"])
+    assert result.tokens_per_second == pytest.approx(tokens / result.seconds)
+    assert set(result.timings) == {"prepare", "startup", "load", "train", "save", "finish",
+                                   "publish"}
+    assert sum(result.timings.values()) == pytest.approx(result.seconds, abs=0.1)
+
+
+def test_worker_killed_mid_run_resumes_from_its_checkpoint(
+        single_worker_run, tiny_model_dir, sft_data, tmp_path, monkeypatch, caplog):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"3:{marker}")  # rank 0 exits hard after step 3 of 4, once
+    out = tmp_path / "sft-model"
+    with caplog.at_level("WARNING", logger="imm_ray.train.trainer"):
+        result = run_sft(tiny_model_dir, sft_data, out,
+                         SFTSettings(**SETTINGS, checkpoint_every_steps=1), tmp_path / "storage")
+
+    assert marker.is_file()
+    assert result.restarts == 1 and result.steps == 4
+    assert "recovered from 1 worker failure" in caplog.text
+    state = json.loads((out / STATE_FILE).read_text())
+    assert [r["step"] for r in state["history"]] == [1, 2, 3, 4]
+    # Resumed from step 3's weights, optimizer and schedule: the same model as without the kill.
+    plain_root, plain = single_worker_run
+    assert state["history"] == json.loads((plain_root / "sft-model" / STATE_FILE).read_text())["history"]
+    expected = load_weights(plain_root / "sft-model")
+    actual = load_weights(out)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed", "sft-model", "storage"]
 
 
 def test_sft_ddp_two_workers_bf16_save(ray_local, tiny_model_dir, sft_data, tmp_path):
@@ -98,7 +144,8 @@ def test_worker_failure_surfaces_root_cause(ray_local, tiny_model_dir, sft_data,
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     out = tmp_path / "sft-model"
     with pytest.raises(SFTError, match=r"rank 0: SafetensorError"):
-        run_sft(broken, sft_data, out, SFTSettings(**SETTINGS), tmp_path / "storage")
+        run_sft(broken, sft_data, out, SFTSettings(**SETTINGS, max_failures=0),
+                tmp_path / "storage")
     assert not out.exists()
 
 
