@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imm_ray.storage import layout
+from imm_ray.storage.checkpoints import is_published
 from imm_ray.storage.fs import (
     Location,
     StorageError,
@@ -61,6 +62,23 @@ class RunDir:
     @property
     def baseline_dir(self) -> Location:
         return self.root / layout.BASELINE
+
+    def checkpoints(self) -> dict[tuple[str, int, str], Location]:
+        """Every published ``<arm>/round-NNN/{sft,merged}`` checkpoint by (arm, round, kind).
+
+        A folder without a valid manifest (an upload that never finished, a file missing or of
+        another size) is not listed."""
+        found = {}
+        for arm in list_names(self.root):
+            for folder in list_names(self.root / arm):
+                round_idx = layout.parse_round_folder(folder)
+                if round_idx is None:
+                    continue
+                for kind in (layout.SFT, layout.MERGED):
+                    loc = self.round_dir(arm, round_idx) / kind
+                    if is_published(loc):
+                        found[(arm, round_idx, kind)] = loc
+        return dict(sorted(found.items()))
 
     def check_is_run(self) -> None:
         """Refuse a folder that is neither empty nor an imm run (stages delete fixed names in it)."""

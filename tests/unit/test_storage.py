@@ -308,3 +308,17 @@ def test_storage_failures_are_one_line_user_errors(tmp_path):
     for err in (locked.value, scheme.value):
         text = describe_error(err)
         assert "--debug" not in text and "\n" not in text and type(err).__name__ not in text
+
+
+def test_run_lists_only_published_checkpoints(root, tmp_path):
+    rd = RunDir(root)
+    src = _checkpoint(tmp_path / "src")
+    publish_dir(src, rd.round_dir("imm", 1) / "sft")
+    publish_dir(src, rd.round_dir("imm", 1) / "merged")
+    publish_dir(src, rd.round_dir("si", 2) / "sft")
+    write_bytes(rd.round_dir("imm", 2) / "merged/model.safetensors", b"half")  # no manifest
+    delete(rd.round_dir("si", 2) / "sft/tok/vocab.txt")  # a listed file is gone
+    write_json(rd.round_dir("imm", 1) / "eval.json", {})
+    assert {k: v.uri for k, v in rd.checkpoints().items()} == {
+        ("imm", 1, "merged"): rd.round_dir("imm", 1).uri + "/merged",
+        ("imm", 1, "sft"): rd.round_dir("imm", 1).uri + "/sft"}
