@@ -2,20 +2,23 @@
 
 An arm says which model a round's SFT starts from and whether the fine-tuned model is merged into
 the original. A round runs the stages of :data:`ROUND_STAGES` in order; a stage whose key
-(``<arm>/round-NNN/<stage>``) is done in ``state.json`` is never redone. :func:`plan_round` says,
-from the done stages alone, which stages of a round remain and what the round's model is.
+(:func:`imm_ray.storage.layout.stage_key`) is done in ``state.json`` is never redone.
+:func:`plan_round` says, from the done stages alone, which stages of a round remain and what the
+round's model is. File names and stage keys come from :mod:`imm_ray.storage.layout`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from imm_ray.registry import Registry
+from imm_ray.storage import layout
 
-__all__ = ["ARMS", "ROUND_STAGES", "Arm", "RoundPlan", "Stage", "get_arm", "plan_round", "round_stages", "stage_key"]
+__all__ = ["ARMS", "ROUND_STAGES", "Arm", "RoundPlan", "Stage", "get_arm", "plan_round", "round_stages"]
+
+M = TypeVar("M")  # a model location: a path, a URI, ...
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Arm:
     @property
     def output(self) -> str:
         """The folder (in the round directory) that holds the round's model when SFT trained."""
-        return "merged" if self.merges else "sft"
+        return layout.MERGED if self.merges else layout.SFT
 
 
 ARMS: Registry[Arm] = Registry("arm")
@@ -57,17 +60,12 @@ class Stage:
 
 
 ROUND_STAGES: tuple[Stage, ...] = (
-    Stage("generate", ("samples.jsonl",)),
-    Stage("verify", ("accepted.jsonl",)),
-    Stage("sft", ("sft", "_ray_train")),
-    Stage("merge", ("merged",), merge_only=True),
-    Stage("evaluate", ("eval.json", "eval_samples.jsonl")),
+    Stage("generate", (layout.SAMPLES,)),
+    Stage("verify", (layout.ACCEPTED,)),
+    Stage("sft", (layout.SFT, layout.RAY_TRAIN)),
+    Stage("merge", (layout.MERGED,), merge_only=True),
+    Stage("evaluate", (layout.EVAL, layout.EVAL_SAMPLES)),
 )
-
-
-def stage_key(arm: str, t: int, stage: str) -> str:
-    """The key of a stage in ``state.json``: ``<arm>/round-NNN/<stage>``."""
-    return f"{arm}/round-{t:03d}/{stage}"
 
 
 def round_stages(arm: Arm, sft_skipped: bool = False) -> tuple[Stage, ...]:
@@ -76,13 +74,13 @@ def round_stages(arm: Arm, sft_skipped: bool = False) -> tuple[Stage, ...]:
 
 
 @dataclass(frozen=True)
-class RoundPlan:
+class RoundPlan(Generic[M]):
     """What is left of a round, and the models it starts SFT from and ends with."""
 
     remaining: tuple[Stage, ...]  # in order; empty when the round is finished
-    sft_init: Path  # the model SFT fine-tunes
+    sft_init: M  # the model SFT fine-tunes
     sft_skipped: bool | None  # None until the SFT stage is done
-    model: Path | None  # the round's model (merged, sft or unchanged); None until SFT is done
+    model: M | None  # the round's model (merged, sft or unchanged); None until SFT is done
 
     @property
     def next(self) -> Stage | None:
@@ -95,25 +93,26 @@ def plan_round(
     t: int,
     done: Mapping[str, Mapping[str, Any]],
     *,
-    current: Path,
-    original: Path,
-    round_dir: Path,
-) -> RoundPlan:
+    current: M,
+    original: M,
+    round_output: Callable[[str], M],
+) -> RoundPlan[M]:
     """Plan round ``t`` of ``arm`` from the done stages (stage key -> the info it recorded).
 
     ``current`` is the model the round starts from (the previous round's model, the original in
-    round 1). A skipped SFT (its info has ``skipped: true``: nothing was accepted) leaves the model
-    unchanged and drops the merge; otherwise the round's model is ``round_dir/merged`` for an arm
-    that merges, ``round_dir/sft`` for one that does not.
+    round 1); ``round_output(name)`` is the location of the output ``name`` in the round's folder.
+    A skipped SFT (its info has ``skipped: true``: nothing was accepted) leaves the model unchanged
+    and drops the merge; otherwise the round's model is the ``merged`` output for an arm that
+    merges, the ``sft`` output for one that does not.
     """
     arm = get_arm(arm) if isinstance(arm, str) else arm
-    sft_info = done.get(stage_key(arm.name, t, "sft"))
+    sft_info = done.get(layout.stage_key(arm.name, t, "sft"))
     sft_skipped = None if sft_info is None else bool(sft_info.get("skipped"))
     stages = round_stages(arm, sft_skipped=bool(sft_skipped))
-    remaining = tuple(s for s in stages if stage_key(arm.name, t, s.name) not in done)
+    remaining = tuple(s for s in stages if layout.stage_key(arm.name, t, s.name) not in done)
     if sft_skipped is None:
         model = None
     else:
-        model = current if sft_skipped else round_dir / arm.output
+        model = current if sft_skipped else round_output(arm.output)
     sft_init = original if arm.sft_from == "original" else current
     return RoundPlan(remaining, sft_init, sft_skipped, model)

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from imm_ray.loop.arms import ARMS, ROUND_STAGES, get_arm, plan_round, round_stages, stage_key
+from imm_ray.loop.arms import ARMS, ROUND_STAGES, get_arm, plan_round, round_stages
+from imm_ray.storage import layout
+from imm_ray.storage.layout import stage_key
 
 CUR, ORIG, RDIR = Path("/r/imm/round-001/merged"), Path("/models/orig"), Path("/r/arm/round-002")
 
@@ -28,7 +30,7 @@ def test_the_arm_table():
 
 
 def test_stage_sequence_and_keys():
-    assert names(ROUND_STAGES) == ["generate", "verify", "sft", "merge", "evaluate"]
+    assert names(ROUND_STAGES) == ["generate", "verify", "sft", "merge", "evaluate"] == list(layout.STAGES)
     assert names(round_stages(ARMS["imm"])) == ["generate", "verify", "sft", "merge", "evaluate"]
     assert names(round_stages(ARMS["imm"], sft_skipped=True)) == ["generate", "verify", "sft", "evaluate"]
     for arm in ("si", "rest"):
@@ -42,13 +44,13 @@ def test_stage_sequence_and_keys():
     [("imm", CUR, RDIR / "merged"), ("si", CUR, RDIR / "sft"), ("rest", ORIG, RDIR / "sft")],
 )
 def test_fresh_round_runs_everything_and_the_model_follows_the_arm(arm, sft_init, model):
-    plan = plan_round(arm, 2, {}, current=CUR, original=ORIG, round_dir=RDIR)
+    plan = plan_round(arm, 2, {}, current=CUR, original=ORIG, round_output=RDIR.joinpath)
     assert names(plan.remaining) == names(round_stages(ARMS[arm]))
     assert plan.next.name == "generate"
     assert plan.sft_init == sft_init
     assert plan.model is None and plan.sft_skipped is None  # SFT decides
     finished = plan_round(arm, 2, done_through(arm, 2, names(plan.remaining)), current=CUR, original=ORIG,
-                          round_dir=RDIR)
+                          round_output=RDIR.joinpath)
     assert finished.remaining == () and finished.next is None
     assert finished.model == model and finished.sft_skipped is False
 
@@ -56,7 +58,7 @@ def test_fresh_round_runs_everything_and_the_model_follows_the_arm(arm, sft_init
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_skipped_sft_leaves_the_model_unchanged_and_drops_the_merge(arm):
     done = done_through(arm, 2, ["generate", "verify", "sft"], sft_skipped=True)
-    plan = plan_round(arm, 2, done, current=CUR, original=ORIG, round_dir=RDIR)
+    plan = plan_round(arm, 2, done, current=CUR, original=ORIG, round_output=RDIR.joinpath)
     assert names(plan.remaining) == ["evaluate"]
     assert plan.model == CUR  # even for rest: the round's model is the one it started from
     assert plan.sft_skipped is True
@@ -69,12 +71,20 @@ def test_resume_after_each_stage_of_an_imm_round():
         # stages of other rounds and arms never count for this one
         done.update(done_through("imm", 2, order))
         done.update(done_through("si", 3, order))
-        plan = plan_round("imm", 3, done, current=CUR, original=ORIG, round_dir=RDIR)
+        plan = plan_round("imm", 3, done, current=CUR, original=ORIG, round_output=RDIR.joinpath)
         assert names(plan.remaining) == order[i:]
         assert plan.model == (RDIR / "merged" if i >= 3 else None)
 
 
 def test_a_done_merge_is_not_redone_and_a_half_done_round_only_redoes_its_tail():
     done = done_through("imm", 1, ["generate", "verify", "sft", "merge"])
-    plan = plan_round(ARMS["imm"], 1, done, current=ORIG, original=ORIG, round_dir=RDIR)
+    plan = plan_round(ARMS["imm"], 1, done, current=ORIG, original=ORIG, round_output=RDIR.joinpath)
     assert names(plan.remaining) == ["evaluate"] and plan.model == RDIR / "merged"
+
+
+def test_plans_work_on_uris_as_well_as_paths():
+    current, original = "s3://bucket/run/si/round-001/sft", "s3://bucket/run/original"
+    done = done_through("rest", 2, ["generate", "verify", "sft"])
+    plan = plan_round("rest", 2, done, current=current, original=original,
+                      round_output=lambda name: f"s3://bucket/run/rest/round-002/{name}")
+    assert plan.sft_init == original and plan.model == "s3://bucket/run/rest/round-002/sft"
