@@ -3,9 +3,10 @@
 Model ids are ``<run>/round-N`` for every finished round of the served arm (``round-0`` is the
 baseline, when it was evaluated) and ``<run>/latest`` for the highest one. A round counts once its
 ``<arm>/round-NNN/evaluate`` stage is done in ``state.json``: the driver marks it after the
-checkpoint is complete. A folder that was removed or damaged afterwards is caught by
-`checkpoint_problem` before an engine is spent on it; an unreadable ``state.json`` keeps the last
-good catalog.
+checkpoint is complete. The run directory may be on object storage (``s3://``, ``gs://``): its
+rounds are then URIs, materialized into the node's cache when first served. A folder that was
+removed or damaged afterwards is caught by `checkpoint_problem` before an engine is spent on it;
+an unreadable ``state.json`` keeps the last good catalog.
 """
 
 from __future__ import annotations
@@ -17,11 +18,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyarrow.fs import FileType
+
+from imm_ray.storage import StorageError, is_remote, read_text
+from imm_ray.storage import resolve as resolve_location
+
 logger = logging.getLogger(__name__)
 
 _ROUND_KEY = re.compile(r"^(?P<arm>[^/]+)/round-(?P<n>\d+)/evaluate$")
 _ROUND_ID = re.compile(r"^round-(?P<n>\d+)$")
 LATEST = "latest"
+
+Source = Path | str  # a local checkpoint folder, or the URI of one on object storage
+
+
+def _remote(text: str) -> bool:
+    try:
+        return is_remote(text)
+    except StorageError:  # another scheme: left to the loader to judge
+        return False
 
 
 class CatalogError(ValueError):
@@ -41,14 +56,14 @@ class Catalog:
     """The rounds of one run: round number -> checkpoint folder."""
 
     run: str
-    rounds: dict[int, Path] = field(default_factory=dict)
+    rounds: dict[int, Source] = field(default_factory=dict)
 
     @property
     def latest_round(self) -> int | None:
         return max(self.rounds) if self.rounds else None
 
     @property
-    def latest_path(self) -> Path | None:
+    def latest_path(self) -> Source | None:
         n = self.latest_round
         return None if n is None else self.rounds[n]
 
@@ -60,7 +75,7 @@ class Catalog:
         out = [self.model_id(n) for n in sorted(self.rounds)]
         return out + [f"{self.run}/{LATEST}"] if out else out
 
-    def resolve(self, model: str) -> tuple[int, Path]:
+    def resolve(self, model: str) -> tuple[int, Source]:
         """Map a model id onto (round, folder) or raise `UnknownModelError`."""
         prefix, _, name = model.rpartition("/")
         if prefix == self.run:
@@ -79,11 +94,12 @@ def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) 
     Raises `CatalogError` when the file exists but is not a run state (it is written atomically,
     so that means something else wrote it).
     """
+    remote = _remote(str(run_dir))
     root = Path(run_dir)
-    name = run or root.resolve().name
-    state_path = root / "state.json"
+    name = run or (resolve_location(run_dir).name if remote else root.resolve().name)
     try:
-        state = json.loads(state_path.read_text())
+        state = json.loads(read_text(resolve_location(run_dir) / "state.json") if remote
+                           else (root / "state.json").read_text())
     except FileNotFoundError:
         return Catalog(name)
     except (OSError, ValueError) as exc:
@@ -93,7 +109,7 @@ def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) 
         raise CatalogError("state.json holds no 'stages' mapping")
     if not all(isinstance(rec, dict) for rec in stages.values()):
         raise CatalogError("state.json holds stage records that are not mappings")
-    rounds: dict[int, Path] = {}
+    rounds: dict[int, Source] = {}
     for key, rec in stages.items():
         info = rec.get("info")
         if not isinstance(info, dict) or rec.get("status") != "done" or not isinstance(info.get("model"), str):
@@ -105,10 +121,14 @@ def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) 
             n = int(m["n"])
         else:
             continue
-        path = Path(info["model"])
-        if not path.is_absolute():
-            path = (root / path).resolve()
-        rounds[n] = path
+        model = info["model"]
+        if _remote(model):
+            rounds[n] = str(resolve_location(model))
+        elif remote:
+            rounds[n] = str(resolve_location(run_dir) / model)
+        else:
+            path = Path(model)
+            rounds[n] = path if path.is_absolute() else (root / path).resolve()
     return Catalog(name, rounds)
 
 
@@ -116,19 +136,16 @@ class RunFollower:
     """Re-reads ``state.json`` when it changes; an unreadable one keeps the last good catalog."""
 
     def __init__(self, run_dir: str | Path, arm: str = "imm", run: str | None = None) -> None:
-        self.run_dir, self.arm, self.run = Path(run_dir), arm, run
+        self.run_dir, self.arm, self.run = run_dir, arm, run
         self._stamp: tuple[int, int] | None = None
-        self.catalog = Catalog(run or self.run_dir.resolve().name)
+        self.catalog = Catalog(run or (resolve_location(run_dir).name if _remote(str(run_dir))
+                                       else Path(run_dir).resolve().name))
         self.problem: str | None = None  # why the last read of state.json failed
         self.poll()
 
     def poll(self) -> bool:
         """Refresh the catalog if ``state.json`` changed; return whether it did."""
-        try:
-            st = (self.run_dir / "state.json").stat()
-            stamp = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
+        stamp = _state_stamp(self.run_dir)
         if stamp == self._stamp:
             return False
         self._stamp = stamp
@@ -142,6 +159,19 @@ class RunFollower:
         changed = new != self.catalog
         self.catalog = new
         return changed
+
+
+def _state_stamp(run_dir: str | Path) -> tuple[int, int] | None:
+    """(modification time, size) of ``state.json``, None while it is missing."""
+    if _remote(str(run_dir)):
+        loc = resolve_location(run_dir) / "state.json"
+        info = loc.fs.get_file_info(loc.path)
+        return None if info.type == FileType.NotFound else (info.mtime_ns or 0, info.size or 0)
+    try:
+        st = (Path(run_dir) / "state.json").stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def folder_stamp(folder: Path) -> tuple | None:

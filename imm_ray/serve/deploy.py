@@ -10,12 +10,15 @@ from typing import Any
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.serve.auth import load_api_keys
 from imm_ray.serve.settings import ServeSettings
+from imm_ray.storage import resolve as resolve_location
 
 logger = logging.getLogger(__name__)
 
-# Passed to the replicas (which may run on other nodes than the caller).
+# Passed to the replicas (which may run on other nodes than the caller); AWS_* for s3:// run dirs.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE",
-                 "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+                 "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "IMM_CACHE_DIR",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 def deployment_options(s: ServeSettings) -> dict[str, Any]:
@@ -92,7 +95,7 @@ def build_application(settings: ServeSettings, run_dir: str | Path):
     logger.info("serving run %s with engine %s; API keys %s", run_dir, settings.engine,
                 f"on ({len(keys)})" if keys else "off")
     deployment = ImmOpenAI.options(**deployment_options(settings))
-    return deployment.bind(settings.model_dump(), str(Path(run_dir).resolve()), list(keys))
+    return deployment.bind(settings.model_dump(), str(resolve_location(run_dir)), list(keys))
 
 
 def app_builder(args: dict[str, Any]):

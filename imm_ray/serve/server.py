@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 from imm_ray.data.prompts import encode_prompt
 from imm_ray.generate.engine import EngineOptions
 from imm_ray.serve.backends import Backend, start_backend
-from imm_ray.serve.catalog import LATEST, RunFollower, UnknownModelError, checkpoint_problem, folder_stamp
+from imm_ray.serve.catalog import LATEST, RunFollower, Source, UnknownModelError, checkpoint_problem, folder_stamp
 from imm_ray.serve.pool import ModelPool
 from imm_ray.serve.protocol import APIError, ChatRequest, CompletionRequest, GenParams, gen_params
 from imm_ray.serve.settings import ServeSettings
@@ -50,6 +50,7 @@ class OpenAIServer:
         # folder -> (its files' stamp, why it cannot be served or None): a broken or failed round is
         # answered from here until its files change, without touching an engine again
         self._verdicts: dict[Path, tuple[tuple, str | None]] = {}
+        self._copies: dict[str, Path] = {}  # object-storage round -> its materialized local folder
 
     @property
     def run(self) -> str:
@@ -104,14 +105,42 @@ class OpenAIServer:
         return APIError(503, f"{model_id} cannot be served: {problem}", type_="service_unavailable",
                         code="model_unavailable")
 
+    def local_path(self, source: Source) -> Path | None:
+        """The local folder of a round (None: on object storage and not materialized yet)."""
+        return source if isinstance(source, Path) else self._copies.get(source)
+
+    async def materialized(self, model_id: str, source: Source) -> Path:
+        """The local folder of a round, copying it from object storage into the node cache first."""
+        path = self.local_path(source)
+        if path is not None:
+            return path
+        from imm_ray.storage import StorageError, materialize
+
+        try:
+            path = self._copies[source] = await asyncio.to_thread(materialize, source)
+        except (StorageError, OSError) as exc:
+            logger.warning("cannot fetch %s (%s): %s", model_id, source, exc)
+            raise APIError(503, f"{model_id} cannot be served: its checkpoint on object storage is missing, "
+                           f"incomplete or does not match its manifest ({type(exc).__name__})",
+                           type_="service_unavailable", code="model_unavailable") from None
+        return path
+
+    def _round_ids(self) -> dict[Path, str]:
+        """Local folder -> model id of the rounds available locally."""
+        cat = self.follower.catalog
+        return {p: cat.model_id(n) for n, src in cat.rounds.items() if (p := self.local_path(src)) is not None}
+
     async def refresh_latest(self) -> None:
         """Load the catalog's newest round, then point ``latest`` at it (old requests finish on the old)."""
         cat = self.follower.catalog
-        n, path = cat.latest_round, cat.latest_path
-        if path is None or (self.latest and self.latest[1] == path):
+        n, source = cat.latest_round, cat.latest_path
+        if source is None:
+            return
+        path = await self.materialized(cat.model_id(n), source)
+        if self.latest == (n, path):
             return
         async with self._swap_lock:
-            if self.latest and self.latest[1] == path:
+            if self.latest == (n, path):
                 return
             await self.usable(cat.model_id(n), path)
             t0 = time.monotonic()
@@ -138,14 +167,12 @@ class OpenAIServer:
 
     async def check_engines(self) -> None:
         """Raise if an engine of this replica died (Serve's health check then replaces the replica)."""
-        by_path = {p: n for n, p in self.follower.catalog.rounds.items()}
+        ids = self._round_ids()
         for path, backend in self.pool.backends():
             try:
                 await backend.check()
             except Exception as exc:
-                name = "a spare engine" if path is None else (
-                    f"the engine of {self.follower.catalog.model_id(by_path[path])}" if path in by_path else
-                    "an engine")
+                name = "a spare engine" if path is None else f"the engine of {ids.get(path, 'a dropped round')}"
                 raise RuntimeError(f"{name} died ({type(exc).__name__})") from exc
 
     async def stop(self) -> None:
@@ -160,8 +187,8 @@ class OpenAIServer:
 
     def resident_ids(self) -> list[str]:
         """Model ids of the loaded rounds (no paths: /health needs no key)."""
-        by_path = {p: n for n, p in self.follower.catalog.rounds.items()}
-        return [self.follower.catalog.model_id(by_path[p]) for p in self.pool.resident() if p in by_path]
+        ids = self._round_ids()
+        return [ids[p] for p in self.pool.resident() if p in ids]
 
     def model_ids(self) -> list[str]:
         """Ids a client may ask for now."""
@@ -170,11 +197,11 @@ class OpenAIServer:
             ids = [cat.model_id(n) for n in sorted(cat.rounds)]
         else:
             resident = set(self.pool.resident())
-            ids = [cat.model_id(n) for n in sorted(cat.rounds) if cat.rounds[n] in resident]
+            ids = [cat.model_id(n) for n in sorted(cat.rounds) if self.local_path(cat.rounds[n]) in resident]
         return ids + [f"{self.run}/{LATEST}"] if self.latest else ids
 
-    def resolve(self, model: str) -> tuple[str, Path]:
-        """(concrete round id, folder) for a requested id; `APIError` 404 lists the available ids."""
+    def resolve(self, model: str) -> tuple[str, Source]:
+        """(concrete round id, its checkpoint) for a requested id; `APIError` 404 lists the available ids."""
         cat = self.follower.catalog
         if model == f"{self.run}/{LATEST}" and self.latest:
             return cat.model_id(self.latest[0]), self.latest[1]
@@ -182,7 +209,7 @@ class OpenAIServer:
             n, path = cat.resolve(model)
         except UnknownModelError:
             n = path = None
-        if path is None or (not self.settings.load_on_demand and not self.pool.is_resident(path)):
+        if path is None or (not self.settings.load_on_demand and self.local_path(path) not in self.pool.resident()):
             available = self.model_ids()
             raise APIError(404, f"The model {model!r} does not exist or is not loaded; available models: "
                            f"{', '.join(available) or 'none yet'}", param="model", code="model_not_found")
@@ -195,7 +222,8 @@ class OpenAIServer:
         if not self.ready:
             raise APIError(503, "no checkpoint of this run is loaded yet", type_="service_unavailable",
                            code="not_ready", headers={"Retry-After": str(max(1, self.settings.retry_after_s))})
-        model_id, path = self.resolve(req.model)
+        model_id, source = self.resolve(req.model)
+        path = await self.materialized(model_id, source)
         if not self.pool.is_resident(path):  # a resident round answers from memory
             await self.usable(model_id, path)
         try:

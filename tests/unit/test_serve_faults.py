@@ -15,10 +15,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_serve import FakeBackend, FakeLoader, make_client, started, write_state
+from test_serve import FakeBackend, FakeLoader, make_client, started, write_checkpoint, write_state
 
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.http_app import create_app
+from imm_ray.serve.server import OpenAIServer
+from imm_ray.serve.settings import LimitSettings, ServeSettings
+from imm_ray.storage import publish_dir, write_json
 
 MSG = [{"role": "user", "content": "x"}]
 
@@ -49,8 +52,6 @@ class CountingLoader(FakeLoader):
 async def with_loader(tmp_path: Path, rounds: list[int], loader: FakeLoader, **kw):
     server, _, run = await started(tmp_path, rounds, **kw)
     await server.stop()
-    from imm_ray.serve.server import OpenAIServer
-
     server = OpenAIServer(server.settings, run, loader=loader)
     await server.start()
     return server, run
@@ -383,6 +384,43 @@ def test_load_many_clients_across_rounds_no_failures_and_bounded_engines(tmp_pat
         assert texts == [f"{names[i % 7]} says hi" for i in range(210)]
         assert loader.max_open <= 3  # resident_models + spare_engines, whatever the load
         assert not server.pool._waiting and all(e.leases == 0 for e in server.pool._entries.values())
+        await server.stop()
+
+    asyncio.run(main())
+
+
+# --- a run directory on object storage (S3 on loopback) ------------------------------------
+def test_rounds_of_a_run_on_object_storage_are_materialized_and_served(tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setenv("IMM_NODE_CACHE_DIR", str(tmp_path / "cache"))
+    run = f"{s3_bucket}/runs/s3run"
+    src = write_checkpoint(tmp_path / "ckpt")
+
+    def publish(rounds: list[int]) -> None:
+        """state.json lists ``rounds`` (round 1 by a relative path, the others by URI)."""
+        stages = {f"imm/round-{n:03d}/evaluate": {"status": "done", "info": {
+            "model": f"imm/round-{n:03d}/merged" if n == 1 else f"{run}/imm/round-{n:03d}/merged"}} for n in rounds}
+        write_json(f"{run}/state.json", {"stages": stages})
+
+    async def main():
+        publish_dir(src, f"{run}/imm/round-001/merged")
+        publish([1])
+        loader = FakeLoader()
+        s = ServeSettings(poll_interval_s=0.05, resident_models=2, spare_engines=0, max_model_len=256,
+                          limits=LimitSettings(max_tokens=16, max_prompt_tokens=200))
+        server = OpenAIServer(s, run, loader=loader)
+        await server.start()
+        client = make_client(server_app(server))
+        assert [m.id async for m in client.models.list()] == ["s3run/round-1", "s3run/latest"]
+        assert (await client.chat.completions.create(model="s3run/latest", messages=MSG)).model == "s3run/round-1"
+        [local] = loader.backends
+        assert local.is_relative_to(tmp_path / "cache") and (local / "config.json").is_file()
+        publish_dir(src, f"{run}/imm/round-003/merged")
+        publish([1, 2, 3])  # round 2's upload never finished (nothing there)
+        await wait_for(lambda: server.latest[0] == 3)
+        with pytest.raises(openai.InternalServerError) as err:
+            await client.chat.completions.create(model="s3run/round-2", messages=MSG)
+        assert err.value.status_code == 503 and s3_bucket not in err.value.message
+        assert (await client.chat.completions.create(model="s3run/latest", messages=MSG)).model == "s3run/round-3"
         await server.stop()
 
     asyncio.run(main())
