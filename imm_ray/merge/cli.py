@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from imm_ray.errors import add_common_arguments, dispatch
+from imm_ray.errors import add_common_arguments, dispatch, unknown_name
 
 from .engine import DEFAULT_MAX_SHARD_SIZE, merge_checkpoints
 from .errors import MergeError
@@ -103,9 +103,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise MergeError(f"cannot read merge config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise MergeError(f"{path}: a merge config must be a mapping")
-    unknown = set(data) - _CONFIG_KEYS
+    unknown = sorted(set(data) - _CONFIG_KEYS, key=str)
     if unknown:
-        raise MergeError(f"{path}: unknown keys {sorted(unknown)} (accepted: {sorted(_CONFIG_KEYS)})")
+        raise MergeError(f"{path}: {unknown_name('merge config key', unknown[0], _CONFIG_KEYS)}")
     models = data.get("models") or []
     if isinstance(models, (str, dict)):
         models = [models]

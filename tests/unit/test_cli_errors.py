@@ -172,3 +172,12 @@ def test_debug_shows_the_traceback(before):
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("imm run: error: config file")
+
+
+def test_merge_yaml_unknown_key_suggests_the_nearest(tmp_path):
+    from imm_ray.merge.cli import load_config as load_merge_config
+
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("methd: imm\nbase: a\nmodels: [b]\n")
+    with pytest.raises(MergeError, match=r"unknown merge config key 'methd' \(did you mean 'method'\?\)"):
+        load_merge_config(cfg)
