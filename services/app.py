@@ -9,7 +9,7 @@ or, in a Serve config file (``serve deploy``, a KubeRay RayService's ``serveConf
         import_path: services.app:app
         args: {run_dir: /data/runs/demo, engine: vllm}
 
-(for a local head export ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled`` first, or
+(for a local head export ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` first (see imm_ray/ray_env.py), or
 point ``RAY_ADDRESS`` at a running cluster). ``imm serve`` is the same app behind the ``imm``
 command. The app itself lives in :mod:`imm_ray.serve.deploy` and :mod:`imm_ray.serve.deployment`.
 """

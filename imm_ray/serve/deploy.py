@@ -114,7 +114,7 @@ def app_builder(args: dict[str, Any]):
     if not ray.is_initialized():
         if not ray_binds_loopback() and not os.environ.get("RAY_ADDRESS"):
             logger.warning("a local Ray head would bind the external interface: export "
-                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled before `serve run`")
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before `serve run` (see imm_ray/ray_env.py)")
         serve.start(http_options={"host": settings.host, "port": settings.port})
     elif {"host", "port"} & set(args):
         logger.warning("host/port args are ignored here: the Serve config's http_options decide where it listens")
