@@ -226,14 +226,20 @@ def check_compatible(anchor: CheckpointReader, models: Sequence[CheckpointReader
                 )
 
 
+# The manifest a published checkpoint carries (imm_ray.storage.MANIFEST_NAME; the merge package
+# imports no other imm_ray package): it describes the source's files, never the output's.
+_SOURCE_MANIFEST = "manifest.json"
+
+
 def copy_support_files(src: Path, dst: Path, out_dtype: DType | None = None) -> list[str]:
     """Copy every top-level non-weight file (config, generation config, tokenizer, chat template...)
-    from ``src`` to ``dst``; subfolders, hidden files and old provenance are skipped. If ``out_dtype``
-    is set, the dtype recorded in config.json is updated. Returns the copied names."""
+    from ``src`` to ``dst``; subfolders, hidden files, old provenance and the source's checkpoint
+    manifest are skipped. If ``out_dtype`` is set, the dtype recorded in config.json is updated.
+    Returns the copied names."""
     copied = []
     for entry in sorted(src.iterdir()):
         name = entry.name
-        if name.startswith(".") or is_weight_file(name) or name == PROVENANCE_FILE:
+        if name.startswith(".") or is_weight_file(name) or name in (PROVENANCE_FILE, _SOURCE_MANIFEST):
             continue
         if entry.is_dir():
             logger.debug("not copying subfolder %s", entry)

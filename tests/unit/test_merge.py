@@ -795,3 +795,16 @@ def test_merged_folder_gets_umask_permissions(ckpts, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(Path(out).stat().st_mode) == 0o755
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in Path(out).iterdir())
+
+
+def test_a_published_anchor_manifest_is_not_copied(ckpts, tmp_path):
+    """An anchor materialized from object storage carries manifest.json: it describes the anchor."""
+    import shutil
+
+    anchor = tmp_path / "anchor"
+    shutil.copytree(ckpts["anchor"], anchor)
+    (anchor / "manifest.json").write_text('{"version": 1, "files": {}}')
+    out = merge_checkpoints("imm", anchor, [ckpts["sft"]], tmp_path / "merged", params={"lam": 0.5}, seed=0)
+    assert not (Path(out) / "manifest.json").exists()
+    provenance = json.loads((Path(out) / "merge_provenance.json").read_text())
+    assert "manifest.json" not in provenance["output"]["copied_files"]
