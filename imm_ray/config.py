@@ -11,6 +11,7 @@ import copy
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ class ConfigError(UserError, ValueError):
     """The configuration is invalid; the message says which key and how to fix it."""
 
 
-def _known(kind: str, name: str, known: typing.Iterable[str]) -> str:
+def _known(kind: str, name: str, known: Iterable[str]) -> str:
     """``name`` if it is one of ``known``; else a ValueError listing them (a pydantic validator's error)."""
     known = set(known)
     if name not in known:
