@@ -215,8 +215,11 @@ class RoundDriver:
         self.rd.check_is_run()
         if self.force_unlock:
             broken = self.rd.force_unlock()
-            logger.warning("--force-unlock: %s", f"broke the lease of {broken}; if that driver still runs, it stops "
-                           "at its next stage boundary" if broken else "no lease was held")
+            if broken:
+                logger.warning("--force-unlock: broke the lease of %s; if that driver still runs, it stops at its "
+                               "next stage boundary", broken)
+            else:
+                logger.warning("--force-unlock: no lease was held (a local run directory's lock ends with its driver)")
         self.rd.lock()
         log_file, log_handler = self._open_log()
         finished = False
