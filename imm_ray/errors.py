@@ -64,6 +64,9 @@ def describe_error(exc: BaseException) -> str:
         exc = exc.cause  # type: ignore[attr-defined]
     if isinstance(exc, UserError):
         text = str(exc)
+    elif type(exc).__name__ == "ValidationError" and callable(getattr(exc, "errors", None)):  # pydantic's
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()]
+        text = f"invalid {getattr(exc, 'title', 'settings')}: " + "; ".join(problems)
     elif isinstance(exc, OSError) and exc.strerror:
         thing = f"{exc.filename}: " if exc.filename is not None else ""
         fix = _OS_ERROR_FIXES.get(exc.errno or 0)

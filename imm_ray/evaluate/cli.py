@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from imm_ray.errors import describe_error
 from imm_ray.evaluate.harness import EvalSettings, evaluate_model
 from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
 
@@ -112,7 +113,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir, samples_path=args.save_samples,
         )
     except (DataError, ModelError, ValueError, KeyError) as exc:
-        logger.error("imm eval failed: %s", exc)
+        logger.error("imm eval failed: %s", describe_error(exc))  # one line, pydantic errors included
         return 2
     if args.out:
         _write_json(Path(args.out), results)

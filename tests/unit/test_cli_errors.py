@@ -119,6 +119,21 @@ def test_describe_error_unwraps_remote_causes_and_names_os_errors():
     assert describe_error(TypeError("bad")) == "TypeError: bad (rerun with --debug for the traceback)"
 
 
+def test_describe_error_gives_pydantic_errors_one_line_with_their_keys():
+    from pydantic import BaseModel, Field, ValidationError
+
+    class Settings(BaseModel):
+        max_model_len: int = Field(2048, ge=16)
+        port: int = 8000
+
+    with pytest.raises(ValidationError) as err:
+        Settings(max_model_len=5, port="x")
+    assert describe_error(err.value) == (
+        "invalid Settings: max_model_len: Input should be greater than or equal to 16; "
+        "port: Input should be a valid integer, unable to parse string as an integer"
+    )
+
+
 @pytest.mark.parametrize("args, needles", [
     (["run", "--config", "/no/such.yaml"], ["config file /no/such.yaml does not exist", "--config"]),
     (["run", "--config", DEMO, "merge.params.drop_rate=1.5"], ["merge.params", "out of range [0, 1)"]),
@@ -157,8 +172,8 @@ def test_imm_merge_crafted_header_and_os_error_are_one_line(tmp_path):
 
 def test_imm_serve_eval_analyze_failures_are_one_line(tmp_path):
     one_line_failure(imm("serve", "--run-dir", str(tmp_path), "not-a-key-value"), "imm serve: error: ", "key=value")
-    proc = imm("eval", "--model", str(tmp_path / "absent"), "--dataset", "gsm8k", "--data-dir", str(tmp_path))
-    one_line_failure(proc, "imm eval failed: dataset 'gsm8k'", "IMM_DATA_DIR")
+    proc = imm("eval", "--model", str(tmp_path / "absent"), "--dataset", "gsm8k", "--max-model-len", "5")
+    one_line_failure(proc, "imm eval failed: invalid EngineSettings: max_model_len: ", "greater than or equal to 16")
     one_line_failure(imm("analyze", "--measures", "bogus"), "bogus")
 
 
