@@ -215,9 +215,8 @@ class RunSettings(_Strict):
 
     name: str = "imm"
     rounds: int = Field(2, ge=1)
-    # imm: SFT the current model, merge with the original. si: SFT the current model, no merge.
-    # rest: ReST-EM/STaR style, SFT the ORIGINAL model on data the current model wrote.
-    # The arms and what each does: imm_ray.loop.arms.ARMS.
+    # imm, si, rest: what each does (SFT from the current or the original model, merge or not) is the
+    # table imm_ray.loop.arms.ARMS.
     arms: list[str] = Field(default_factory=lambda: ["imm"])
     progress: bool = True
     report: bool = True  # write report.md + plots/ at the end of every run
