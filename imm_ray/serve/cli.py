@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 
@@ -42,19 +41,15 @@ def settings_from_cli(args: argparse.Namespace):
 
 def run_serve_cli(args: argparse.Namespace) -> int:
     """Start the app and block until SIGINT/SIGTERM."""
-    from imm_ray.ray_env import use_loopback_ray
-
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        use_loopback_ray()  # before Ray is imported
+    from imm_ray.ray_env import connect_ray
     from imm_ray.serve.deploy import start_serving
 
     settings, run_dir = settings_from_cli(args)
+    connect_ray(args.ray_address, namespace="serve")  # before anything else imports Ray
 
     import ray
     from ray import serve
 
-    ray.init(address=address, namespace="serve", include_dashboard=False)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
