@@ -369,7 +369,7 @@ def load_config(
     tree: dict[str, Any] = {}
     if preset_name:
         if preset_name not in PRESETS:
-            raise ConfigError(f"unknown preset {preset_name!r}; known presets: {sorted(PRESETS)}")
+            raise ConfigError(unknown_name("preset", preset_name, PRESETS))
         tree = deep_merge(PRESETS[preset_name], {"preset": preset_name})
     tree = deep_merge(tree, file_tree)
     return config_from_dict(tree)

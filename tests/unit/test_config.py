@@ -53,6 +53,8 @@ def test_unknown_key_and_bad_value_name_the_key():
         load_config(None, ["run.rounds=0"])
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config(None, preset="nope")
+    with pytest.raises(ConfigError, match=r"unknown preset 'papr' \(did you mean 'paper'\?\); choose from cpu-small"):
+        load_config(None, preset="papr")
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
