@@ -8,28 +8,21 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.errors import UserError, unknown_name
+from imm_ray.ray_env import actor_runtime_env
 from imm_ray.serve.auth import load_api_keys
 from imm_ray.serve.settings import ServeSettings
 from imm_ray.storage import resolve as resolve_location
 
 logger = logging.getLogger(__name__)
 
-# Passed to the replicas (which may run on other nodes than the caller); AWS_* for s3:// run dirs.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE",
-                 "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "IMM_CACHE_DIR",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-
-
 def deployment_options(s: ServeSettings) -> dict[str, Any]:
     """``Deployment.options(...)`` kwargs: replicas or autoscaling, resources, concurrency, backpressure."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     opts: dict[str, Any] = {
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         # Overload: Serve answers 429 + Retry-After instead of queueing without bound.
         "backpressure_config": {"status_code": 429, "retry_after_s": s.retry_after_s},
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": {"env_vars": env}},
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": actor_runtime_env()},
         "graceful_shutdown_timeout_s": 30,
     }
     a = s.autoscaling
