@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -150,18 +149,11 @@ def analyze(plan: AnalysisPlan, out: str | Path, use_ray: bool = True, ray_addre
 
     runner = None
     if use_ray:
-        from imm_ray.ray_env import use_loopback_ray
+        from imm_ray.ray_env import connect_ray
 
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        if not address:
-            use_loopback_ray()
-        import ray
-
+        connect_ray(ray_address)
         from imm_ray.analysis.remote import default_num_tasks, ray_runner
 
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False) if address else ray.init(
-                include_dashboard=False)
         runner = ray_runner(cpus_per_task, gpus_per_task)
         plan.num_tasks = num_tasks or default_num_tasks(cpus_per_task)
     elif num_tasks:
