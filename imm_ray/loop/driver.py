@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -22,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import ray
 import yaml
 from transformers import AutoTokenizer
 
@@ -42,7 +40,7 @@ from imm_ray.generate.engine import SamplingSpec
 from imm_ray.loop.remote import merge_remote, verify_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
-from imm_ray.ray_env import ray_binds_loopback
+from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
 from imm_ray.serve.cli import serve_command
 from imm_ray.serve.deploy import start_serving
@@ -74,20 +72,7 @@ _EVAL_KEYS = ("accuracy", "accuracy_ci95", "n", "correct", "unparseable", "timeo
 
 def init_ray(cfg: ImmConfig) -> None:
     """Connect to the configured cluster, the one a Ray job runs in, or start a local head on loopback."""
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        logger.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
-        return
-    if not ray_binds_loopback():
-        logger.warning(
-            "Ray was imported before imm_ray.ray_env.use_loopback_ray(): the local head will listen on "
-            "the machine's external interface, not only 127.0.0.1"
-        )
-    logger.info("starting a local Ray head on loopback (num_cpus=%s)", cfg.ray.num_cpus)
-    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
+    connect_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard)
 
 
 class RoundDriver:
@@ -340,9 +325,9 @@ class RoundDriver:
 
     # --- stages -----------------------------------------------------------------------------
     def _load(self, role: str, model: str) -> GeneratorPool:
-        """The pool of ``role`` serving ``model`` (materialized into this node's cache)."""
+        """The pool of ``role`` serving ``model`` (each actor materializes it on its own node)."""
         pool = self.pool(role)
-        pool.load(materialize(model))
+        pool.load(model)
         return pool
 
     def _generate(self, model: str, out: Location, t: int, role: str = "student") -> dict[str, Any]:
