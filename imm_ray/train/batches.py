@@ -4,8 +4,9 @@ Pure torch code (no Ray, no model). An epoch is a seeded permutation of the exam
 steps of `per_step` examples; each worker takes every `world_size`-th example of a step. A step's
 examples become micro-batches in one of two layouts:
 
-* packed (default): examples are packed first-fit-decreasing into rows of at most `max_length`
-  tokens; `position_ids` restart at 0 for every example, which makes transformers' sdpa/eager
+* packed (default): examples are packed first-fit-decreasing into rows no longer than the
+  step's longest example (so attention, quadratic in the row length, costs no more than in a
+  padded batch); `position_ids` restart at 0 for every example, which makes transformers' sdpa/eager
   attention block-diagonal (no token attends across examples), and the first label of every
   example is masked (nothing predicts it from the previous example). Up to `micro_batch_size` rows
   per micro-batch, right-padded to the longest row.
@@ -102,11 +103,11 @@ def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> B
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
 
 
-def micro_batches(examples: Sequence[TokenizedExample], micro_batch_size: int, max_length: int,
-                  pad_id: int, packing: bool) -> list[Batch]:
+def micro_batches(examples: Sequence[TokenizedExample], micro_batch_size: int, pad_id: int,
+                  packing: bool) -> list[Batch]:
     """One step's examples as micro-batches, packed or padded (see the module docstring)."""
     if packing:
-        rows = pack_rows(examples, max_length)
+        rows = pack_rows(examples, max(len(ex.input_ids) for ex in examples))
         return [collate_packed(rows[i:i + micro_batch_size], pad_id)
                 for i in range(0, len(rows), micro_batch_size)]
     return [collate(examples[i:i + micro_batch_size], pad_id)

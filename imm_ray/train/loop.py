@@ -258,8 +258,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if epoch * per_epoch + index < progress.step:
                 continue  # done before the restart
             step_examples = [examples[i] for i in step_ids]
-            batches = micro_batches(step_examples, settings.micro_batch_size,
-                                    settings.max_length, config["pad_id"], settings.packing)
+            batches = micro_batches(step_examples, settings.micro_batch_size, config["pad_id"],
+                                    settings.packing)
             loss_sum, tokens, inputs = _accumulate(
                 model, batches, device, bf16, world_size,
                 sum(len(ex.input_ids) for ex in step_examples))

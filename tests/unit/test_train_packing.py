@@ -88,10 +88,13 @@ def test_packed_and_padded_losses_equal_one_example_at_a_time(tiny_model_dir, ex
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation=attn)
     pad = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
-    alone = [micro_batches([ex], 1, 512, pad, packing=False)[0] for ex in examples]
-    padded = micro_batches(examples, 3, 512, pad, packing=False)
-    packed = micro_batches(examples, 2, 512, pad, packing=True)
-    assert len(packed) == 1 and packed[0]["input_ids"].shape[0] == 1  # all in one row
+    alone = [micro_batches([ex], 1, pad, packing=False)[0] for ex in examples]
+    padded = micro_batches(examples, 3, pad, packing=False)
+    packed = micro_batches(examples, 2, pad, packing=True)
+    longest = max(len(ex.input_ids) for ex in examples)
+    assert sum(len(b["input_ids"]) for b in packed) < len(examples)  # fewer rows than examples
+    assert max(b["input_ids"].shape[1] for b in packed) <= longest
+    assert any((b["position_ids"] == 0).sum() > b["input_ids"].shape[0] for b in packed)  # packed
     assert sum(b["input_ids"].numel() for b in padded) > sum(len(e.input_ids) for e in examples)
 
     # Reference: transformers' own loss (mean over response tokens), one example at a time.
@@ -113,11 +116,11 @@ def test_packed_and_padded_losses_equal_one_example_at_a_time(tiny_model_dir, ex
 def test_packed_loss_under_bf16_autocast_close_to_fp32(tiny_model_dir, examples):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     pad = AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
-    packed = micro_batches(examples, 8, 64, pad, packing=True)
+    packed = micro_batches(examples, 8, pad, packing=True)
     assert len(packed) == 1 and packed[0]["input_ids"].shape[0] > 1  # several rows, padded
     fp32, _ = loss_and_grads(model, packed)
     bf16, _ = loss_and_grads(model, packed, bf16=True)
-    padded_bf16, _ = loss_and_grads(model, micro_batches(examples, 4, 64, pad, packing=False),
+    padded_bf16, _ = loss_and_grads(model, micro_batches(examples, 4, pad, packing=False),
                                     bf16=True)
     assert bf16 == pytest.approx(fp32, rel=2e-2)
     assert bf16 == pytest.approx(padded_bf16, rel=2e-2)
