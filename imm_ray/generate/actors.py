@@ -21,12 +21,10 @@ from tqdm import tqdm
 
 from imm_ray.generate.engine import Completion, EngineOptions, Finished, SamplingSpec, create_engine, entropy_mask
 from imm_ray.placement import ResourceRequest, check_on_cluster, wait_placed
+from imm_ray.ray_env import actor_runtime_env
+from imm_ray.storage import materialize
 
 logger = logging.getLogger(__name__)
-
-# Environment forwarded to generator actors when the driver has it set.
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE",
-                  "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "IMM_CACHE_DIR")
 
 
 @ray.remote(concurrency_groups={"control": 1})
@@ -41,10 +39,11 @@ class GeneratorActor:
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.engine = create_engine(engine, model_path, options)
+        # A checkpoint on object storage is loaded from this node's verified cache copy.
+        self.engine = create_engine(engine, str(materialize(model_path)), options)
 
     def load(self, model_path: str) -> str:
-        self.engine.load(Path(model_path))
+        self.engine.load(materialize(model_path))
         return model_path
 
     def stream(self, indices: list[int], prompts: list[list[int]], sampling: SamplingSpec) -> Iterator[Finished]:
@@ -111,7 +110,7 @@ class GeneratorPool:
         self.spec = spec
         self.progress = progress
         self.actors: list = []
-        self.model_path: Path | None = None
+        self.model_path: str | None = None  # a local folder or an object-storage URI
         self.last_stats: GenerationStats | None = None
         self._pg = None
 
@@ -130,23 +129,23 @@ class GeneratorPool:
             self._pg = placement_group([bundle] * self.spec.num_actors, strategy="SPREAD")
             wait_placed([self._pg.ready()], request, self.spec.placement_log_s, self.spec.placement_timeout_s)
 
-    def _start_actor(self, slot: int, model_path: Path):
+    def _start_actor(self, slot: int, model_path: str):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         opts: dict = dict(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus)
         if self.spec.resources:
             opts["resources"] = dict(self.spec.resources)
-        if env:
-            opts["runtime_env"] = {"env_vars": env}
+        runtime_env = actor_runtime_env()  # the one list of variables that follow the driver (AWS ones included)
+        if runtime_env:
+            opts["runtime_env"] = runtime_env
         if self._pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=slot)
         return GeneratorActor.options(**opts).remote(
             self.spec.engine, str(model_path), self.spec.options, int(max(1, self.spec.num_cpus)))
 
     def load(self, model_path: str | Path) -> None:
-        """Make every actor serve ``model_path`` (start them on first use)."""
-        model_path = Path(model_path)
+        """Make every actor serve ``model_path``, a folder or a URI (start them on first use)."""
+        model_path = str(model_path)
         if self.model_path == model_path:
             return
         if not self.actors:
