@@ -1,5 +1,3 @@
 #!/usr/bin/env bash
-# Stop the local Ray head started by cluster/local-up.sh.
-set -euo pipefail
-here=$(cd "$(dirname "$0")/.." && pwd)
-RAY_AUTH_MODE=disabled "${VENV:-$here/.venv}/bin/ray" stop --force
+# Kept for old instructions: cluster/local/down.sh stops what cluster/local/up.sh started.
+exec bash "$(dirname "$0")/local/down.sh"
