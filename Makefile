@@ -6,6 +6,7 @@ STAMP := $(VENV)/.imm-installed
 RUN_DIR ?= runs/demo
 CONFIG ?= jobs/configs/demo.yaml
 PYTEST_ARGS ?=
+CLUSTER_WORKERS ?= 0
 
 export HF_HUB_OFFLINE ?= 1
 # Where the data-set presets look first (this environment keeps GSM8K/SVAMP/ASDiv beside the repo).
@@ -14,7 +15,7 @@ export IMM_DATA_DIR ?= $(abspath ../shared/data)
 endif
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo lint test test-quick bench bench-merge bench-serve bench-generate compare cluster-up cluster-down clean
+.PHONY: setup demo lint test test-quick bench bench-merge bench-serve bench-sft bench-generate compare cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -45,16 +46,21 @@ bench-merge: setup
 bench-serve: setup
 	$(PY) tests/bench/bench_serve_hotswap.py
 
+# SFT stage: fixed overhead and packed vs padded tokens/s (BENCH_SFT_ARGS="--large 128" is quicker).
+bench-sft: setup
+	$(PY) tests/bench/bench_sft.py $(BENCH_SFT_ARGS)
+
 # Generation/evaluation tokens/s: raw vLLM, the pool, ray.data.llm, hf (smaller:
 # BENCH_GENERATE_ARGS="--prompts 32 --max-tokens 128 --eval-prompts 64 --skip hf").
 bench-generate: setup
 	$(PY) tests/bench/bench_generate.py $(BENCH_GENERATE_ARGS)
 
+# A Ray cluster on 127.0.0.1: the head and CLUSTER_WORKERS worker nodes (see cluster/README.md).
 cluster-up: setup
-	bash cluster/local-up.sh
+	bash cluster/local/up.sh $(CLUSTER_WORKERS)
 
 cluster-down:
-	bash cluster/local-down.sh
+	bash cluster/local/down.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
