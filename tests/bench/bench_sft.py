@@ -84,6 +84,8 @@ def main() -> int:
     ap.add_argument("--effective-batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the one SFT worker")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="autocast of all three stages (auto: bf16 where the hardware has it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
@@ -92,7 +94,7 @@ def main() -> int:
     source = data_dir(args.data_dir) / "gsm8k" / "train.jsonl"
     base = dict(epochs=args.epochs, micro_batch_size=args.micro_batch_size,
                 effective_batch_size=args.effective_batch_size, max_length=args.max_length,
-                cpus_per_worker=args.cpus)
+                cpus_per_worker=args.cpus, precision=args.precision)
     ray.init(num_cpus=max(4, args.cpus), include_dashboard=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
@@ -115,6 +117,7 @@ def main() -> int:
         "small": args.small, "large": args.large, "epochs": args.epochs,
         "micro_batch_size": args.micro_batch_size,
         "effective_batch_size": args.effective_batch_size, "cpus": args.cpus,
+        "precision": args.precision,
         "bench_seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(summary), flush=True)
