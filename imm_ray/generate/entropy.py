@@ -16,12 +16,15 @@ __all__ = ["flat_entropies"]
 
 
 def flat_entropies(starts: Sequence[int], ends: Sequence[int], logprobs: Sequence[float],
-                   ranks: Sequence[int | None] | None = None, top_k: int | None = None) -> tuple[float, ...]:
+                   ranks: Sequence[int | None] | None = None, top_k: int | None = None,
+                   sampled_first: bool = False) -> tuple[float, ...]:
     """Entropy of each position ``p`` over ``logprobs[starts[p]:ends[p]]``.
 
-    With ``ranks`` and ``top_k``, entries whose rank is above ``top_k`` (or None) are left out
-    (vLLM appends the sampled token when it is not among the top k). Non-finite log-probs are
-    ignored; a position with nothing left has entropy 0.
+    With ``ranks`` and ``top_k``, entries whose rank is above ``top_k`` (or None) are left out.
+    ``sampled_first``: each position's first entry is the sampled token, followed by the top k
+    (vLLM's flat log-probs: the sampled token appears twice when it is among the top k), so the
+    first entry is left out. Non-finite log-probs are ignored; a position with nothing left has
+    entropy 0.
     """
     starts_a, ends_a = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
     n_pos = len(starts_a)
@@ -33,6 +36,8 @@ def flat_entropies(starts: Sequence[int], ends: Sequence[int], logprobs: Sequenc
     lp = np.asarray(logprobs, dtype=np.float64)
     pos = np.repeat(np.arange(n_pos), ends_a - starts_a)
     keep = np.isfinite(lp)
+    if sampled_first:
+        keep[starts_a[ends_a > starts_a]] = False
     if ranks is not None and top_k is not None:
         keep &= np.array([top_k + 1 if x is None else x for x in ranks], dtype=np.int64) <= top_k
     lp, pos = lp[keep], pos[keep]

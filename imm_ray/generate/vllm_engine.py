@@ -134,9 +134,9 @@ class VLLMEngine:
             text, _ = truncate_at_stop(o.text, sampling.stop)
             entropies = None
             if o.logprobs is not None:
-                lp = o.logprobs  # FlatLogprobs; vLLM adds the sampled token when it is not in the top k
+                lp = o.logprobs  # FlatLogprobs: per position the sampled token, then the top k
                 entropies = flat_entropies(lp.start_indices, lp.end_indices, lp.logprobs, lp.ranks,
-                                           sampling.entropy_top_k)
+                                           sampling.entropy_top_k, sampled_first=True)
             comps.append(Completion(text=text, finish_reason="length" if o.finish_reason == "length" else "stop",
                                     num_tokens=len(o.token_ids), token_entropies=entropies))
         return comps

@@ -52,3 +52,16 @@ def test_collect_orders_batches_and_names_missing_prompts():
     assert collect(iter([[(1, [b])], [(0, [a])]]), 2) == [[a], [b]]
     with pytest.raises(RuntimeError, match=r"\[1\]"):
         collect(iter([[(0, [a])]]), 2)
+
+
+def test_flat_entropies_leave_out_the_sampled_token_listed_first():
+    """vLLM's flat log-probs list the sampled token first, then the top k: when the sampled token
+    is among the top k it appears twice (a dict of log-probs keeps it once)."""
+    k = 3
+    top = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    # position 0 sampled the top token (a duplicate), position 1 a token outside the top k
+    flat_lp = [top[0], *top, math.log(0.01), *top]
+    flat_rank = [1, 1, 2, 3, 40, 1, 2, 3]
+    got = flat_entropies([0, 4], [4, 8], flat_lp, flat_rank, k, sampled_first=True)
+    assert got == pytest.approx([token_entropy(top)] * 2)
+    assert flat_entropies([0, 4], [4, 8], flat_lp, flat_rank, k)[0] != pytest.approx(token_entropy(top))
