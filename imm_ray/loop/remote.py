@@ -8,8 +8,8 @@ from typing import Any
 import ray
 
 from imm_ray.merge import merge_checkpoints
+from imm_ray.ray_env import actor_runtime_env
 from imm_ray.storage import StorageOptions, materialize, publish_dir, resolve, set_default_options, work_dir_for
-from imm_ray.storage.fs import storage_env
 from imm_ray.verify import Verdict, verify_batch
 
 
@@ -43,7 +43,7 @@ def merge_task(method: str, anchor: str, models: list[str], out: str, params: di
 def merge_remote(method: str, anchor: str, models: list[str], out: str, params: dict[str, Any], seed: int,
                  options: StorageOptions, resources: dict[str, float]) -> str:
     """Run a merge as a Ray task with its own resource request; returns the published checkpoint's URI."""
-    env = storage_env()
-    task = merge_task.options(**resources, **({"runtime_env": {"env_vars": env}} if env else {}))
+    runtime_env = actor_runtime_env()  # the AWS variables among them
+    task = merge_task.options(**resources, **({"runtime_env": runtime_env} if runtime_env else {}))
     ref = task.remote(method, anchor, models, out, params, seed, options)
     return ray.get(ref)

@@ -86,11 +86,6 @@ _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", 
 _default_options = StorageOptions()
 
 
-def storage_env() -> dict[str, str]:
-    """The AWS variables set here, for the ``runtime_env`` of tasks that read or write storage."""
-    return {k: os.environ[k] for k in _ENV_KEYS if os.environ.get(k)}
-
-
 def set_default_options(options: StorageOptions) -> None:
     """Use ``options`` wherever a location is resolved without its own (the driver calls this once)."""
     global _default_options
