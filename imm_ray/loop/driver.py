@@ -37,6 +37,7 @@ from imm_ray.evaluate import (
 )
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
+from imm_ray.loop.arms import RoundPlan, get_arm, plan_round
 from imm_ray.loop.remote import merge_remote, verify_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
@@ -289,39 +290,38 @@ class RoundDriver:
             return
         self._evaluate(key, self.original, self.rd.baseline_dir)
 
-    def _round(self, arm: str, t: int, current: str) -> str:
-        """Run the unfinished stages of round ``t`` of ``arm``; return the location of the round's model."""
-        rdir = self.rd.round_dir(arm, t)
-        key = {stage: layout.stage_key(arm, t, stage) for stage in layout.STAGES}
+    def _round(self, arm_name: str, t: int, current: str) -> str:
+        """Run the unfinished stages of round ``t`` of an arm (its plan: :func:`plan_round`); return its model."""
+        arm = get_arm(arm_name)
+        rdir = self.rd.round_dir(arm.name, t)
+        while True:
+            done = {k: (self.rd.stage(k) or {}).get("info", {}) for k in self.rd.done_keys()}
+            plan = plan_round(arm, t, done, current=current, original=self.original,
+                              round_output=lambda name: (rdir / name).uri)
+            stage = plan.next
+            if stage is None:
+                return plan.model
+            key = layout.stage_key(arm.name, t, stage.name)
+            if stage.name == "evaluate":
+                self._evaluate(key, plan.model, rdir)
+                continue
+            with self.stage(key, [rdir / name for name in stage.outputs]) as info:
+                info.update(self._run_stage(stage.name, t, plan, rdir, current))
+
+    def _run_stage(self, name: str, t: int, plan: RoundPlan, rdir: Location, current: str) -> dict[str, Any]:
+        """The work of one round stage (evaluate excepted); returns the info recorded in ``state.json``."""
         samples, accepted = rdir / layout.SAMPLES, rdir / layout.ACCEPTED
-        sft_out, merged_out = rdir / layout.SFT, rdir / layout.MERGED
-
-        if not self.rd.is_done(key["generate"]):
-            with self.stage(key["generate"], [samples]) as info:
-                if self.teacher is not None:
-                    info.update(self._generate(self.teacher, samples, t, role="teacher"))
-                else:
-                    info.update(self._generate(current, samples, t))
-        if not self.rd.is_done(key["verify"]):
-            with self.stage(key["verify"], [accepted]) as info:
-                info.update(self._verify(samples, accepted))
-
-        model = current
-        init = self.original if arm == "rest" else current
-        if not self.rd.is_done(key["sft"]):
-            with self.stage(key["sft"], [sft_out, rdir / layout.RAY_TRAIN]) as info:
-                info.update(self._sft(init, accepted, sft_out))
-        sft_info = self.rd.stage(key["sft"])["info"]
-        if not sft_info.get("skipped"):
-            model = sft_out.uri
-            if arm == "imm":
-                if not self.rd.is_done(key["merge"]):
-                    with self.stage(key["merge"], [merged_out]) as info:
-                        info.update(self._merge(model, merged_out))
-                model = merged_out.uri
-        if not self.rd.is_done(key["evaluate"]):
-            self._evaluate(key["evaluate"], model, rdir)
-        return model
+        if name == "generate":
+            if self.teacher is not None:
+                return self._generate(self.teacher, samples, t, role="teacher")
+            return self._generate(current, samples, t)
+        if name == "verify":
+            return self._verify(samples, accepted)
+        if name == "sft":
+            return self._sft(plan.sft_init, accepted, rdir / layout.SFT)
+        if name == "merge":
+            return self._merge((rdir / layout.SFT).uri, rdir / layout.MERGED)
+        raise ValueError(f"no work is defined for round stage {name!r}")
 
     # --- stages -----------------------------------------------------------------------------
     def _load(self, role: str, model: str) -> GeneratorPool:
@@ -408,6 +408,8 @@ class RoundDriver:
         return {
             "skipped": False, "init_model": model, "examples": res.examples, "dropped": res.dropped,
             "steps": res.steps, "final_loss": res.final_loss, "checkpoint": out.uri,
+            "tokens": res.tokens, "tokens_per_s": round(res.tokens_per_second, 1), "restarts": res.restarts,
+            "timings": {k: round(v, 2) for k, v in res.timings.items()},
         }
 
     def _merge(self, sft: str, out: Location) -> dict[str, Any]:
@@ -443,7 +445,9 @@ class RoundDriver:
                          for p, c, vd in zip(probs, chunk, ev.greedy_verdicts)]
             write_jsonl(eval_samples, rows)
             write_json(eval_json, {"model": model, "datasets": results})
-            info.update({"model": model, "datasets": results})
+            stats = pool.last_stats
+            info.update({"model": model, "datasets": results, "tokens": stats.tokens,
+                         "tokens_per_s": round(stats.tokens_per_s, 1), "actor_retries": stats.retries})
 
 
 def _brief(info: dict[str, Any]) -> str:

@@ -6,6 +6,9 @@ from typing import Any
 
 from imm_ray.storage.layout import BASELINE_ARM, BASELINE_ROUND, STAGES, stage_key
 
+# Stages whose tokens per second the table shows (tokens generated or trained).
+_RATED = ("generate", "sft", "evaluate")
+
 
 def metrics_rows(state: dict[str, Any], arms: list[str], rounds: int) -> list[dict[str, Any]]:
     """Build one metrics row per finished round and arm (plus the baseline) from ``state.json``."""
@@ -42,20 +45,27 @@ def _row(round_idx: int, arm: str, recs: dict[str, dict[str, Any]]) -> dict[str,
         "sft": sft,
         "model": ev.get("model"),
         "seconds": {name: rec["seconds"] for name, rec in recs.items()},
+        # Tokens generated (generate, evaluate) or trained (sft), and their rate over the stage.
+        "tokens": {name: rec["info"]["tokens"] for name, rec in recs.items() if "tokens" in rec.get("info", {})},
+        "tokens_per_s": {name: rec["info"]["tokens_per_s"] for name, rec in recs.items()
+                         if "tokens_per_s" in rec.get("info", {})},
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width table: arm, round, samples, accuracy per data set, seconds per stage."""
+    """A fixed-width table: arm, round, samples, accuracy per data set, seconds per stage, tokens/s."""
     if not rows:
         return "(no finished rounds yet)"
     datasets = list(rows[0]["accuracy"])
     head = ["arm", "round", "generated", "accepted"] + datasets + [f"{s} s" for s in STAGES]
+    head += [f"{s} tok/s" for s in _RATED]
     body = []
     for r in rows:
         cells = [r["arm"], str(r["round"]), str(r["generated"]), str(r["accepted"])]
         cells += [f"{100 * r['accuracy'].get(d, float('nan')):.1f}%" for d in datasets]
         cells += [f"{r['seconds'][s]:.0f}" if s in r["seconds"] else "-" for s in STAGES]
+        rates = r.get("tokens_per_s") or {}
+        cells += [f"{rates[s]:.0f}" if s in rates else "-" for s in _RATED]
         body.append(cells)
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)

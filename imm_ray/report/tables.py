@@ -37,7 +37,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 def rounds_table(run: RunMetrics) -> str:
     """One line per arm and round: samples, ID/OOD accuracy (with 95% CI when present),
-    diversity (when present) and stage seconds."""
+    diversity (when present), stage seconds and tokens per second (generated or trained)."""
     if not run.rows:
         return "_No finished rounds yet._"
     datasets, diversity, stages = run.datasets, run.diversity_keys, run.stages
@@ -46,6 +46,8 @@ def rounds_table(run: RunMetrics) -> str:
     with_mean = len(run.ood_datasets) > 1
     head += ["OOD mean"] if with_mean else []
     head += diversity + [f"{s} s" for s in stages]
+    rated = [s for s in stages if any(s in (row.get("tokens_per_s") or {}) for row in run.rows)]
+    head += [f"{s} tok/s" for s in rated]
     body = []
     for arm in ["base"] + run.arms:
         for row in run.arm_rows(arm, with_base=False):
@@ -57,6 +59,8 @@ def rounds_table(run: RunMetrics) -> str:
             seconds = row.get("seconds") or {}
             cells += [f"{seconds[s]:.0f}" if isinstance(seconds.get(s), (int, float)) else "-"
                       for s in stages]
+            rates = row.get("tokens_per_s") or {}
+            cells += [f"{rates[s]:.0f}" if isinstance(rates.get(s), (int, float)) else "-" for s in rated]
             body.append(cells)
     return markdown_table(head, body, align_right_from=1)
 
