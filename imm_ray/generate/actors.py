@@ -152,6 +152,7 @@ class GeneratorPool:
             self._reserve()
             logger.info("starting %d %s generator actor(s) on %s", self.spec.num_actors, self.spec.engine, model_path)
             self.actors = [self._start_actor(j, model_path) for j in range(self.spec.num_actors)]
+            ray.get([a.__ray_ready__.remote() for a in self.actors])  # engines up: start-up errors surface here
         else:
             logger.info("moving generator actors to %s", model_path)
             ray.get([a.load.remote(str(model_path)) for a in self.actors])
