@@ -29,6 +29,7 @@ from pydantic import (
 from imm_ray.data import DatasetSpec
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.generate.settings import EngineSettings
+from imm_ray.placement import custom_resources
 from imm_ray.serve.settings import ServeSettings
 from imm_ray.train import SFTSettings
 
@@ -64,6 +65,13 @@ class ActorResources(_Strict):
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Custom Ray resources, e.g. {node_1: 0.01} to pin the stage to the node that offers node_1.
+    resources: dict[str, float] = {}
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        return custom_resources(v)
 
 
 class DataConfig(_Strict):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["ClusterView", "NodeType", "PlacementError", "ResourceRequest", "check_on_cluster", "check_request",
-           "cluster_view", "wait_placed"]
+           "cluster_view", "custom_resources", "fits_now", "wait_placed"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ class ClusterView:
 
     nodes: list[Mapping[str, float]] = field(default_factory=list)
     node_types: list[NodeType] = field(default_factory=list)
+
+
+def custom_resources(resources: Mapping[str, float]) -> dict[str, float]:
+    """Validate a config's custom Ray resources (e.g. ``{"node_1": 0.01}``): names Ray's own keys refuse."""
+    for name, amount in resources.items():
+        if name in _KEY_FIELD:
+            raise ValueError(f"{name!r} is Ray's own resource, not a custom one: set it with its own key "
+                             "(num_cpus / num_gpus; in train: cpus_per_worker / use_gpu)")
+        if not name or amount < 0:
+            raise ValueError(f"custom resource {name!r}: {amount:g} must be a non-empty name with an amount >= 0")
+    return dict(resources)
 
 
 def _fits(bundle: Mapping[str, float], node: Mapping[str, float]) -> int:
@@ -113,6 +124,18 @@ def cluster_view() -> ClusterView:
     except Exception:  # noqa: BLE001 - not every cluster has an autoscaler config to report
         logger.debug("no autoscaler node types reported", exc_info=True)
     return ClusterView(nodes=nodes, node_types=types)
+
+
+def fits_now(request: ResourceRequest) -> bool:
+    """Whether the connected cluster's free resources, node by node, hold ``request`` right now."""
+    import ray
+
+    free = [dict(n) for n in ray._private.state.available_resources_per_node().values()]
+    try:
+        check_request(request, ClusterView(nodes=free))
+    except PlacementError:
+        return False
+    return True
 
 
 def check_on_cluster(request: ResourceRequest) -> None:

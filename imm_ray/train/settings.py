@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from imm_ray.placement import custom_resources
 
 
 class SFTError(RuntimeError):
@@ -28,6 +30,8 @@ class SFTSettings(BaseModel):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
+    # Custom Ray resources per worker, e.g. {node_2: 0.01} to pin the workers to that node.
+    resources: dict[str, float] = {}
     seed: int = 0
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     save_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -40,6 +44,15 @@ class SFTSettings(BaseModel):
     max_failures: int = Field(1, ge=0)
     # Resume checkpoints every N optimizer steps; 0: at the end of every epoch but the last.
     checkpoint_every_steps: int = Field(0, ge=0)
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, v: dict[str, float]) -> dict[str, float]:
+        return custom_resources(v)
+
+    def worker_resources(self) -> dict[str, float]:
+        """What each Ray Train worker asks of Ray (``ScalingConfig.resources_per_worker``)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {}), **self.resources}
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each worker (at least 1)."""

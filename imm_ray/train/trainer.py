@@ -168,7 +168,7 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
 
     _clear_stale_temps(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    resources = {"CPU": settings.cpus_per_worker, **({"GPU": 1} if settings.use_gpu else {})}
+    resources = settings.worker_resources()
     prepared = time.perf_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
