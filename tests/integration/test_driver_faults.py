@@ -1,0 +1,135 @@
+"""Fault matrix, the driver line: ``imm run`` killed (SIGKILL) in a stage, then the same command again.
+
+One uninterrupted reference run, and one run killed in generate, SFT and merge (resumed each time):
+the resumed run finishes, counts every stage once, leaves no temp file and no process of a killed
+driver, and its merged checkpoint is byte-identical to the reference (the ``hf`` engine samples
+with the run's seed on the CPU, so generation is deterministic on the tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+KILL_IN = ("generate", "sft", "merge")  # the stages the resumed sequence kills, in run order
+
+
+def _config(model_dir: Path, data_dir: Path) -> dict:
+    """One imm round on the tiny model with the hf engine (as tests/integration/test_loop.py), no baseline."""
+    return {
+        "run": {"name": "faults", "rounds": 1, "arms": ["imm"], "progress": False, "report": False},
+        "model": {"ref": str(model_dir)},
+        "data": {
+            "dir": str(data_dir),
+            "train": {"name": "tiny-train", "preset": "gsm8k", "split": "train"},
+            "eval": [{"name": "tiny-test", "preset": "gsm8k", "split": "test"}],
+            "instruction_suffix": "",
+        },
+        "generate": {
+            "engine": {"name": "hf", "dtype": "float32", "batch_size": 16},
+            "samples_per_question": 2, "temperature": 0.7, "max_tokens": 40, "chunk_size": 4,
+        },
+        "train": {"epochs": 2, "lr": 1e-4, "micro_batch_size": 4, "effective_batch_size": 4, "max_length": 128},
+        "merge": {"params": {"lam": 0.5, "drop_rate": 0.2}},
+        "evaluate": {"max_tokens": 40, "baseline": False},
+        "ray": {"num_cpus": 4},
+    }
+
+
+def _start(config: Path, run_dir: Path, log: Path) -> subprocess.Popen:
+    """``python -m jobs.imm_run`` in its own session, its output appended to ``log``."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "jobs.imm_run", "--config", str(config), "--run-dir",
+                                 str(run_dir)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _stages(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "state.json").read_text())["stages"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return {}
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, f"imm run exited {rc}:\n{log.read_text()[-4000:]}"
+
+
+def _kill_in(proc: subprocess.Popen, run_dir: Path, key: str, log: Path) -> list[psutil.Process]:
+    """SIGKILL the driver while stage ``key`` is ``started``; return the descendants it had then."""
+    deadline = time.monotonic() + 240
+    while _stages(run_dir).get(key, {}).get("status") != "started":
+        assert proc.poll() is None, f"imm run exited {proc.returncode} before {key} started:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"{key} never started"
+        time.sleep(0.02)
+    driver = psutil.Process(proc.pid)
+    children = driver.children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _stages(run_dir)[key]["status"] == "started", f"{key} finished before the kill landed"
+    return children
+
+
+def _alive(procs: list[psutil.Process], wait_s: float) -> list[str]:
+    """The processes of ``procs`` still running after ``wait_s`` seconds."""
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    out = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _safetensors(folder: Path) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+    assert files, f"no safetensors in {folder}"
+    return files
+
+
+def test_killed_driver_resumes_to_the_same_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_model_dir, tiny_data_dir)))
+    log = tmp_path / "driver-out.log"
+
+    reference = tmp_path / "reference"
+    _finish(_start(config, reference, log), log)
+
+    run_dir = tmp_path / "killed"
+    orphans = {}
+    for stage in KILL_IN:
+        children = _kill_in(_start(config, run_dir, log), run_dir, f"imm/round-001/{stage}", log)
+        assert children, f"the driver killed in {stage} had no child processes to check"
+        orphans[stage] = children
+    _finish(_start(config, run_dir, log), log)
+
+    # The head's raylet, GCS and workers die with the driver; Ray's dashboard and runtime-env agents
+    # see the raylet gone at once but exit about 60 s later (their graceful shutdown): allow 90 s.
+    deadline = time.monotonic() + 90
+    for stage, children in orphans.items():
+        alive = _alive(children, max(1.0, deadline - time.monotonic()))
+        assert not alive, f"killed in {stage}: its processes still run: {alive}"
+    stages = _stages(run_dir)
+    assert all(rec["status"] == "done" for rec in stages.values()), stages
+    assert set(stages) == set(_stages(reference))  # each stage recorded once, as in the uninterrupted run
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["round"]) for r in rows] == [("imm", 1)]
+    assert not [str(p) for p in run_dir.rglob("*") if ".tmp" in p.name]
+    assert _safetensors(run_dir / "imm/round-001/merged") == _safetensors(reference / "imm/round-001/merged")
+    assert _safetensors(run_dir / "imm/round-001/sft") == _safetensors(reference / "imm/round-001/sft")
