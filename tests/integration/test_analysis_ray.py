@@ -74,6 +74,6 @@ def test_analyze_run_through_ray_tasks(ray_local, run_dir, tiny_model_dir):
     assert si_sft["per_layer"][1] == 0.0 and si_sft["per_layer"][0] > 0
     assert set(result["models"][0]["spearman"]) == {"accuracy_drop", "loss_rise"}
 
-    text = write_report(run_dir).read_text()
+    text = write_report(run_dir).local_path().read_text()
     assert "## Layer analysis" in text
     assert (run_dir / "plots" / "layer_change.png").read_bytes()[:4] == b"\x89PNG"
