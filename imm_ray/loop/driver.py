@@ -41,6 +41,7 @@ from imm_ray.loop.arms import RoundPlan, get_arm, plan_round
 from imm_ray.loop.remote import merge_remote, verify_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
+from imm_ray.placement import ResourceRequest, check_on_cluster, fits_now
 from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
 from imm_ray.serve.cli import serve_command
@@ -152,7 +153,7 @@ class RoundDriver:
             options = e.model_copy(update={"seed": g.seed})  # the engine settings, seeded per run
             spec = PoolSpec(
                 engine=e.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
-                num_gpus=g.resources.num_gpus, chunk_size=g.chunk_size,
+                num_gpus=g.resources.num_gpus, resources=dict(g.resources.resources), chunk_size=g.chunk_size,
             )
             self._pools[role] = GeneratorPool(spec, progress=self.cfg.run.progress)
         return self._pools[role]
@@ -223,6 +224,8 @@ class RoundDriver:
                 self.teacher = self._publish_original(teacher, "teacher")
             self._pin_inputs()
             init_ray(self.cfg)
+            for request in self._requests().values():  # a request the cluster can never hold fails now
+                check_on_cluster(request)
             if self.cfg.serve.enabled:
                 # The app follows state.json: every finished round becomes servable by itself.
                 start_serving(self.cfg.serve.run_dir or str(self.rd.root), self.cfg.serve)
@@ -324,6 +327,33 @@ class RoundDriver:
         raise ValueError(f"no work is defined for round stage {name!r}")
 
     # --- stages -----------------------------------------------------------------------------
+    def _requests(self) -> dict[str, ResourceRequest]:
+        """What the generator pool, the SFT workers and the merge task ask of Ray, from the config."""
+        g, t, m = self.cfg.generate, self.cfg.train, self.cfg.merge.resources
+        return {
+            "generate": ResourceRequest("generator actor", "generate.resources", {
+                "CPU": g.resources.num_cpus, "GPU": g.resources.num_gpus, **g.resources.resources}, g.num_actors),
+            "sft": ResourceRequest("SFT worker", "train", t.worker_resources(), t.num_workers),
+            "merge": ResourceRequest("merge task", "merge.resources",
+                                     {"CPU": m.num_cpus, "GPU": m.num_gpus, **m.resources}),
+        }
+
+    def _make_room(self, request: ResourceRequest) -> None:
+        """Fail at once if ``request`` can never be placed; release the generator pools if they block it.
+
+        A single-GPU node cannot hold the generator pool and the SFT worker at once: the pools shut
+        down here and start again on their next generation or evaluation.
+        """
+        check_on_cluster(request)
+        busy = [role for role, pool in self._pools.items() if pool.actors]
+        if busy and not fits_now(request):
+            logger.info("the %s (%s, %s) cannot be placed beside the %s generator pool: releasing the pool "
+                        "before the stage; it starts again for the next generation or evaluation",
+                        request.what, ", ".join(f"{k}: {v:g}" for k, v in request.needs().items()),
+                        request.config_key, " and ".join(busy))
+            for role in busy:
+                self._pools[role].shutdown()
+
     def _load(self, role: str, model: str) -> GeneratorPool:
         """The pool of ``role`` serving ``model`` (each actor materializes it on its own node)."""
         pool = self.pool(role)
@@ -367,7 +397,8 @@ class RoundDriver:
         v = self.cfg.verify
         rows = read_jsonl(samples)
         verdicts = verify_remote(
-            [(r["completion"], r["gold"]) for r in rows], v.verifier, v.batch_size, v.resources.num_cpus
+            [(r["completion"], r["gold"]) for r in rows], v.verifier, v.batch_size, v.resources.num_cpus,
+            v.resources.resources,
         )
         kept = select_accepted(rows, verdicts, dedup=v.dedup)
         write_jsonl(out, kept)
@@ -400,6 +431,7 @@ class RoundDriver:
         try:
             data = work / layout.ACCEPTED
             download_file(accepted, data)
+            self._make_room(self._requests()["sft"])
             res = run_sft(materialize(model), data, work / layout.SFT, self.cfg.train,
                           storage_dir=work / layout.RAY_TRAIN)
             publish_dir(res.checkpoint_dir, out, move=True)
@@ -417,7 +449,9 @@ class RoundDriver:
         anchor = self.original if m.anchor == "original" else m.anchor
         if anchor != self.original and "://" not in anchor:
             anchor = str(resolve_model(anchor, self.cfg.model.cache_dir))
-        resources = {"num_cpus": m.resources.num_cpus, "num_gpus": m.resources.num_gpus}
+        self._make_room(self._requests()["merge"])
+        r = m.resources
+        resources = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": dict(r.resources)}
         merged = merge_remote(m.method, anchor, [sft], out.uri, dict(m.params), m.seed, self.options, resources)
         return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": anchor, "checkpoint": merged}
 

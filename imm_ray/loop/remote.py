@@ -19,9 +19,10 @@ def verify_chunk(pairs: list[tuple[str, str]], verifier: str) -> list[Verdict]:
     return verify_batch(pairs, verifier=verifier)
 
 
-def verify_remote(pairs: list[tuple[str, str]], verifier: str, batch_size: int, num_cpus: float) -> list[Verdict]:
-    """Verify all pairs as parallel Ray tasks of ``batch_size`` pairs; order is preserved."""
-    task = verify_chunk.options(num_cpus=num_cpus)
+def verify_remote(pairs: list[tuple[str, str]], verifier: str, batch_size: int, num_cpus: float,
+                  resources: dict[str, float] | None = None) -> list[Verdict]:
+    """Verify all pairs as parallel Ray tasks of ``batch_size`` pairs (``resources``: custom ones); order is kept."""
+    task = verify_chunk.options(num_cpus=num_cpus, resources=dict(resources or {}))
     refs = [task.remote(pairs[i : i + batch_size], verifier) for i in range(0, len(pairs), batch_size)]
     return [v for chunk in ray.get(refs) for v in chunk]
 
