@@ -1,6 +1,6 @@
 """Fault matrix, the driver line: ``imm run`` killed (SIGKILL) in a stage, then the same command again.
 
-One uninterrupted reference run, and one run killed in generate, SFT, merge and evaluate (resumed each time):
+One uninterrupted reference run, and one run killed in each stage in turn (resumed each time):
 the resumed run finishes, counts every stage once, leaves no temp file and no process of a killed
 driver, and its merged checkpoint is byte-identical to the reference (the ``hf`` engine samples
 with the run's seed on the CPU, so generation is deterministic on the tiny model).
@@ -23,7 +23,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-KILL_IN = ("generate", "sft", "merge", "evaluate")  # the stages the resumed sequence kills, in run order
+KILL_IN = ("generate", "verify", "sft", "merge", "evaluate")  # the stages the resumed sequence kills, in run order
 
 
 def _config(model_dir: Path, data_dir: Path) -> dict:
