@@ -37,6 +37,9 @@ class ResourceRequest:
     config_key: str  # e.g. "generate.resources"
     resources: Mapping[str, float]
     count: int = 1
+    # The config field of each of Ray's resource names where it differs from the default spelling
+    # (``train`` says ``cpus_per_worker`` / ``use_gpu``); other resources are ``<config_key>.resources``.
+    key_fields: Mapping[str, str] = field(default_factory=lambda: dict(_KEY_FIELD))
 
     def needs(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.resources.items() if v and v > 0}
@@ -80,7 +83,7 @@ def _fmt(resources: Mapping[str, float]) -> str:
 
 
 def _key_for(request: ResourceRequest, resource: str) -> str:
-    return f"{request.config_key}.{_KEY_FIELD.get(resource, 'resources')}"
+    return f"{request.config_key}.{request.key_fields.get(resource, 'resources')}"
 
 
 def check_request(request: ResourceRequest, cluster: ClusterView) -> None:

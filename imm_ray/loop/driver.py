@@ -333,7 +333,8 @@ class RoundDriver:
         return {
             "generate": ResourceRequest("generator actor", "generate.resources", {
                 "CPU": g.resources.num_cpus, "GPU": g.resources.num_gpus, **g.resources.resources}, g.num_actors),
-            "sft": ResourceRequest("SFT worker", "train", t.worker_resources(), t.num_workers),
+            "sft": ResourceRequest("SFT worker", "train", t.worker_resources(), t.num_workers,
+                                   key_fields={"CPU": "cpus_per_worker", "GPU": "use_gpu"}),
             "merge": ResourceRequest("merge task", "merge.resources",
                                      {"CPU": m.num_cpus, "GPU": m.num_gpus, **m.resources}),
         }

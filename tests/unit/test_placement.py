@@ -49,3 +49,10 @@ def test_autoscaler_node_types_count_as_future_capacity():
         check_request(gen(1, GPU=2), scaling)
     unbounded = ClusterView(nodes=[], node_types=[NodeType("gpu-worker", {"CPU": 8, "GPU": 1}, -1)])
     check_request(gen(50, GPU=1), unbounded)
+
+
+def test_an_sft_gpu_request_names_the_train_key_that_asks_for_it():
+    sft = ResourceRequest("SFT worker", "train", {"CPU": 1, "GPU": 1}, 1,
+                          key_fields={"CPU": "cpus_per_worker", "GPU": "use_gpu"})
+    with pytest.raises(PlacementError, match=r"train\.use_gpu"):
+        check_request(sft, ONE_NODE)
