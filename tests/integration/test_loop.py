@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import checkpoint_files
 from transformers import AutoModelForCausalLM
 
 from imm_ray.config import ConfigError, config_from_dict
@@ -155,17 +156,6 @@ def test_distillation_teacher_writes_the_data(ray_local, tiny_model_dir, scrambl
     assert Path(merge["anchor"]) == Path(scrambled_model).resolve()  # merged with the student's own weights
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    """The bytes of a checkpoint's files; the merge provenance by content (it names its input folders)."""
-    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != "manifest.json"}
-    if "merge_provenance.json" in files:
-        provenance = json.loads(files.pop("merge_provenance.json"))
-        for entry in (provenance["anchor"], *provenance["models"]):
-            entry.pop("path")
-        files["merge_provenance.json"] = json.dumps(provenance, sort_keys=True).encode()
-    return files
-
 
 @pytest.fixture(scope="module")
 def s3_round(one_round, s3_endpoint, tiny_model_dir, tiny_data_dir, tmp_path_factory):
@@ -194,7 +184,7 @@ def test_round_on_s3_is_byte_identical_to_the_local_round(one_round, s3_round, r
     root = resolve(uri)
     assert is_published(root / "imm/round-001/merged") and is_published(root / "imm/round-001/sft")
     merged = materialize(root / "imm/round-001/merged")
-    assert _files(merged) == _files(run_dir / "imm/round-001/merged")
+    assert checkpoint_files(merged) == checkpoint_files(run_dir / "imm/round-001/merged")
     files = set(list_files(root))
     assert {"run.yaml", "state.json", "state.json.bak", "metrics.jsonl", "driver.log", "report.md",
             "baseline/eval.json", "imm/round-001/samples.jsonl", "imm/round-001/accepted.jsonl",
@@ -214,7 +204,7 @@ def test_s3_resume_never_loads_a_half_uploaded_merge(s3_round, tiny_model_dir, t
     uri, rows, _, _ = s3_round
     root = resolve(uri)
     merged = root / "imm/round-001/merged"
-    good = _files(materialize(merged))
+    good = checkpoint_files(materialize(merged))
     rd = RunDir(uri)
     rd.state["stages"]["imm/round-001/merge"] = {"status": "started", "started_at": time.time()}
     rd.state["stages"].pop("imm/round-001/evaluate")
@@ -230,7 +220,7 @@ def test_s3_resume_never_loads_a_half_uploaded_merge(s3_round, tiny_model_dir, t
     time.sleep(3.5)
     again = RoundDriver(cfg, uri).run()
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
-    assert _files(materialize(merged)) == good
+    assert checkpoint_files(materialize(merged)) == good
     state = json.loads(read_text(root / "state.json"))["stages"]
     assert state["imm/round-001/merge"]["status"] == "done"
     assert state["imm/round-001/sft"]["finished_at"] < state["imm/round-001/merge"]["finished_at"]

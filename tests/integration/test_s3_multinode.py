@@ -5,12 +5,12 @@ node went away) and the published checkpoint is byte-identical to the same merge
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import ray
+from checkpoint_files import checkpoint_files
 
 from imm_ray.loop.remote import merge_remote
 from imm_ray.merge import merge_checkpoints
@@ -43,17 +43,6 @@ def three_nodes(tmp_path_factory):
     cluster.shutdown()
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    """The bytes of a checkpoint's files; the merge provenance by content (it names its input folders)."""
-    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != "manifest.json"}
-    if "merge_provenance.json" in files:
-        provenance = json.loads(files.pop("merge_provenance.json"))
-        for entry in (provenance["anchor"], *provenance["models"]):
-            entry.pop("path")
-        files["merge_provenance.json"] = json.dumps(provenance, sort_keys=True).encode()
-    return files
-
 
 def test_merge_on_another_node_through_s3(three_nodes, s3_bucket, tiny_model_dir, scrambled_model, tmp_path):
     root = resolve(s3_bucket) / "run"
@@ -73,4 +62,4 @@ def test_merge_on_another_node_through_s3(three_nodes, s3_bucket, tiny_model_dir
 
     local = merge_checkpoints("imm", str(tiny_model_dir), [str(scrambled_model)], str(tmp_path / "local"),
                               params=PARAMS, seed=0)
-    assert _files(materialize(out, cache_dir=tmp_path / "driver-cache")) == _files(Path(local))
+    assert checkpoint_files(materialize(out, cache_dir=tmp_path / "driver-cache")) == checkpoint_files(Path(local))
