@@ -18,7 +18,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=["vllm", "hf"], default=None, help="inference engine (default vllm)")
     parser.add_argument("--config", help="YAML with serve settings (a ServeSettings mapping or an imm config)")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a local loopback head)")
-    parser.add_argument("overrides", nargs="*", help="serve settings key=value (dotted keys nest), e.g. resident_models=3")
+    parser.add_argument("overrides", nargs="*",
+                        help="serve settings key=value (dotted keys nest), e.g. resident_models=3")
 
 
 def settings_from_cli(args: argparse.Namespace):

@@ -17,9 +17,21 @@ from starlette.routing import Match
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.backends import Backend
 from imm_ray.serve.metrics import CONTENT_TYPE, ServerMetrics
-from imm_ray.serve.protocol import (APIError, ChatRequest, CompletionRequest, GenParams, chat_response, chunk,
-                                    completion_response, models_list, new_id, parse_request, sse, usage,
-                                    usage_chunk)
+from imm_ray.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    GenParams,
+    chat_response,
+    chunk,
+    completion_response,
+    models_list,
+    new_id,
+    parse_request,
+    sse,
+    usage,
+    usage_chunk,
+)
 from imm_ray.serve.server import OpenAIServer
 
 logger = logging.getLogger(__name__)

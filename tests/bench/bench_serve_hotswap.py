@@ -143,9 +143,9 @@ async def http_load(base: str, run: Path, rounds: dict[int, Path], args) -> dict
 
 async def engine_load(model: Path, args) -> dict:
     from imm_ray.data.prompts import encode_prompt
+    from imm_ray.serve.backends import VLLMAsyncBackend
     from imm_ray.serve.protocol import GenParams
     from imm_ray.serve.server import OpenAIServer, engine_options
-    from imm_ray.serve.backends import VLLMAsyncBackend
 
     backend = await VLLMAsyncBackend.start(model, engine_options(settings(args)))
     tok = backend.tokenizer
@@ -167,9 +167,10 @@ async def engine_load(model: Path, args) -> dict:
 def settings(args):
     from imm_ray.serve.settings import LimitSettings, ServeSettings
 
-    return ServeSettings(engine="vllm", port=args.port, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_gb=1,
-                         resident_models=2, spare_engines=args.spares, poll_interval_s=0.5, max_ongoing_requests=2 * args.clients,
-                         max_queued_requests=4 * args.clients, limits=LimitSettings(max_tokens=args.max_tokens))
+    return ServeSettings(engine="vllm", port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
+                         kv_cache_gb=1, resident_models=2, spare_engines=args.spares, poll_interval_s=0.5,
+                         max_ongoing_requests=2 * args.clients, max_queued_requests=4 * args.clients,
+                         limits=LimitSettings(max_tokens=args.max_tokens))
 
 
 def free_port() -> int:
@@ -226,8 +227,11 @@ def main() -> int:
         if not args.skip_baseline:
             rows.append(asyncio.run(engine_load(model, args)))
             http, eng = rows
-            print(json.dumps({"overhead": {"throughput_ratio_inproc_over_http": round(eng["req_per_s"] / max(http["req_per_s"], 1e-9), 2),
-                                           "p50_ratio_http_over_inproc": round(http["p50_s"] / max(eng["p50_s"], 1e-9), 2)}}))
+            overhead = {
+                "throughput_ratio_inproc_over_http": round(eng["req_per_s"] / max(http["req_per_s"], 1e-9), 2),
+                "p50_ratio_http_over_inproc": round(http["p50_s"] / max(eng["p50_s"], 1e-9), 2),
+            }
+            print(json.dumps({"overhead": overhead}))
         return 0 if rows[0]["failed"] == 0 else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -19,8 +19,8 @@ from safetensors.numpy import save_file
 from imm_ray.errors import UserError
 from imm_ray.serve.auth import KeyChecker, load_api_keys
 from imm_ray.serve.backends import Delta
-from imm_ray.serve.cli import add_serve_arguments, settings_from_cli
 from imm_ray.serve.catalog import UnknownModelError, read_catalog
+from imm_ray.serve.cli import add_serve_arguments, settings_from_cli
 from imm_ray.serve.deploy import deployment_options, settings_from_args
 from imm_ray.serve.http_app import create_app
 from imm_ray.serve.pool import ModelPool
@@ -102,7 +102,8 @@ def test_invalid_requests_are_4xx(body, status, code):
 
 
 def test_valid_requests_parse():
-    req = parse_request(CompletionRequest, b'{"model": "m", "prompt": ["2+2="], "stop": "\\n", "max_tokens": 8}', LIMITS)
+    body = b'{"model": "m", "prompt": ["2+2="], "stop": "\\n", "max_tokens": 8}'
+    req = parse_request(CompletionRequest, body, LIMITS)
     assert req.prompt == "2+2=" and req.stop == ["\n"]
 
 
