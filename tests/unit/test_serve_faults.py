@@ -57,6 +57,36 @@ async def with_loader(tmp_path: Path, rounds: list[int], loader: FakeLoader, **k
     return server, run
 
 
+async def wait_for(cond, timeout: float = 3.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture
+def with_spare(tmp_path):
+    """``await with_spare(rounds, resident_models)``: a server over ``rounds`` whose CountingLoader
+    (no load delay) has its one spare engine ready; returns the server, its run folder and the loader."""
+    async def start(rounds: list[int], resident_models: int) -> tuple[OpenAIServer, Path, CountingLoader]:
+        loader = CountingLoader(delay=0)
+        server, run = await with_loader(tmp_path, rounds, loader, resident_models=resident_models, spare_engines=1)
+        await wait_for(lambda: server.pool.spares == 1)
+        return server, run, loader
+
+    return start
+
+
+def server_app(server):
+    return create_app(server, KeyChecker(()))
+
+
+def raw_client(app) -> httpx.AsyncClient:
+    """Plain HTTP to ``app`` in this process (for status codes and bodies the OpenAI client hides)."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
 # --- defect 1: concurrent requests for several non-resident rounds --------------------------
 def test_concurrent_requests_for_many_non_resident_rounds_all_succeed(tmp_path):
     async def main():
@@ -73,22 +103,11 @@ def test_concurrent_requests_for_many_non_resident_rounds_all_succeed(tmp_path):
     asyncio.run(main())
 
 
-async def wait_for(cond, timeout: float = 3.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached")
-
-
 # --- defect 2: deleted, half-written and failing rounds ------------------------------------
-def test_deleted_or_broken_rounds_answer_404_503_without_spending_an_engine(tmp_path):
+def test_deleted_or_broken_rounds_answer_404_503_without_spending_an_engine(tmp_path, with_spare):
     async def main():
-        loader = CountingLoader(delay=0)
-        server, run = await with_loader(tmp_path, [1, 2, 3, 4], loader, resident_models=2, spare_engines=1)
-        await wait_for(lambda: server.pool.spares == 1)
-        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(server, KeyChecker(()))),
-                                base_url="http://t")
+        server, run, loader = await with_spare([1, 2, 3, 4], resident_models=2)
+        raw = raw_client(server_app(server))
         shutil.rmtree(run / "imm/round-001")
         (run / "imm/round-002/merged/config.json").unlink()
         st = run / "imm/round-003/merged/model.safetensors"
@@ -115,15 +134,9 @@ def test_deleted_or_broken_rounds_answer_404_503_without_spending_an_engine(tmp_
     asyncio.run(main())
 
 
-def server_app(server):
-    return create_app(server, KeyChecker(()))
-
-
-def test_a_round_whose_engine_fails_to_load_is_not_retried_and_keeps_the_engine(tmp_path):
+def test_a_round_whose_engine_fails_to_load_is_not_retried_and_keeps_the_engine(tmp_path, with_spare):
     async def main():
-        loader = CountingLoader(delay=0)
-        server, run = await with_loader(tmp_path, [1, 2], loader, resident_models=1, spare_engines=1)
-        await wait_for(lambda: server.pool.spares == 1)
+        server, run, _ = await with_spare([1, 2], resident_models=1)
         spare = server.pool._spares[0]
         attempts = []
 
@@ -149,7 +162,7 @@ def test_garbage_state_json_keeps_the_rounds_it_listed(tmp_path):
     async def main():
         server, loader, run = await started(tmp_path, [1, 2])
         client = make_client(server_app(server))
-        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        raw = raw_client(server_app(server))
         for garbage in ("\x00garbage{", "[1, 2]", '{"stages": {"imm/round-003/evaluate": "done", "x": [1]}}'):
             (run / "state.json").write_text(garbage)
             await asyncio.sleep(0.15)
@@ -170,7 +183,7 @@ def test_garbage_state_json_keeps_the_rounds_it_listed(tmp_path):
 def test_health_and_generation_errors_reveal_no_paths(tmp_path):
     async def main():
         server, loader, run = await started(tmp_path, [1])
-        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        raw = raw_client(server_app(server))
         health = (await raw.get("/health")).json()
         assert health["resident"] == ["run/round-1"] and str(tmp_path) not in json.dumps(health)
 
@@ -217,7 +230,7 @@ def test_metrics_do_not_grow_with_the_paths_clients_send(tmp_path):
 def test_openai_defaults_are_accepted_and_unsupported_values_refused(tmp_path):
     async def main():
         server, loader, run = await started(tmp_path, [1])
-        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        raw = raw_client(server_app(server))
         chat = {"model": "run/latest", "messages": MSG}
         defaults = {"logprobs": None, "top_logprobs": None, "frequency_penalty": 0, "presence_penalty": 0.0,
                     "logit_bias": {}, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
@@ -256,7 +269,7 @@ def test_openai_defaults_are_accepted_and_unsupported_values_refused(tmp_path):
 def test_big_prompts_are_refused_untokenized_and_tokenizing_never_blocks_the_loop(tmp_path):
     async def main():
         server, loader, run = await started(tmp_path, [1])  # max_prompt_tokens=200
-        raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=server_app(server)), base_url="http://t")
+        raw = raw_client(server_app(server))
         tok = loader.backends[run / "imm/round-001/merged"].tokenizer
         calls = []
         plain = type(tok).__call__
