@@ -8,8 +8,16 @@ from typing import Any
 import ray
 
 from imm_ray.merge import merge_checkpoints
+from imm_ray.merge.engine import output_sha256
 from imm_ray.ray_env import actor_runtime_env
-from imm_ray.storage import StorageOptions, materialize, publish_dir, resolve, set_default_options, work_dir_for
+from imm_ray.storage import (
+    StorageOptions,
+    materialize_verified,
+    publish_dir,
+    resolve,
+    set_default_options,
+    work_dir_for,
+)
 from imm_ray.verify import Verdict, verify_batch
 
 
@@ -34,9 +42,16 @@ def merge_task(method: str, anchor: str, models: list[str], out: str, params: di
     set_default_options(options)
     work = work_dir_for(out)
     try:
-        merged = merge_checkpoints(method, str(materialize(anchor)), [str(materialize(m)) for m in models],
-                                   str(work / "merged"), params=params, seed=seed, fsync=True)
-        return publish_dir(merged, resolve(out), move=True).uri
+        # Each file is hashed once: inputs when materialize verifies them (a local input by the merge's
+        # provenance), outputs by the merge as it writes them; the manifest reuses those digests.
+        (anchor_dir, known), model_dirs = materialize_verified(anchor), []
+        for model in models:
+            model_dir, verified = materialize_verified(model)
+            model_dirs.append(str(model_dir))
+            known.update(verified)
+        merged = merge_checkpoints(method, str(anchor_dir), model_dirs, str(work / "merged"), params=params,
+                                   seed=seed, known_sha256=known, fsync=True)
+        return publish_dir(merged, resolve(out), move=True, known_sha256=output_sha256(merged)).uri
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,7 +20,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -71,6 +71,7 @@ def merge_checkpoints(
     exclude: str | Iterable[str] | None = None,
     threads: int | None = None,
     checksums: bool = True,
+    known_sha256: Mapping[Path, str] | None = None,
     fsync: bool = False,
 ) -> Path:
     """Merge HF safetensors checkpoints with a registered method and write an HF folder to ``out_dir``.
@@ -85,7 +86,9 @@ def merge_checkpoints(
     All checks on names, shapes and vocabularies happen before anything is written; NaN/Inf in the
     result is an error. The output is built in a temporary sibling folder and renamed to ``out_dir``
     only on success (``fsync=True`` also makes it durable first). ``checksums`` records sha256 of
-    every input and output weight file in ``merge_provenance.json``. Raises MergeError.
+    every input and output weight file in ``merge_provenance.json`` (:func:`output_sha256` reads the
+    output's back); ``known_sha256`` are digests of input files (by path) that the caller has just
+    verified, recorded without hashing those files again. Raises MergeError.
     """
     impl = get_merge_method(method)
     if isinstance(models, (str, Path)):
@@ -118,7 +121,7 @@ def merge_checkpoints(
         tasks, merged = _plan(impl, resolved, out_infos, anchor_reader, selector)
         if not merged:
             logger.warning("include/exclude left no tensor to merge: the output is a copy of the anchor")
-        inputs = _describe_inputs([anchor_reader, *readers], checksums, n_threads)
+        inputs = _describe_inputs([anchor_reader, *readers], checksums, n_threads, known_sha256 or {})
         logger.info(
             "merging %s with %s (params=%s, seed=%d, %d/%d tensors merged, %d threads) onto anchor %s -> %s",
             [str(p) for p in model_paths], method, resolved, seed, len(merged), len(out_infos), n_threads,
@@ -421,10 +424,24 @@ def _thread_count(threads: int | None) -> int:
     return threads
 
 
-def _describe_inputs(readers: Sequence[CheckpointReader], checksums: bool, threads: int) -> list[dict[str, Any]]:
+def _describe_inputs(readers: Sequence[CheckpointReader], checksums: bool, threads: int,
+                     known: Mapping[Path, str]) -> list[dict[str, Any]]:
+    known = {Path(p).absolute(): digest for p, digest in known.items()}
     paths = [r.folder / f for r in readers for f in r.weight_files]
-    digests = iter(sha256_files(paths, threads) if checksums else [None] * len(paths))
-    return [{"path": str(r.folder), "weight_files": {f: next(digests) for f in r.weight_files}} for r in readers]
+    todo = [p for p in paths if p.absolute() not in known] if checksums else []
+    digests = {**known, **dict(zip(todo, sha256_files(todo, threads)))} if checksums else {}
+    return [{"path": str(r.folder), "weight_files": {f: digests.get((r.folder / f).absolute()) for f in r.weight_files}}
+            for r in readers]
+
+
+def output_sha256(folder: str | Path) -> dict[str, str]:
+    """The sha256 of the output weight files of a merge, by file name, from its provenance (empty
+    when it was written without checksums)."""
+    try:
+        provenance = json.loads((Path(folder) / PROVENANCE_FILE).read_text())
+        return {name: digest for name, digest in provenance["output"]["weight_files"].items() if digest}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MergeError(f"{folder}: no readable {PROVENANCE_FILE} ({exc})") from exc
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from imm_ray.storage.checkpoints import (
     folder_checksum,
     is_published,
     materialize,
+    materialize_verified,
     publish_dir,
     published_manifest,
     scratch_dir,
@@ -44,7 +45,8 @@ from imm_ray.storage.rundir import RunDir, RunStateError
 __all__ = [
     "CheckpointError", "Location", "MANIFEST_NAME", "RunDir", "RunLockedError", "RunStateError", "StorageError",
     "StorageOptions", "clear_output", "default_cache_dir", "default_mode", "delete", "exists", "folder_checksum",
-    "is_published", "is_remote", "make_temp_dir", "materialize", "publish_dir", "published_manifest", "read_json",
+    "is_published", "is_remote", "make_temp_dir", "materialize", "materialize_verified",
+    "publish_dir", "published_manifest", "read_json",
     "read_jsonl", "read_text", "resolve", "scratch_dir", "set_default_options", "verify_manifest", "work_dir_for",
     "write_json", "write_jsonl", "write_manifest", "write_text",
 ]

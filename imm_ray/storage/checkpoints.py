@@ -19,9 +19,10 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from imm_ray.storage.fs import (
     Location,
@@ -42,6 +43,10 @@ from imm_ray.storage.fs import (
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# Test hook: seconds to sleep after each file uploaded to object storage by publish_dir, so a test
+# can kill the writer in the middle of an upload (tests/integration/test_s3_resume.py). Never set
+# outside tests.
+UPLOAD_DELAY_ENV = "IMM_TEST_UPLOAD_DELAY_S"
 
 
 class CheckpointError(StorageError):
@@ -101,9 +106,13 @@ def _local_files(folder: Path) -> dict[str, Path]:
             if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME}
 
 
-def build_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest of a local folder: size and sha256 of every file but the manifest."""
-    return {"version": 1, "files": {rel: {"sha256": sha256_file(p), "size": p.stat().st_size}
+def build_manifest(folder: Path, known_sha256: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The manifest of a local folder: size and sha256 of every file but the manifest.
+
+    ``known_sha256`` (by relative path) are digests the caller computed from these very files; only
+    the other files are hashed."""
+    known = known_sha256 or {}
+    return {"version": 1, "files": {rel: {"sha256": known.get(rel) or sha256_file(p), "size": p.stat().st_size}
                                     for rel, p in _local_files(folder).items()}}
 
 
@@ -170,17 +179,20 @@ def clear_output(target: str | Path | Location) -> None:
     delete(loc)
 
 
-def publish_dir(src: str | Path, dest: str | Path | Location, move: bool = False) -> Location:
+def publish_dir(src: str | Path, dest: str | Path | Location, move: bool = False,
+                known_sha256: Mapping[str, str] | None = None) -> Location:
     """Publish the local folder ``src`` as the checkpoint ``dest`` (which must not exist yet).
 
     On a local disk: ``src`` itself (``move``: it then gets the manifest and is renamed into
     place) or a copy of it, with the manifest, renamed into place. On object storage: every file
-    uploaded, the manifest last. ``src`` is left as it is unless ``move``. Returns ``dest``.
+    uploaded, the manifest last. ``src`` is left as it is unless ``move``. ``known_sha256``: digests
+    of files of ``src`` (by relative path) that the writer computed as it wrote them, used in the
+    manifest instead of hashing those files again. Returns ``dest``.
     """
     src, loc = Path(src), resolve(dest)
     if is_published(loc) or (loc.is_local and exists(loc)):
         raise CheckpointError(f"{loc} already exists (refusing to overwrite)")
-    manifest = build_manifest(src)
+    manifest = build_manifest(src, known_sha256)
     if loc.is_local:
         dst = loc.local_path()
         staging = src if move else make_temp_dir(dst.parent, f".{dst.name}.tmp-")
@@ -196,8 +208,11 @@ def publish_dir(src: str | Path, dest: str | Path | Location, move: bool = False
         return loc
     # Objects an interrupted upload left here are overwritten or, if not listed in the manifest,
     # ignored by readers; deleting them is the driver's job (clear_output before the stage).
+    delay = float(os.environ.get(UPLOAD_DELAY_ENV) or 0)
     for rel in manifest["files"]:
         upload_file(src / rel, loc / rel)
+        if delay:
+            time.sleep(delay)
     write_bytes(loc / MANIFEST_NAME, _manifest_bytes(manifest))
     if move:
         shutil.rmtree(src, ignore_errors=True)
@@ -225,12 +240,19 @@ def materialize(target: str | Path | Location, cache_dir: str | Path | None = No
     against that manifest, and copied again when the cached copy no longer matches. Raises
     CheckpointError when the checkpoint has no manifest or its bytes do not match it.
     """
+    return materialize_verified(target, cache_dir)[0]
+
+
+def materialize_verified(target: str | Path | Location,
+                         cache_dir: str | Path | None = None) -> tuple[Path, dict[Path, str]]:
+    """:func:`materialize`, and the sha256 of every file it verified by local path (a local folder
+    is not verified: none), for callers that would otherwise hash the same files again."""
     loc = resolve(target)
     if loc.is_local:
         path = loc.local_path()
         if not path.is_dir():
             raise CheckpointError(f"checkpoint folder {path} does not exist")
-        return path
+        return path, {}
     try:
         raw = read_bytes(loc / MANIFEST_NAME)
         manifest = json.loads(raw)
@@ -243,10 +265,11 @@ def materialize(target: str | Path | Location, cache_dir: str | Path | None = No
     root = Path(cache_dir).expanduser() if cache_dir is not None else node_cache_dir()
     key = hashlib.sha256(raw).hexdigest()[:32]
     target_dir = root / key
+    verified = {target_dir / rel: entry["sha256"] for rel, entry in listed.items()}
     with file_lock(root / f".{key}.lock"):
         if target_dir.is_dir():
             if verify_manifest(target_dir, manifest):
-                return target_dir
+                return target_dir, verified
             logger.warning("cached copy %s of %s is corrupt: fetching it again", target_dir, loc)
             shutil.rmtree(target_dir)
         tmp = make_temp_dir(root, f".{key}.tmp-")
@@ -261,4 +284,4 @@ def materialize(target: str | Path | Location, cache_dir: str | Path | None = No
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("materialized %s into %s", loc, target_dir)
-    return target_dir
+    return target_dir, verified
