@@ -11,9 +11,9 @@ from typing import Any
 
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.report.plots import write_plots
-from imm_ray.report.sinks import make_sink, publish_rows
+from imm_ray.report.sinks import TENSORBOARD_DIR, make_sink, publish_rows
 from imm_ray.report.tables import analysis_table, rounds_table, summary_lines
-from imm_ray.storage import Location, write_text
+from imm_ray.storage import Location, delete, write_text
 from imm_ray.storage.fs import upload_file
 
 __all__ = ["REPORT_FILE", "render_report", "write_report"]
@@ -96,22 +96,24 @@ def render_report(run: RunMetrics, plots: Sequence[str]) -> str:
 def write_report(run_dir: str | Path | Location, sinks: Sequence[str] = (), **sink_options: Any) -> Location:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; return the report's location.
 
-    RUN_DIR is a local path or an object-storage URI (plots are drawn locally, then uploaded).
-    sinks: also publish the metrics rows to these sinks ("tensorboard", "mlflow"; local runs only).
+    RUN_DIR is a local path or an object-storage URI (plots and TensorBoard events are written
+    locally, then uploaded). sinks: also publish the metrics rows to these sinks ("tensorboard":
+    RUN_DIR/tensorboard, "mlflow").
     """
     run = load_run_metrics(run_dir)
-    if sinks and not run.run_dir.is_local:
-        raise ValueError(f"metric sinks write beside the run: {run.run_dir} is on object storage; "
-                         "run `imm report` without --sink, or on a local copy")
+    root = run.run_dir
     with tempfile.TemporaryDirectory(prefix="imm-report-") as tmp:
-        plots_dir = run.run_dir.local_path() / PLOTS_DIR if run.run_dir.is_local else Path(tmp)
-        plots = write_plots(run, plots_dir)
-        if not run.run_dir.is_local:
-            for plot in plots:
-                upload_file(plot, run.run_dir / PLOTS_DIR / plot.name)
-    path = run.run_dir / REPORT_FILE
-    write_text(path, render_report(run, [p.name for p in plots]))
-    if sinks:
-        publish_rows(run.rows, [make_sink(kind, run.run_dir.local_path(), **sink_options) for kind in sinks])
+        # An object-store run is drawn in a local stand-in folder of the same name, then uploaded.
+        local = root.local_path() if root.is_local else Path(tmp) / root.name
+        plots = write_plots(run, local / PLOTS_DIR)
+        path = root / REPORT_FILE
+        write_text(path, render_report(run, [p.name for p in plots]))
+        if sinks:
+            publish_rows(run.rows, [make_sink(kind, local, **sink_options) for kind in sinks])
+        if not root.is_local:
+            delete(root / TENSORBOARD_DIR)  # derived data: rebuilt in full, as on a local disk
+            for folder in (PLOTS_DIR, TENSORBOARD_DIR):
+                for file in sorted(p for p in (local / folder).rglob("*") if p.is_file()):
+                    upload_file(file, root / file.relative_to(local).as_posix())
     logger.info("report written to %s (%d rows, %d plots)", path, len(run.rows), len(plots))
     return path

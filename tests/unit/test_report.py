@@ -109,8 +109,22 @@ def test_report_on_object_storage(full_run, s3_bucket):
     assert path.uri == f"{s3_bucket}/runs/fab/report.md"
     assert "**si** after round 2" in read_text(path)
     assert {"plots/accuracy.png", "plots/layer_change.png", "report.md"} <= set(list_files(root))
-    with pytest.raises(ValueError, match="object storage"):
-        write_report(root.uri, sinks=["tensorboard"])
+
+
+def test_report_cli_with_a_tensorboard_sink_on_object_storage(full_run, s3_bucket):
+    from imm_ray.cli import main
+    from imm_ray.storage.fs import read_bytes
+
+    root = resolve(s3_bucket) / "runs/fab"
+    for name in ("metrics.jsonl", "run.yaml"):
+        upload_file(full_run / name, root / name)
+    upload_file(full_run / "metrics.jsonl", root / "tensorboard/gone/events.out.tfevents.0")  # a former report's
+    assert main(["report", root.uri, "--sink", "tensorboard"]) == 0
+    files = set(list_files(root))
+    assert "report.md" in files and "plots/accuracy.png" in files
+    events = sorted(f for f in files if f.startswith("tensorboard/"))
+    assert [f.split("/")[1] for f in events] == ["imm", "si"], events  # one event file per arm; the old one gone
+    assert all(b"accuracy/id-set" in read_bytes(root / f) for f in events)
 
 
 def test_run_metrics_names(full_run):
