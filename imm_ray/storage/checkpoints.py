@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -47,6 +48,7 @@ MANIFEST_NAME = "manifest.json"
 # can kill the writer in the middle of an upload (tests/integration/test_s3_resume.py). Never set
 # outside tests.
 UPLOAD_DELAY_ENV = "IMM_TEST_UPLOAD_DELAY_S"
+_WORK_DIR = re.compile(r"^.+\.tmp-(?P<pid>\d+)-[^/]+$")  # work_dir_for's folders in the scratch space
 
 
 class CheckpointError(StorageError):
@@ -75,12 +77,36 @@ def work_dir_for(target: str | Path | Location) -> Path:
     """A fresh local folder to build the output ``target`` in before :func:`publish_dir`.
 
     For a local output it is a temporary sibling (``.NAME.tmp-*``: renamed into place, and
-    cleared by :func:`clear_output` after a kill); for object storage, in :func:`scratch_dir`.
+    cleared by :func:`clear_output` after a kill); for object storage, ``NAME.tmp-PID-*`` in
+    :func:`scratch_dir`, where the folders of writers that died (their PID gone) are removed first.
     """
     loc = resolve(target)
     if loc.is_local:
         return make_temp_dir(loc.parent.local_path(), f".{loc.name}.tmp-")
-    return make_temp_dir(scratch_dir(), f"{loc.name}.tmp-")
+    root = scratch_dir()
+    _remove_dead_work_dirs(root)
+    return make_temp_dir(root, f"{loc.name}.tmp-{os.getpid()}-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_dead_work_dirs(root: Path) -> None:
+    """Remove work folders in this node's scratch whose writer was killed (the PID in their name is gone)."""
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        match = _WORK_DIR.match(folder.name)
+        if match and not _pid_alive(int(match["pid"])):
+            logger.info("removing %s left in the scratch space by a killed writer", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def folder_checksum(folder: str | Path) -> str:

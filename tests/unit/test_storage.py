@@ -322,3 +322,23 @@ def test_run_lists_only_published_checkpoints(root, tmp_path):
     assert {k: v.uri for k, v in rd.checkpoints().items()} == {
         ("imm", 1, "merged"): rd.round_dir("imm", 1).uri + "/merged",
         ("imm", 1, "sft"): rd.round_dir("imm", 1).uri + "/sft"}
+
+
+def test_work_dirs_of_killed_writers_are_removed_from_the_scratch_space(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from imm_ray.storage import work_dir_for
+
+    monkeypatch.setenv("IMM_SCRATCH_DIR", str(tmp_path / "scratch"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / "scratch" / f"merged.tmp-{int(dead.stdout)}-x1y2"  # a SIGKILLed merge task's folder
+    (killed / "merged").mkdir(parents=True)
+    (killed / "merged" / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / "scratch" / "notes"  # not a work folder: left alone
+    other.mkdir()
+    mine = work_dir_for("s3://bucket/run/imm/round-001/sft")
+    assert mine.name.startswith(f"sft.tmp-{os.getpid()}-") and mine.parent == tmp_path / "scratch"
+    assert not killed.exists() and other.is_dir()
+    again = work_dir_for("s3://bucket/run/imm/round-001/merged")  # a live writer's folder is kept
+    assert mine.is_dir() and again.is_dir() and again != mine
