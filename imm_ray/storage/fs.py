@@ -206,9 +206,12 @@ def list_files(loc: Location) -> dict[str, int]:
 
 
 def list_names(loc: Location) -> list[str]:
-    """Names directly inside the folder ``loc`` (files and folders), sorted; empty if missing."""
+    """Names directly inside the folder ``loc`` (files and folders), sorted; empty if missing or a file."""
     selector = pafs.FileSelector(loc.path, recursive=False, allow_not_found=True)
-    return sorted(info.base_name for info in loc.fs.get_file_info(selector))
+    try:
+        return sorted(info.base_name for info in loc.fs.get_file_info(selector))
+    except NotADirectoryError:
+        return []
 
 
 # --- writing ----------------------------------------------------------------------------------
