@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from tiny_run import tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -27,25 +28,9 @@ KILL_IN = ("generate", "verify", "sft", "merge", "evaluate")  # the stages the r
 
 
 def _config(model_dir: Path, data_dir: Path) -> dict:
-    """One imm round on the tiny model with the hf engine (as tests/integration/test_loop.py), no baseline."""
-    return {
-        "run": {"name": "faults", "rounds": 1, "arms": ["imm"], "progress": False, "report": False},
-        "model": {"ref": str(model_dir)},
-        "data": {
-            "dir": str(data_dir),
-            "train": {"name": "tiny-train", "preset": "gsm8k", "split": "train"},
-            "eval": [{"name": "tiny-test", "preset": "gsm8k", "split": "test"}],
-            "instruction_suffix": "",
-        },
-        "generate": {
-            "engine": {"name": "hf", "dtype": "float32", "batch_size": 16},
-            "samples_per_question": 2, "temperature": 0.7, "max_tokens": 40, "chunk_size": 4,
-        },
-        "train": {"epochs": 2, "lr": 1e-4, "micro_batch_size": 4, "effective_batch_size": 4, "max_length": 128},
-        "merge": {"params": {"lam": 0.5, "drop_rate": 0.2}},
-        "evaluate": {"max_tokens": 40, "baseline": False},
-        "ray": {"num_cpus": 4},
-    }
+    """The tiny imm round (tests/tiny_run.py) without a baseline, on the driver's own 4-CPU Ray head."""
+    return tiny_run_config(model_dir, data_dir, run={"name": "faults", "report": False},
+                           evaluate={"baseline": False}, ray={"num_cpus": 4})
 
 
 def _start(config: Path, run_dir: Path, log: Path) -> subprocess.Popen:
