@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Iterable
@@ -32,6 +33,14 @@ from imm_ray.generate.settings import EngineSettings
 from imm_ray.placement import custom_resources
 from imm_ray.serve.settings import ServeSettings
 from imm_ray.train import SFTSettings
+
+logger = logging.getLogger(__name__)
+
+# Keys that no longer do anything: an old run.yaml or config file that sets one still loads (the key
+# is dropped with a warning), and a resume never refuses a change to one.
+REMOVED_KEYS: dict[str, str] = {
+    "generate.chunk_size": "each generator streams all its prompts through its engine at once",
+}
 
 
 class ConfigError(UserError, ValueError):
@@ -129,10 +138,12 @@ class GenerateConfig(_Strict):
     max_tokens: int = Field(512, ge=1)
     stop: list[str] | None = None
     seed: int = 0
-    chunk_size: int = Field(32, ge=1)
     # Collapse metric: per-token entropy of the model's next-token distribution over its top-k
     # tokens (renormalised), averaged per round; 0 turns it off.
     entropy_top_k: int = Field(20, ge=0)
+    # It is measured on every entropy_stride-th training question only (1: all): returning top-k
+    # log-probs slows the engine, and a sample of the questions estimates the round's mean.
+    entropy_stride: int = Field(4, ge=1)
 
 
 class VerifyConfig(_Strict):
@@ -211,11 +222,15 @@ class StorageConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    """How the driver reaches Ray: an address, or a local head started in-process."""
+    """How the driver reaches Ray (an address, or a local head started in-process) and waits for resources."""
 
     address: str | None = None
     num_cpus: int | None = None
     include_dashboard: bool = False
+    # While actors wait for resources (e.g. for the autoscaler to add a node), log what is pending
+    # every placement_log_s; give up after placement_timeout_s (None: wait for ever).
+    placement_log_s: float = Field(60.0, gt=0)
+    placement_timeout_s: float | None = Field(None, gt=0)
 
 
 class RunSettings(_Strict):
@@ -383,10 +398,24 @@ def load_config(
     return config_from_dict(tree)
 
 
+def drop_removed_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without the :data:`REMOVED_KEYS` it sets, each dropped with a deprecation warning."""
+    tree = copy.deepcopy(tree)
+    for dotted, why in REMOVED_KEYS.items():
+        *parents, last = dotted.split(".")
+        node: Any = tree
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            del node[last]
+            logger.warning("config key %s is deprecated and ignored (%s): remove it from the config", dotted, why)
+    return tree
+
+
 def config_from_dict(tree: dict[str, Any]) -> ImmConfig:
     """Validate a plain tree into an :class:`ImmConfig`, with errors that name the key."""
     try:
-        return ImmConfig.model_validate(tree)
+        return ImmConfig.model_validate(drop_removed_keys(tree))
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -439,7 +468,7 @@ def config_to_yaml(cfg: ImmConfig) -> str:
 # Keys that may change when a run is resumed: they do not change what finished stages produced.
 RESUMABLE_CHANGES = (
     "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.", "serve.", "storage.",
-    "generate.num_actors", "generate.chunk_size", "generate.entropy_top_k",
+    "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride", *REMOVED_KEYS,
 )
 
 

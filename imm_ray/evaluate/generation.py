@@ -33,10 +33,9 @@ class Generator(Protocol):
 
 class LocalGenerator:
     """An engine in this process, given all prompts at once; the progress bar advances as
-    prompts finish (``chunk_size`` is unused: the engine streams)."""
+    prompts finish."""
 
-    def __init__(self, engine: str, model_path: Path, options: EngineOptions,
-                 chunk_size: int = 128, progress: bool = True) -> None:
+    def __init__(self, engine: str, model_path: Path, options: EngineOptions, progress: bool = True) -> None:
         self.engine = create_engine(engine, model_path, options)
         self.progress = progress
 
@@ -57,15 +56,13 @@ class RayGenerator:
     """A GeneratorPool of ``actors`` engines on the Ray cluster at ``address``."""
 
     def __init__(self, engine: str, model_path: Path, options: EngineOptions, address: str,
-                 actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 chunk_size: int = 128, progress: bool = True) -> None:
+                 actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, progress: bool = True) -> None:
         from imm_ray.ray_env import connect_ray
 
         self._started_ray = connect_ray(None if address == "local" else address)
         from imm_ray.generate.actors import GeneratorPool, PoolSpec
 
-        spec = PoolSpec(engine=engine, options=options, num_actors=actors, num_cpus=num_cpus,
-                        num_gpus=num_gpus, chunk_size=chunk_size)
+        spec = PoolSpec(engine=engine, options=options, num_actors=actors, num_cpus=num_cpus, num_gpus=num_gpus)
         self.pool = GeneratorPool(spec, progress=progress)
         self.pool.load(model_path)
 
@@ -88,12 +85,10 @@ def open_generator(
     actors: int = 1,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
-    chunk_size: int = 128,
     progress: bool = True,
 ) -> Generator:
     """LocalGenerator without a Ray address, else a RayGenerator ("local" = loopback head)."""
     if ray_address:
-        return RayGenerator(engine, model_path, options, ray_address, actors, num_cpus, num_gpus,
-                            chunk_size, progress)
+        return RayGenerator(engine, model_path, options, ray_address, actors, num_cpus, num_gpus, progress)
     logger.info("starting the %s engine in this process on %s", engine, model_path)
-    return LocalGenerator(engine, model_path, options, chunk_size, progress)
+    return LocalGenerator(engine, model_path, options, progress)

@@ -44,7 +44,6 @@ class EvalSettings:
     ray_address: str | None = None
     actors: int = 1
     num_gpus: float = 0.0
-    chunk_size: int = 128
     progress: bool = True
 
     def check(self) -> None:
@@ -157,7 +156,7 @@ def evaluate_model(
     try:
         generator = open_generator(
             settings.engine, model_path, settings.engine_options, settings.ray_address, settings.actors,
-            num_gpus=settings.num_gpus, chunk_size=settings.chunk_size, progress=settings.progress,
+            num_gpus=settings.num_gpus, progress=settings.progress,
         )
         for spec, result in loaded:
             problems = result.problems

@@ -73,8 +73,6 @@ class PoolSpec:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {"node_1": 1}
-    # Prompts per progress step of the in-process evaluator; the pool streams and ignores it.
-    chunk_size: int = 32
     max_retries: int = 3  # actor replacements per generate call before it gives up
     placement_log_s: float = 60.0  # while the actors wait for resources, say what is pending this often
     placement_timeout_s: float | None = None  # give up waiting for resources after this long (None: never)

@@ -153,7 +153,8 @@ class RoundDriver:
             options = e.model_copy(update={"seed": g.seed})  # the engine settings, seeded per run
             spec = PoolSpec(
                 engine=e.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
-                num_gpus=g.resources.num_gpus, resources=dict(g.resources.resources), chunk_size=g.chunk_size,
+                num_gpus=g.resources.num_gpus, resources=dict(g.resources.resources),
+                placement_log_s=self.cfg.ray.placement_log_s, placement_timeout_s=self.cfg.ray.placement_timeout_s,
             )
             self._pools[role] = GeneratorPool(spec, progress=self.cfg.run.progress)
         return self._pools[role]
@@ -370,6 +371,7 @@ class RoundDriver:
         sampling = SamplingSpec(
             n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
             stop=self.stop_strings(), seed=g.seed + t, entropy_top_k=g.entropy_top_k,
+            entropy_stride=g.entropy_stride,
         )
         pool = self._load(role, model)
         outs = pool.generate([p["ids"] for p in gen_prompts], sampling, desc=f"generate round {t}")

@@ -69,7 +69,7 @@ def test_interrupted_vllm_pool_leaves_no_engine_process(ray_local, scrambled_mod
     import psutil
 
     spec = PoolSpec(engine="vllm", options=EngineOptions(dtype="float32", max_model_len=512, kv_cache_gb=1),
-                    num_actors=1, num_cpus=1, chunk_size=64)
+                    num_actors=1, num_cpus=1)
     pool = GeneratorPool(spec, progress=False)
     pool.load(scrambled_model)  # random weights: every sample runs to max_tokens
     actor_pid = ray.get(pool.actors[0].__ray_call__.remote(lambda self: os.getpid()))

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_files import checkpoint_files
+from tiny_run import tiny_run_config
 from transformers import AutoModelForCausalLM
 
-from imm_ray.config import ConfigError, config_from_dict
+from imm_ray.config import ConfigError, config_from_dict, deep_merge
 from imm_ray.loop import driver as driver_mod
 from imm_ray.loop.driver import RoundDriver
 from imm_ray.storage import (
@@ -31,31 +32,12 @@ from imm_ray.storage.fs import list_files, write_bytes
 pytestmark = pytest.mark.slow
 
 
-def tiny_config(model_dir: Path, data_dir: Path, **over) -> dict:
-    """A run config on the tiny memorising model: 1 round, all arms, the hf engine."""
-    tree = {
-        "run": {"name": "tiny", "rounds": 1, "arms": ["imm", "si", "rest"], "progress": False},
-        "model": {"ref": str(model_dir)},
-        "data": {
-            "dir": str(data_dir),
-            "train": {"name": "tiny-train", "preset": "gsm8k", "split": "train"},
-            "eval": [
-                {"name": "tiny-test", "preset": "gsm8k", "split": "test"},
-                {"name": "tiny-ood", "path": str(data_dir / "gsm8k" / "test.jsonl"), "answer_format": "gsm8k"},
-            ],
-            "instruction_suffix": "",
-        },
-        "generate": {
-            "engine": {"name": "hf", "dtype": "float32", "batch_size": 16},
-            "samples_per_question": 2, "temperature": 0.7, "max_tokens": 40, "chunk_size": 4,
-        },
-        "train": {"epochs": 2, "lr": 1e-4, "micro_batch_size": 4, "effective_batch_size": 4, "max_length": 128},
-        "merge": {"params": {"lam": 0.5, "drop_rate": 0.2}},
-        "evaluate": {"max_tokens": 40},
-    }
-    for key, value in over.items():
-        tree[key] = {**tree[key], **value}
-    return tree
+def tiny_config(model_dir: Path, data_dir: Path, **over: dict) -> dict:
+    """The tiny run (tests/tiny_run.py) with all arms and an OOD eval set beside the in-domain one."""
+    eval_sets = [{"name": "tiny-test", "preset": "gsm8k", "split": "test"},
+                 {"name": "tiny-ood", "path": str(data_dir / "gsm8k" / "test.jsonl"), "answer_format": "gsm8k"}]
+    return tiny_run_config(model_dir, data_dir, **deep_merge(
+        {"run": {"arms": ["imm", "si", "rest"]}, "data": {"eval": eval_sets}}, over))
 
 
 @pytest.fixture(scope="module")

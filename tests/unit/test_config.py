@@ -9,6 +9,7 @@ from imm_ray.config import (
     ConfigError,
     apply_override,
     config_differences,
+    config_from_dict,
     config_to_yaml,
     load_config,
 )
@@ -146,3 +147,80 @@ def test_registry_lookup_suggests_the_nearest_name_and_is_a_user_error():
 def test_unknown_dataset_presets_fail_at_load_time(override, key):
     with pytest.raises(ConfigError, match=rf"{key}.*unknown dataset preset .*did you mean"):
         load_config(REPO / "jobs/configs/demo.yaml", [override])
+
+
+def test_removed_chunk_size_still_loads_with_a_deprecation_warning(tmp_path, caplog):
+    """Run directories made before streaming saved generate.chunk_size in run.yaml; they still load and resume."""
+    from imm_ray.loop.driver import RoundDriver
+    from imm_ray.storage import RunDir
+
+    old = yaml.safe_load(config_to_yaml(load_config()))
+    old["generate"]["chunk_size"] = 32
+    with caplog.at_level("WARNING", logger="imm_ray.config"):
+        cfg = config_from_dict(old)
+    assert "generate.chunk_size is deprecated and ignored" in caplog.text
+    assert "chunk_size" not in config_to_yaml(cfg)
+    with pytest.raises(ConfigError, match="generate.chunk_sise: unknown key"):  # only the removed key is dropped
+        config_from_dict({"generate": {"chunk_sise": 32}})
+
+    rd = RunDir(tmp_path)
+    rd.write_config(yaml.safe_dump(old, sort_keys=False))
+    rd.mark_done("imm/round-001/generate", 1.0, {})
+    RoundDriver(cfg, tmp_path)._save_config()  # a resume of the old run is not refused over the removed key
+    assert rd.read_config() == cfg and "chunk_size" not in rd.read_config_text()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("generate.entropy_stride=0", "generate.entropy_stride"),
+    ("ray.placement_log_s=0", "ray.placement_log_s"),
+    ("ray.placement_timeout_s=-5", "ray.placement_timeout_s"),
+])
+def test_entropy_stride_and_placement_waits_are_validated(override, key):
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be greater than"):
+        load_config(None, [override])
+
+
+def test_entropy_stride_and_placement_waits_may_change_on_resume(tmp_path):
+    from imm_ray.loop.driver import RoundDriver
+    from imm_ray.storage import RunDir
+
+    RoundDriver(load_config(), tmp_path)._save_config()
+    RunDir(tmp_path).mark_done("imm/round-001/generate", 1.0, {})
+    changed = ["generate.entropy_stride=1", "generate.entropy_top_k=5", "ray.placement_log_s=5",
+               "ray.placement_timeout_s=600"]
+    RoundDriver(load_config(None, changed), tmp_path)._save_config()
+    cfg = RunDir(tmp_path).read_config()
+    assert (cfg.generate.entropy_stride, cfg.ray.placement_log_s, cfg.ray.placement_timeout_s) == (1, 5, 600)
+    with pytest.raises(ConfigError, match="generate.temperature differs"):  # a key generate used stays pinned
+        RoundDriver(load_config(None, [*changed, "generate.temperature=0.1"]), tmp_path)._save_config()
+
+
+def test_driver_hands_entropy_stride_and_placement_waits_to_the_generator_pool(
+        tmp_path, tiny_model_dir, tiny_data_dir, monkeypatch):
+    """What the round's generate stage asks of the pool (a fake one: tests/integration/test_loop.py runs it)."""
+    from transformers import AutoTokenizer
+
+    from imm_ray.generate.actors import GenerationStats
+    from imm_ray.generate.engine import Completion
+    from imm_ray.loop.driver import RoundDriver
+    from imm_ray.storage import Location
+
+    cfg = load_config(None, [f"data.dir={tiny_data_dir}", "data.train={name: t, preset: gsm8k, split: train}",
+                             "generate.entropy_stride=3", "ray.placement_log_s=7", "ray.placement_timeout_s=90"])
+    driver = RoundDriver(cfg, tmp_path / "run")
+    spec = driver.pool().spec
+    assert (spec.placement_log_s, spec.placement_timeout_s) == (7, 90)
+
+    seen = []
+
+    class Pool:
+        last_stats = GenerationStats(prompts=0, completions=0, tokens=0, seconds=1.0, retries=0)
+
+        def generate(self, prompts, sampling, desc):
+            seen.append(sampling)
+            return [[Completion("42", "stop", 1)] * sampling.n for _ in prompts]
+
+    driver.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(driver, "_load", lambda role, model: Pool())
+    driver._generate(str(tiny_model_dir), Location(str(tmp_path / "samples.jsonl")), 1)
+    assert seen[0].entropy_stride == 3 and seen[0].entropy_top_k == cfg.generate.entropy_top_k
