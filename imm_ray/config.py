@@ -219,6 +219,7 @@ class StorageConfig(_Strict):
 
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, moto, ...)
     region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
+    lease_ttl_s: float = Field(60.0, ge=3)  # a SIGKILLed driver's run lease expires after this
 
 
 class RayConfig(_Strict):

@@ -1,0 +1,150 @@
+"""Resume from S3 after a real SIGKILL in the middle of the merge upload (issue 9).
+
+``imm run`` (the CLI, a subprocess in its own session) with its run directory on S3 (moto on
+loopback) is SIGKILLed, its process group and every process it started, while the merge task's
+``publish_dir`` is uploading ``merged/`` (``IMM_TEST_UPLOAD_DELAY_S`` paces the files): some files
+are on S3, the manifest is not. The same command is then refused while the dead driver's lease is
+live, takes the lease over once it has expired, clears the half upload instead of loading it, redoes
+the merge, and finishes with a merged checkpoint byte-identical to an uninterrupted local run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from checkpoint_files import checkpoint_files
+from tiny_run import tiny_run_config
+
+from imm_ray.storage import CheckpointError, is_published, materialize, resolve
+from imm_ray.storage.checkpoints import UPLOAD_DELAY_ENV
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+MERGE_KEY = "imm/round-001/merge"
+LEASE_TTL_S = 30.0  # outlives the start of the refused second driver
+
+
+def _config(model_dir: Path, data_dir: Path) -> dict:
+    """The tiny imm round (hf engine: deterministic on the CPU), no baseline, a short run lease."""
+    return tiny_run_config(model_dir, data_dir, run={"name": "s3-resume", "report": False},
+                           evaluate={"baseline": False}, storage={"lease_ttl_s": LEASE_TTL_S},
+                           ray={"num_cpus": 4})
+
+
+class _Bucket:
+    """boto3 reads of the test bucket (what another S3 client sees while the driver writes)."""
+
+    def __init__(self, uri: str) -> None:
+        import boto3
+
+        self.name, _, self.prefix = uri.removeprefix("s3://").partition("/")
+        self.client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"], region_name="us-east-1")
+
+    def objects(self, folder: str) -> dict[str, datetime]:
+        """``{name under folder: last modified}`` of every object under ``folder/`` of the run."""
+        prefix = "/".join(p for p in (self.prefix, folder) if p) + "/"
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return {o["Key"][len(prefix):]: o["LastModified"] for page in pages for o in page.get("Contents", [])}
+
+    def json(self, name: str) -> dict:
+        try:
+            return json.loads(self.client.get_object(Bucket=self.name, Key=f"{self.prefix}/{name}")["Body"].read())
+        except (self.client.exceptions.NoSuchKey, ValueError):
+            return {}
+
+
+def _imm_run(config: Path, run_dir: str, log: Path, **env: str) -> subprocess.Popen:
+    """``imm run`` in its own session (process group), its output appended to ``log``."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", UPLOAD_DELAY_ENV)} | env
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "imm_ray.cli", "run", "--config", str(config),
+                                 "--run-dir", run_dir], cwd=REPO, env=environ, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, f"imm run exited {rc}:\n{log.read_text()[-4000:]}"
+
+
+def _kill_during_merge_upload(proc: subprocess.Popen, bucket: _Bucket, log: Path) -> dict[str, datetime]:
+    """SIGKILL the driver's process group, and every process it started, once ``merged/`` has some
+    files on S3 but no manifest; return what was uploaded by then."""
+    deadline = time.monotonic() + 400
+    while True:
+        assert proc.poll() is None, f"imm run exited {proc.returncode} early:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, "the merge upload never started"
+        uploaded = bucket.objects("imm/round-001/merged")
+        if uploaded and bucket.json("state.json").get("stages", {}).get(MERGE_KEY, {}).get("status") == "started":
+            break
+        time.sleep(0.05)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in children:  # Ray's processes may sit in their own sessions
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"still running: {alive}"
+    assert "manifest.json" not in uploaded, "the merge upload finished before the kill landed"
+    return uploaded
+
+
+def test_driver_killed_during_the_merge_upload_resumes_from_s3(s3_bucket, tiny_model_dir, tiny_data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_model_dir, tiny_data_dir)))
+    log = tmp_path / "driver-out.log"
+    node = {"IMM_NODE_CACHE_DIR": str(tmp_path / "cache"), "IMM_SCRATCH_DIR": str(tmp_path / "scratch")}
+
+    reference = tmp_path / "reference"
+    _finish(_imm_run(config, str(reference), log), log)
+
+    uri = f"{s3_bucket}/run"
+    bucket = _Bucket(uri)
+    merged = resolve(uri) / "imm/round-001/merged"
+    proc = _imm_run(config, uri, log, **node, **{UPLOAD_DELAY_ENV: "1.5"})
+    proc_pid = proc.pid
+    killed = _kill_during_merge_upload(proc, bucket, log)
+    time.sleep(2)  # nothing of the killed run is left to finish the upload
+    assert bucket.objects("imm/round-001/merged") == killed and "manifest.json" not in killed
+    assert not is_published(merged)
+    assert [p.name for p in (tmp_path / "scratch").iterdir() if p.name.startswith("merged.tmp-")]  # the killed task's
+    with pytest.raises(CheckpointError, match="upload never finished"):
+        materialize(merged, cache_dir=tmp_path / "probe-cache")
+
+    lease = bucket.json(".lease.json")
+    assert lease["pid"] == proc_pid
+    refused = subprocess.run([sys.executable, "-m", "imm_ray.cli", "run", "--config", str(config), "--run-dir", uri],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | node)
+    assert refused.returncode == 2 and f"in use by driver pid {proc_pid}" in refused.stderr, (
+        f"not refused while the dead driver's lease was live (LEASE_TTL_S too short?):\n{refused.stderr[-2000:]}")
+
+    time.sleep(max(0.0, lease["expires_at"] - time.time()) + 0.5)
+    resumed_at = datetime.now(timezone.utc).replace(microsecond=0)
+    _finish(_imm_run(config, uri, log, **node), log)
+    assert "taking over the expired lease of driver pid" in log.read_text()
+
+    stages = bucket.json("state.json")["stages"]
+    assert all(rec["status"] == "done" for rec in stages.values()), stages
+    assert stages[MERGE_KEY]["finished_at"] > resumed_at.timestamp()  # redone, not taken from the half upload
+    final = bucket.objects("imm/round-001/merged")
+    manifest = bucket.json("imm/round-001/merged/manifest.json")
+    assert set(final) == set(manifest["files"]) | {"manifest.json"}
+    assert all(modified >= resumed_at for modified in final.values())  # every killed-run object was replaced
+    assert checkpoint_files(materialize(merged)) == checkpoint_files(reference / "imm/round-001/merged")
+    assert not bucket.json(".lease.json") and not [k for k in bucket.objects("") if ".tmp" in k]
+    assert not list((tmp_path / "scratch").iterdir())  # the killed merge task's work folder was removed too
