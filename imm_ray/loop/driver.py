@@ -84,7 +84,7 @@ class RoundDriver:
         self.cfg = cfg
         self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
         set_default_options(self.options)
-        self.rd = RunDir(run_dir, self.options)
+        self.rd = RunDir(run_dir, self.options, lease_ttl_s=cfg.storage.lease_ttl_s)
         self.force_unlock = force_unlock
         self._problems: dict[str, list[Problem]] = {}
         self._student_prompts: dict[str, list[dict[str, Any]]] = {}  # rendered once per run
