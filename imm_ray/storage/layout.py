@@ -7,6 +7,7 @@
     RUN/metrics.jsonl                 one line per round and arm (derived from state.json)
     RUN/driver.log                    the driver's log, appended across resumes
     RUN/baseline/eval.json            the original model's evaluation (round 0)
+    RUN/original/                     object storage only: the starting model, published once
     RUN/<arm>/round-NNN/samples.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
 """
 
@@ -23,6 +24,7 @@ DRIVER_LOG = "driver.log"
 LOCAL_LOCK = ".lock"
 LEASE = ".lease.json"
 BASELINE = "baseline"
+ORIGINAL = "original"
 SAMPLES = "samples.jsonl"
 ACCEPTED = "accepted.jsonl"
 SFT = "sft"
