@@ -150,7 +150,9 @@ def parameter_change(original: str | Path, model: str | Path) -> ChangeSummary:
     Tensors present in only one checkpoint are listed in ``missing`` (and logged); a shape
     mismatch raises ValueError.
     """
-    original, model = Path(original), Path(model)
+    from imm_ray.storage import materialize
+
+    original, model = materialize(original), materialize(model)  # a URI: this node's cached copy
     try:
         with CheckpointReader(original) as base, CheckpointReader(model) as tuned:
             common = [name for name in base.names() if name in tuned.tensors]

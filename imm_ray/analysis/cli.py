@@ -3,7 +3,9 @@
 ``imm analyze RUN_DIR`` compares every round's sft/merged model with the run's original model,
 measures layer importance on the original with the run's in-domain test set, and writes
 RUN_DIR/analysis.json. ``imm analyze --original DIR --model [LABEL=]DIR ... --out FILE`` does
-the same for any checkpoints (importance needs --probe-preset/--probe-path then).
+the same for any checkpoints (importance needs --probe-preset/--probe-path then). Every folder and
+file may be an object-storage URI (``s3://...``): each Ray task materializes the checkpoints it
+reads on its own node.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from imm_ray.analysis.probes import (
     read_references,
     run_config,
 )
+from imm_ray.storage import Location, is_published, layout, resolve
 
 __all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
 
@@ -36,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imm analyze`` options to ``parser``."""
-    parser.add_argument("run_dir", nargs="?", help="run directory (reads run.yaml and round models)")
+    parser.add_argument("run_dir", nargs="?", help="run directory, a path or s3://... URI (reads run.yaml "
+                        "and round models)")
     parser.add_argument("--original", help="original model folder (default: the run's model.ref)")
     parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]DIR",
                         help="a checkpoint to compare with the original (repeatable)")
@@ -74,8 +78,8 @@ def _parse_models(items: list[str]) -> list[ModelEntry]:
     for i, item in enumerate(items, start=1):
         label, sep, path = item.partition("=")
         if not sep:
-            label, path = Path(item).name, item
-        entries.append(ModelEntry(label, i, "model", Path(path).resolve()))
+            label, path = resolve(item).name, item
+        entries.append(ModelEntry(label, i, "model", resolve(path).uri))
     return entries
 
 
@@ -91,9 +95,9 @@ def _probe_from_flags(args: argparse.Namespace) -> ProbeSpec:
                      max_new_tokens=args.max_new_tokens or 256)
 
 
-def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Path]:
-    """The analysis plan and the output path the arguments describe (ValueError if incomplete)."""
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
+    """The analysis plan and the output location the arguments describe (ValueError if incomplete)."""
+    run_dir = resolve(args.run_dir) if args.run_dir else None
     measures = tuple(m for m in args.measures.split(",") if m and m != "none")
     unknown = set(measures) - set(IMPORTANCE_MEASURES)
     if unknown:
@@ -104,18 +108,20 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Path]:
         if not cfg and not args.original:
             raise ValueError(f"{run_dir} has no run.yaml; pass --original")
         if args.original:
-            original = Path(args.original).resolve()
+            original = resolve(args.original).uri
+        elif is_published(run_dir / layout.ORIGINAL):  # an object-store run's own copy of its model
+            original = (run_dir / layout.ORIGINAL).uri
         else:
             from imm_ray.models import resolve_model
 
             model_cfg = cfg.get("model") or {}
-            original = resolve_model(model_cfg.get("ref"), model_cfg.get("cache_dir"))
+            original = str(resolve_model(model_cfg.get("ref"), model_cfg.get("cache_dir")))
         models = discover_models(run_dir) + models
-        out = Path(args.out) if args.out else run_dir / ANALYSIS_FILE
+        out = resolve(args.out) if args.out else run_dir / ANALYSIS_FILE
     else:
         if not args.original or not args.out:
             raise ValueError("without RUN_DIR, pass --original DIR, --model DIR ... and --out FILE")
-        original, out = Path(args.original).resolve(), Path(args.out)
+        original, out = resolve(args.original).uri, resolve(args.out)
     probe, source = None, ""
     if measures:
         if args.probe_preset or args.probe_path:
@@ -134,14 +140,14 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Path]:
         probe = replace(probe, batch_size=args.batch_size, dtype=args.dtype, device=args.device)
     plan = AnalysisPlan(
         original=original, models=models, probe=probe, measures=measures,
-        importance_model=Path(args.importance_model).resolve() if args.importance_model else None,
+        importance_model=resolve(args.importance_model).uri if args.importance_model else None,
         reference_size=args.reference_size, references_source=source, run_dir=run_dir,
         num_tasks=args.tasks or 1,
     )
     return plan, out
 
 
-def analyze(plan: AnalysisPlan, out: str | Path, use_ray: bool = True, ray_address: str | None = None,
+def analyze(plan: AnalysisPlan, out: str | Path | Location, use_ray: bool = True, ray_address: str | None = None,
             cpus_per_task: float = 1.0, gpus_per_task: float = 0.0,
             num_tasks: int | None = None) -> dict[str, Any]:
     """Run the plan (as Ray tasks unless use_ray is False) and write the JSON to ``out``."""
@@ -159,13 +165,13 @@ def analyze(plan: AnalysisPlan, out: str | Path, use_ray: bool = True, ray_addre
     elif num_tasks:
         plan.num_tasks = num_tasks
     result = run_analysis(plan, runner) if runner is not None else run_analysis(plan)
-    write_json(Path(out), result)
+    write_json(out, result)
     logger.info("layer analysis written to %s (%.0f s)", out, result["seconds"])
     return result
 
 
-def analyze_run(run_dir: str | Path, *flags: str) -> Path:
-    """Analyse a run directory as ``imm analyze RUN_DIR FLAGS...`` does; returns the JSON path.
+def analyze_run(run_dir: str | Path | Location, *flags: str) -> Location:
+    """Analyse a run directory as ``imm analyze RUN_DIR FLAGS...`` does; returns the JSON's location.
 
     Uses the Ray connection already open in this process (a driver's), else starts one.
     Raises ValueError (and DataError/ModelError) when the run cannot be analysed.

@@ -89,9 +89,12 @@ class LayerScore:
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from an HF folder."""
+    """(model in eval mode, tokenizer) from an HF folder (a URI: this node's cached copy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from imm_ray.storage import materialize
+
+    model_dir = materialize(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
     return model.to(device).eval(), tokenizer

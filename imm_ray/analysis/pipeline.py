@@ -24,6 +24,7 @@ from imm_ray.analysis.importance import (
 )
 from imm_ray.analysis.probes import ModelEntry, references_from_completions
 from imm_ray.analysis.stats import spearman
+from imm_ray.storage import Location, materialize
 
 __all__ = [
     "ANALYSIS_FILE",
@@ -58,15 +59,15 @@ class AnalysisPlan:
     probe None skips layer importance; importance_model defaults to the original.
     """
 
-    original: Path
+    original: str | Path  # a local folder or a URI (each task materializes it)
     models: list[ModelEntry]
     probe: ProbeSpec | None = None
     measures: tuple[str, ...] = ("accuracy", "loss")
-    importance_model: Path | None = None
+    importance_model: str | Path | None = None
     reference_size: int = 32
     references_source: str = ""
     num_tasks: int = 1
-    run_dir: Path | None = None
+    run_dir: str | Path | Location | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,15 +83,15 @@ def split_layers(num_layers: int, parts: int) -> list[list[int]]:
     return [c for c in chunks if c]
 
 
-def change_of(original: Path, model: Path) -> dict[str, Any]:
+def change_of(original: str | Path, model: str | Path) -> dict[str, Any]:
     """Parameter change summary of one model (a runner call)."""
     return parameter_change(original, model).to_dict()
 
 
-def _num_layers(model_dir: Path) -> int:
+def _num_layers(model_dir: str | Path) -> int:
     from imm_ray.analysis.change import _num_layers as read
 
-    n = read(model_dir)
+    n = read(materialize(model_dir))
     if n is None:
         raise ValueError(f"{model_dir}/config.json has no num_hidden_layers")
     return n
@@ -100,7 +101,7 @@ def _own_references(plan: AnalysisPlan, probe: ProbeSpec, base: LayerScore) -> P
     """The probe with the baseline's correct greedy completions as its reference solutions."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(plan.importance_model or plan.original))
+    tokenizer = AutoTokenizer.from_pretrained(str(materialize(plan.importance_model or plan.original)))
     prompts = [probe.prompt.render(p.question, tokenizer) for p in probe.problems]
     refs = references_from_completions(probe.problems, base.completions, prompts, probe.verifier,
                                        plan.reference_size)

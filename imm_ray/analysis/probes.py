@@ -19,7 +19,8 @@ import yaml
 from imm_ray.analysis.importance import ProbeSpec, PromptStyle, Reference
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings
-from imm_ray.storage import layout
+from imm_ray.storage import Location, exists, is_published, layout, read_text, resolve
+from imm_ray.storage.fs import list_files, list_names
 
 __all__ = ["ModelEntry", "discover_models", "probe_from_run", "read_references",
            "references_from_completions", "run_config"]
@@ -36,61 +37,65 @@ class ModelEntry:
     arm: str
     round: int
     kind: str
-    path: Path
+    path: str | Path  # a local folder or a URI
 
     @property
     def label(self) -> str:
         return f"{self.arm}/r{self.round}/{self.kind}"
 
 
-def run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The resolved config tree saved as RUN_DIR/run.yaml ({} when absent)."""
-    path = Path(run_dir) / layout.CONFIG
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+def run_config(run_dir: str | Path | Location) -> dict[str, Any]:
+    """The resolved config tree saved as RUN_DIR/run.yaml ({} when absent); RUN_DIR may be a URI."""
+    try:
+        return yaml.safe_load(read_text(resolve(run_dir) / layout.CONFIG)) or {}
+    except FileNotFoundError:
+        return {}
 
 
-def discover_models(run_dir: str | Path) -> list[ModelEntry]:
-    """Every RUN_DIR/<arm>/round-NNN/{sft,merged} folder holding a config.json, sorted."""
+def discover_models(run_dir: str | Path | Location) -> list[ModelEntry]:
+    """Every RUN_DIR/<arm>/round-NNN/{sft,merged} folder holding a config.json, sorted (on object
+    storage: published ones only, so a half upload is never analysed); paths are URIs there."""
+    root = resolve(run_dir)
     entries = []
-    for folder in sorted(Path(run_dir).glob("*/round-*/*")):
-        arm, round_name, kind = folder.parts[-3:]
-        if kind not in MODEL_KINDS or not (folder / "config.json").is_file():
-            continue
-        round_idx = layout.parse_round_folder(round_name)
-        if round_idx is None:
-            continue
-        entries.append(ModelEntry(arm, round_idx, kind, folder))
+    for arm in list_names(root):
+        for round_name in list_names(root / arm):
+            round_idx = layout.parse_round_folder(round_name)
+            if round_idx is None:
+                continue
+            for kind in MODEL_KINDS:
+                folder = root / arm / round_name / kind
+                if exists(folder / "config.json") and (folder.is_local or is_published(folder)):
+                    entries.append(ModelEntry(arm, round_idx, kind, folder.uri))
     return sorted(entries, key=lambda e: (e.arm, e.round, MODEL_KINDS.index(e.kind)))
 
 
-def read_references(path: str | Path, limit: int | None = None,
+def read_references(path: str | Path | Location, limit: int | None = None,
                     style: PromptStyle | None = None, tokenizer: Any = None) -> list[Reference]:
-    """Reference solutions from JSONL: rows with prompt + completion (accepted.jsonl), or
-    question + solution (rendered with ``style``, which then needs ``tokenizer``).
+    """Reference solutions from JSONL (a path or a URI): rows with prompt + completion
+    (accepted.jsonl), or question + solution (rendered with ``style``, which then needs ``tokenizer``).
 
     One reference per problem_id when rows carry one; at most ``limit``.
     """
     refs: list[Reference] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            pid = row.get("problem_id")
-            if pid is not None and pid in seen:
-                continue
-            solution = row.get("completion", row.get("solution"))
-            prompt = row.get("prompt")
-            if prompt is None and "question" in row and style is not None:
-                prompt = style.render(row["question"], tokenizer)
-            if not isinstance(prompt, str) or not isinstance(solution, str):
-                continue
-            if pid is not None:
-                seen.add(pid)
-            refs.append(Reference(prompt, solution))
-            if limit is not None and len(refs) >= limit:
-                break
+    for line in read_text(resolve(path)).splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        pid = row.get("problem_id")
+        if pid is not None and pid in seen:
+            continue
+        solution = row.get("completion", row.get("solution"))
+        prompt = row.get("prompt")
+        if prompt is None and "question" in row and style is not None:
+            prompt = style.render(row["question"], tokenizer)
+        if not isinstance(prompt, str) or not isinstance(solution, str):
+            continue
+        if pid is not None:
+            seen.add(pid)
+        refs.append(Reference(prompt, solution))
+        if limit is not None and len(refs) >= limit:
+            break
     return refs
 
 
@@ -106,18 +111,21 @@ def references_from_completions(problems: Sequence[Problem], completions: Sequen
     return refs[:limit] if limit is not None else refs
 
 
-def _first_accepted(run_dir: Path) -> Path | None:
-    candidates = sorted(run_dir.glob("*/round-001/accepted.jsonl"))
-    return next((p for p in candidates if p.stat().st_size > 0), None)
+def _first_accepted(root: Location) -> Location | None:
+    for arm in list_names(root):
+        folder = root / layout.round_folder(arm, 1)
+        if list_files(folder).get(layout.ACCEPTED):
+            return folder / layout.ACCEPTED
+    return None
 
 
-def probe_from_run(run_dir: str | Path, probe_size: int = 32, reference_size: int = 32,
+def probe_from_run(run_dir: str | Path | Location, probe_size: int = 32, reference_size: int = 32,
                    max_new_tokens: int | None = None, **overrides: Any) -> tuple[ProbeSpec, str]:
     """The probe a run implies (see module doc) and a note on where its references came from.
 
     ``overrides`` replace ProbeSpec fields (batch_size, dtype, device, ...).
     """
-    run_dir = Path(run_dir)
+    run_dir = resolve(run_dir)
     cfg = run_config(run_dir)
     data = cfg.get("data", {})
     evals = data.get("eval") or []

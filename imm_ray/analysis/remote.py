@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from imm_ray.analysis.pipeline import Call, Runner
+from imm_ray.ray_env import actor_runtime_env
 
 __all__ = ["default_num_tasks", "ray_runner"]
 
@@ -23,8 +24,11 @@ def _call(fn: Any, args: tuple[Any, ...]) -> Any:
 def ray_runner(num_cpus: float = 1.0, num_gpus: float = 0.0) -> Runner:
     """A Runner that submits every call as one Ray task and waits for all of them, in order."""
 
+    runtime_env = actor_runtime_env()  # the AWS variables among them: tasks read checkpoints from URIs
+
     def run(calls: Sequence[Call]) -> list[Any]:
-        task = _call.options(num_cpus=num_cpus, num_gpus=num_gpus)
+        task = _call.options(num_cpus=num_cpus, num_gpus=num_gpus,
+                             **({"runtime_env": runtime_env} if runtime_env else {}))
         refs = [task.remote(fn, args) for fn, args in calls]
         logger.info("layer analysis: %d Ray task(s) submitted", len(refs))
         return ray.get(refs)

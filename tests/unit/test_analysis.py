@@ -128,3 +128,30 @@ def test_split_layers():
     assert split_layers(5, 2) == [[0, 1, 2], [3, 4]]
     assert split_layers(2, 8) == [[0], [1]]
     assert split_layers(3, 1) == [[0, 1, 2]]
+
+
+def test_a_run_on_object_storage_is_read_through_the_storage_layer(s3_bucket, tiny_model_dir, tmp_path, monkeypatch):
+    """discover_models lists published checkpoints only (as URIs), run.yaml and the references come from
+    the bucket, and parameter_change materializes what it compares."""
+    from imm_ray.analysis.probes import discover_models, probe_from_run, run_config
+    from imm_ray.storage import publish_dir, resolve, write_jsonl, write_text
+    from imm_ray.storage.fs import upload_file
+
+    monkeypatch.setenv("IMM_NODE_CACHE_DIR", str(tmp_path / "cache"))
+    root = resolve(s3_bucket) / "run"
+    for rel in ("imm/round-001/sft", "imm/round-001/merged", "si/round-002/sft"):
+        publish_dir(tiny_model_dir, root / rel)
+    for f in Path(tiny_model_dir).iterdir():  # an upload that never finished (no manifest)
+        upload_file(f, root / "si/round-003/sft" / f.name)
+    write_text(root / "run.yaml", json.dumps({"data": {"eval": [{"name": "t", "path": str(tmp_path / "t.jsonl")}]}}))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    write_jsonl(root / "imm/round-001/accepted.jsonl", [{"problem_id": "a", "prompt": "p", "completion": "c"}])
+
+    assert [(e.label, e.path) for e in discover_models(root.uri)] == [
+        ("imm/r1/sft", f"{root.uri}/imm/round-001/sft"), ("imm/r1/merged", f"{root.uri}/imm/round-001/merged"),
+        ("si/r2/sft", f"{root.uri}/si/round-002/sft")]
+    assert run_config(root.uri)["data"]["eval"][0]["name"] == "t" and run_config(root / "missing") == {}
+    probe, source = probe_from_run(root.uri)
+    assert source == f"{root.uri}/imm/round-001/accepted.jsonl" and [r.solution for r in probe.references] == ["c"]
+    change = parameter_change(f"{root.uri}/imm/round-001/sft", tiny_model_dir)
+    assert change.total == 0.0  # the same weights, read from the bucket through this node's cache
