@@ -272,15 +272,9 @@ class RoundDriver:
         """Layer analysis (when asked for) and the report with its plots."""
         run = self.cfg.run
         if run.analyze:
-            if self.rd.root.is_local:
-                path = analyze_run(str(self.rd.root), "--probe-size", str(run.analyze_probe_size))
-                logger.info("layer analysis: %s", path)
-            else:
-                logger.warning("run.analyze: the layer analysis reads a local run directory; skipped for %s",
-                               self.rd.root)
+            logger.info("layer analysis: %s", analyze_run(self.rd.root, "--probe-size", str(run.analyze_probe_size)))
         if run.report:
-            sinks = tuple(run.metric_sinks) if self.rd.root.is_local else ()
-            logger.info("report: %s", write_report(self.rd.root, sinks=sinks))
+            logger.info("report: %s", write_report(self.rd.root, sinks=tuple(run.metric_sinks)))
 
     def _write_metrics(self) -> list[dict[str, Any]]:
         rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)
