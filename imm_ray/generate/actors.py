@@ -165,7 +165,8 @@ class GeneratorPool:
             pass
         self.actors[slot] = self._start_actor(slot, self.model_path)
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec, desc: str = "generate") -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
+                 desc: str = "generate") -> list[list[Completion]]:
         """Complete all prompts (prompt i on actor i mod the pool size), with a progress bar.
 
         Sets :attr:`last_stats` (tokens, seconds, actor replacements).
