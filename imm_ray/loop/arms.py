@@ -16,7 +16,8 @@ from typing import Any, Generic, Literal, TypeVar
 from imm_ray.registry import Registry
 from imm_ray.storage import layout
 
-__all__ = ["ARMS", "ROUND_STAGES", "Arm", "RoundPlan", "Stage", "get_arm", "plan_round", "round_stages"]
+__all__ = ["ARMS", "ROUND_STAGES", "Arm", "RoundPlan", "Stage", "arms_at_once", "get_arm", "plan_round",
+           "round_stages"]
 
 M = TypeVar("M")  # a model location: a path, a URI, ...
 
@@ -62,7 +63,7 @@ class Stage:
 ROUND_STAGES: tuple[Stage, ...] = (
     Stage("generate", (layout.SAMPLES,)),
     Stage("verify", (layout.ACCEPTED,)),
-    Stage("sft", (layout.SFT, layout.RAY_TRAIN)),
+    Stage("sft", (layout.SFT,)),  # clearing it clears its temp siblings (Ray Train's run folder too)
     Stage("merge", (layout.MERGED,), merge_only=True),
     Stage("evaluate", (layout.EVAL, layout.EVAL_SAMPLES)),
 )
@@ -116,3 +117,26 @@ def plan_round(
         model = current if sft_skipped else round_output(arm.output)
     sft_init = original if arm.sft_from == "original" else current
     return RoundPlan(remaining, sft_init, sft_skipped, model)
+
+
+def arms_at_once(arms: int, limit: int, pool: Mapping[str, float], stages: list[Mapping[str, float]],
+                 cluster: Mapping[str, float]) -> tuple[int, str]:
+    """How many arms may run concurrently, and why: each arm holds its own generator ``pool`` and,
+    beside it, the largest of its other ``stages`` (SFT workers, merge task); ``cluster`` is what
+    the cluster has in all. ``limit`` caps it (``run.concurrent_arms``; 0: as many as fit)."""
+    want = arms if limit == 0 else min(arms, limit)
+    if want <= 1:
+        return 1, "one arm at a time (run.concurrent_arms)" if arms > 1 else "one arm"
+    per_arm = {key: pool.get(key, 0.0) + max((s.get(key, 0.0) for s in stages), default=0.0)
+               for key in {*pool, *(k for s in stages for k in s)}}
+    fits = {key: int(cluster.get(key, 0.0) // need) for key, need in per_arm.items() if need > 0}
+    width = min([want, *fits.values()])
+    if width >= want:
+        return want, f"{want} arms at once (each: {_brief(per_arm)})"
+    short = min(fits, key=lambda k: fits[k])
+    return max(width, 1), (f"{max(width, 1)} arm(s) at once: each needs {_brief(per_arm)} and the cluster "
+                           f"has {cluster.get(short, 0.0):g} {short}")
+
+
+def _brief(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if v > 0)

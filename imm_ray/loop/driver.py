@@ -16,7 +16,9 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +39,7 @@ from imm_ray.evaluate import (
 )
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
-from imm_ray.loop.arms import RoundPlan, get_arm, plan_round
+from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
 from imm_ray.loop.remote import merge_remote, verify_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
@@ -58,7 +60,6 @@ from imm_ray.storage import (
     publish_dir,
     read_jsonl,
     set_default_options,
-    work_dir_for,
     write_json,
     write_jsonl,
 )
@@ -88,7 +89,10 @@ class RoundDriver:
         self.force_unlock = force_unlock
         self._problems: dict[str, list[Problem]] = {}
         self._student_prompts: dict[str, list[dict[str, Any]]] = {}  # rendered once per run
-        self._pools: dict[str, GeneratorPool] = {}
+        # Generator pools by (role, arm); the arm is None unless arms run concurrently (each its own).
+        self._pools: dict[tuple[str, str | None], GeneratorPool] = {}
+        self._arm = threading.local()  # .name: the arm this thread runs, when arms run concurrently
+        self._lock = threading.RLock()  # state.json and metrics.jsonl, shared by concurrent arms
         self.original: str | None = None  # model locations: a local path or a URI
         self.teacher: str | None = None
         self.tokenizer = None
@@ -147,7 +151,8 @@ class RoundDriver:
 
     def pool(self, role: str = "student") -> GeneratorPool:
         """The generator pool of ``role`` (``student`` or ``teacher``), created on first use."""
-        if role not in self._pools:
+        key = (role, getattr(self._arm, "name", None))
+        if key not in self._pools:
             g = self.cfg.generate
             e = g.engine
             options = e.model_copy(update={"seed": g.seed})  # the engine settings, seeded per run
@@ -156,8 +161,8 @@ class RoundDriver:
                 num_gpus=g.resources.num_gpus, resources=dict(g.resources.resources),
                 placement_log_s=self.cfg.ray.placement_log_s, placement_timeout_s=self.cfg.ray.placement_timeout_s,
             )
-            self._pools[role] = GeneratorPool(spec, progress=self.cfg.run.progress)
-        return self._pools[role]
+            self._pools[key] = GeneratorPool(spec, progress=self.cfg.run.progress)
+        return self._pools[key]
 
     def prompts(self, problems: list[Problem], tokenizer: Any = None) -> list[dict[str, Any]]:
         """Render and tokenise the prompt of each problem (with the student's tokenizer by default)."""
@@ -188,13 +193,15 @@ class RoundDriver:
         """Run a stage: clear half-written outputs (and temp siblings), time it, mark it done with its info."""
         for loc in outputs:
             clear_output(loc)
-        self.rd.mark_started(key)
+        with self._lock:
+            self.rd.mark_started(key)
         logger.info("[%s] started", key)
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
         yield info
         seconds = time.perf_counter() - t0
-        self.rd.mark_done(key, seconds, info)
+        with self._lock:
+            self.rd.mark_done(key, seconds, info)
         logger.info("[%s] done in %.1f s: %s", key, seconds, _brief(info))
 
     # --- the loop ---------------------------------------------------------------------------
@@ -232,11 +239,7 @@ class RoundDriver:
                 start_serving(self.cfg.serve.run_dir or str(self.rd.root), self.cfg.serve)
             if self.cfg.evaluate.baseline:
                 self._baseline()
-            for arm in self.cfg.run.arms:
-                current = self.original
-                for t in range(1, self.cfg.run.rounds + 1):
-                    current = self._round(arm, t, current)
-                    logger.info("after %s round %d:\n%s", arm, t, format_table(self._write_metrics()))
+            self._run_arms()
             rows = self._write_metrics()
             self._finish_outputs()
             finished = True
@@ -277,9 +280,43 @@ class RoundDriver:
             logger.info("report: %s", write_report(self.rd.root, sinks=tuple(run.metric_sinks)))
 
     def _write_metrics(self) -> list[dict[str, Any]]:
-        rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)
-        self.rd.write_metrics(rows)
+        with self._lock:
+            rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)
+            self.rd.write_metrics(rows)
         return rows
+
+    def _run_arms(self) -> None:
+        """Every round of every arm: one arm after another, or several at once when the cluster
+        holds them (``run.concurrent_arms``), each with its own generator pool."""
+        arms = self.cfg.run.arms
+        req = self._requests()
+        total = {name: {k: v * r.count for k, v in r.needs().items()} for name, r in req.items()}
+        width, why = arms_at_once(len(arms), self.cfg.run.concurrent_arms, total["generate"],
+                                  [total["sft"], total["merge"]], _cluster_resources())
+        if width == 1:
+            for arm in arms:
+                self._run_arm(arm)
+            return
+        logger.info("arms %s: %s", ", ".join(arms), why)
+        for key in [k for k in self._pools if k[1] is None]:  # the baseline's pool: arms bring their own
+            self._pools.pop(key).shutdown()
+        with ThreadPoolExecutor(width, thread_name_prefix="arm") as workers:
+            for done in [workers.submit(self._run_arm, arm, True) for arm in arms]:
+                done.result()  # the first failure, once every arm has stopped (the others run to their end)
+
+    def _run_arm(self, arm: str, own_pool: bool = False) -> None:
+        """The rounds of one arm; ``own_pool``: with generator pools of its own (concurrent arms)."""
+        if own_pool:
+            self._arm.name = arm
+        try:
+            current = self.original
+            for t in range(1, self.cfg.run.rounds + 1):
+                current = self._round(arm, t, current)
+                logger.info("after %s round %d:\n%s", arm, t, format_table(self._write_metrics()))
+        finally:
+            if own_pool:
+                for key in [k for k in self._pools if k[1] == arm]:
+                    self._pools.pop(key).shutdown()
 
     def _baseline(self) -> None:
         key = layout.stage_key(layout.BASELINE_ARM, layout.BASELINE_ROUND, "evaluate")
@@ -293,7 +330,8 @@ class RoundDriver:
         arm = get_arm(arm_name)
         rdir = self.rd.round_dir(arm.name, t)
         while True:
-            done = {k: (self.rd.stage(k) or {}).get("info", {}) for k in self.rd.done_keys()}
+            with self._lock:
+                done = {k: (self.rd.stage(k) or {}).get("info", {}) for k in self.rd.done_keys()}
             plan = plan_round(arm, t, done, current=current, original=self.original,
                               round_output=lambda name: (rdir / name).uri)
             stage = plan.next
@@ -341,14 +379,15 @@ class RoundDriver:
         down here and start again on their next generation or evaluation.
         """
         check_on_cluster(request)
-        busy = [role for role, pool in self._pools.items() if pool.actors]
+        arm = getattr(self._arm, "name", None)  # concurrent arms release only their own pools
+        busy = [key for key, pool in self._pools.items() if pool.actors and key[1] == arm]
         if busy and not fits_now(request):
             logger.info("the %s (%s, %s) cannot be placed beside the %s generator pool: releasing the pool "
                         "before the stage; it starts again for the next generation or evaluation",
                         request.what, ", ".join(f"{k}: {v:g}" for k, v in request.needs().items()),
-                        request.config_key, " and ".join(busy))
-            for role in busy:
-                self._pools[role].shutdown()
+                        request.config_key, " and ".join(role for role, _ in busy))
+            for key in busy:
+                self._pools[key].shutdown()
 
     def _load(self, role: str, model: str) -> GeneratorPool:
         """The pool of ``role`` serving ``model`` (each actor materializes it on its own node)."""
@@ -422,18 +461,9 @@ class RoundDriver:
         if n == 0:
             logger.warning("no sample was accepted this round: SFT skipped, the model stays %s", model)
             return {"skipped": True, "reason": "no accepted samples", "examples": 0}
-        # Built in a work folder (the output's temp sibling, or node scratch for object storage),
-        # Ray Train's own run folder inside it, then published by this stage.
-        work = work_dir_for(out)
-        try:
-            data = work / layout.ACCEPTED
-            download_file(accepted, data)
-            self._make_room(self._requests()["sft"])
-            res = run_sft(materialize(model), data, work / layout.SFT, self.cfg.train,
-                          storage_dir=work / layout.RAY_TRAIN)
-            publish_dir(res.checkpoint_dir, out, move=True)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        # The SFT workers (on any node) materialize the model and publish `out` themselves.
+        self._make_room(self._requests()["sft"])
+        res = run_sft(model, accepted, out, self.cfg.train)
         return {
             "skipped": False, "init_model": model, "examples": res.examples, "dropped": res.dropped,
             "steps": res.steps, "final_loss": res.final_loss, "checkpoint": out.uri,
@@ -479,6 +509,13 @@ class RoundDriver:
             stats = pool.last_stats
             info.update({"model": model, "datasets": results, "tokens": stats.tokens,
                          "tokens_per_s": round(stats.tokens_per_s, 1), "actor_retries": stats.retries})
+
+
+def _cluster_resources() -> dict[str, float]:
+    """What the cluster's alive nodes have in all."""
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def _brief(info: dict[str, Any]) -> str:

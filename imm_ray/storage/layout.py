@@ -31,7 +31,6 @@ SFT = "sft"
 MERGED = "merged"
 EVAL = "eval.json"
 EVAL_SAMPLES = "eval_samples.jsonl"
-RAY_TRAIN = "_ray_train"
 
 STAGES = ("generate", "verify", "sft", "merge", "evaluate")
 BASELINE_ROUND = 0

@@ -1,11 +1,12 @@
 """The Ray Train worker loop: full fine-tune of a causal LM on tokenized SFT examples.
 
-Config keys (built by `imm_ray.train.trainer.run_sft`): ``model_path`` (str), ``examples``
-(object ref to a list of TokenizedExample), ``pad_id`` (int), ``save_dtype`` (torch dtype
-name), ``settings`` (SFTSettings as a dict), ``staging_dir`` (where rank 0 writes the final HF
-folder when it runs on the driver's node), ``driver_node`` (that node's id), ``fit_started``
-(wall-clock time the driver started the trainer) and ``crash_after_step`` (test hook, see
-`CRASH_ENV`).
+Config keys (built by `imm_ray.train.trainer.run_sft`): ``model`` (Location of the start
+model), ``out`` (Location rank 0 publishes the final HF folder to), ``examples`` (object ref to
+a list of TokenizedExample), ``pad_id`` (int), ``save_dtype`` (torch dtype name), ``settings``
+(SFTSettings as a dict), ``fit_started`` (wall-clock time the driver started the trainer) and
+``crash_after_step`` (test hook, see `CRASH_ENV`). Workers may run on any node: each
+materializes ``model`` into its node's cache, and rank 0 builds the output in its node's
+scratch space (or a temporary sibling of a local ``out``) and publishes it, manifest last.
 
 Fault tolerance: with ``settings.max_failures > 0`` rank 0 reports a checkpoint (weights,
 optimizer, scheduler, progress) at the end of every epoch but the last, or every
@@ -33,8 +34,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from imm_ray.storage import is_published, materialize, publish_dir, work_dir_for
 from imm_ray.train.batches import Batch, micro_batches, plan_epoch, steps_per_epoch
 from imm_ray.train.schedule import lr_factor, warmup_steps
 from imm_ray.train.settings import SFTSettings
@@ -168,37 +170,33 @@ def _maybe_crash(spec: str | None, step: int, rank: int) -> None:
         os._exit(1)
 
 
-def _save_hf(model: PreTrainedModel, out_dir: Path, save_dtype: str) -> None:
-    """Write the model's part of an HF folder: safetensors weights (ties kept), config and
-    generation config (the driver adds the tokenizer it already has loaded)."""
-    shutil.rmtree(out_dir, ignore_errors=True)  # a partial folder of a failed attempt
+def _save_hf(model: PreTrainedModel, model_dir: Path, folder: Path, save_dtype: str) -> None:
+    """Write a Hugging Face folder: safetensors weights (ties kept), config, generation config
+    and the start model's tokenizer."""
     model.to(getattr(torch, save_dtype))
-    model.save_pretrained(out_dir)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
 
 
-def _publish_final(config: dict[str, Any], model: PreTrainedModel, rank: int,
+def _publish_final(config: dict[str, Any], model: PreTrainedModel, model_dir: Path, rank: int,
                    state: dict[str, Any]) -> None:
-    """Rank 0 writes the final HF folder, with `state` (plus save seconds) as STATE_FILE, straight
-    into the staging folder when it runs on the driver's node (no copy through Ray Train's
-    storage), else into a temporary folder reported as a checkpoint. Every rank reports."""
-    if rank != 0:
-        ray.train.report({})
-        return
-
-    def write(folder: Path) -> None:
-        start = time.perf_counter()
-        _save_hf(model, folder, config["save_dtype"])
-        state["save_seconds"] = time.perf_counter() - start
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-
-    if ray.get_runtime_context().get_node_id() == config["driver_node"]:
-        write(Path(config["staging_dir"]))
-        ray.train.report({})
-        return
-    with tempfile.TemporaryDirectory(prefix="imm-sft-final-") as tmp:
-        write(Path(tmp))
-        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name="final")
+    """Rank 0 writes the final HF folder, with `state` (plus save seconds) as STATE_FILE, on its
+    own node and publishes it to ``config["out"]`` (skipped when an earlier attempt of this run
+    already published it). Every rank reports."""
+    out = config["out"]
+    if rank == 0 and is_published(out):
+        logger.warning("SFT: %s was already published by an earlier attempt of this run", out)
+    elif rank == 0:
+        work = work_dir_for(out)
+        try:
+            start = time.perf_counter()
+            _save_hf(model, model_dir, work, config["save_dtype"])
+            state["save_seconds"] = time.perf_counter() - start
+            (work / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            publish_dir(work, out, move=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    ray.train.report({})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -215,8 +213,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = use_bf16(settings.precision, device)
 
     load_start = time.perf_counter()
-    unwrapped: PreTrainedModel = AutoModelForCausalLM.from_pretrained(config["model_path"],
-                                                                     dtype=torch.float32)
+    model_dir = materialize(config["model"])  # this node's cached copy
+    unwrapped: PreTrainedModel = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     resume = _load_resume_state()
     if resume is not None:
         unwrapped.load_state_dict(resume["model"])
@@ -299,5 +297,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "train_seconds": time.perf_counter() - start, "load_seconds": load_seconds,
                "startup_seconds": startup_seconds, "input_tokens": progress.input_tokens,
                "resumes": progress.resumes, "world_size": world_size, "bf16": bf16}
-    _publish_final(config, unwrapped, rank,
+    _publish_final(config, unwrapped, model_dir, rank,
                    {**metrics, "settings": settings.model_dump(), "history": progress.history})

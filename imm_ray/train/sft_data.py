@@ -1,6 +1,6 @@
 """SFT examples: read the JSONL, tokenize prompt + completion + eos, mask the prompt, collate.
 
-Pure data code (torch and a tokenizer only, no Ray) so it is unit-testable on its own.
+Pure data code (torch, a tokenizer and the storage layer; no Ray) so it is unit-testable on its own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from imm_ray.data.prompts import encode_prompt
+from imm_ray.storage import Location, read_text, resolve
 from imm_ray.train.settings import SFTError
 
 IGNORE_INDEX = -100
@@ -41,29 +42,31 @@ class TokenizedExample:
         return [IGNORE_INDEX] * n + self.input_ids[n:]
 
 
-def read_rows(path: str | Path) -> list[SFTRow]:
-    """Read a JSONL file of {"prompt": str, "completion": str} rows; blank lines are skipped.
+def read_rows(path: str | Path | Location) -> list[SFTRow]:
+    """Read a JSONL file (a local path or a URI) of {"prompt": str, "completion": str} rows;
+    blank lines are skipped.
 
     Raises SFTError when the file is missing or a row is malformed (the message names the line).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SFTError(f"SFT data file not found: {path}")
+    loc = resolve(path)
+    try:
+        text = read_text(loc)
+    except FileNotFoundError:
+        raise SFTError(f"SFT data file not found: {loc}") from None
     rows: list[SFTRow] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SFTError(f"{path}:{line_no}: invalid JSON ({exc})") from exc
-            if not isinstance(record, dict):
-                raise SFTError(f"{path}:{line_no}: expected a JSON object")
-            prompt, completion = record.get("prompt"), record.get("completion")
-            if not isinstance(prompt, str) or not isinstance(completion, str):
-                raise SFTError(f"{path}:{line_no}: needs string fields 'prompt' and 'completion'")
-            rows.append(SFTRow(prompt, completion))
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SFTError(f"{loc}:{line_no}: invalid JSON ({exc})") from exc
+        if not isinstance(record, dict):
+            raise SFTError(f"{loc}:{line_no}: expected a JSON object")
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise SFTError(f"{loc}:{line_no}: needs string fields 'prompt' and 'completion'")
+        rows.append(SFTRow(prompt, completion))
     return rows
 
 

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import pyarrow.fs
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer
 
+from imm_ray.ray_env import actor_runtime_env
+from imm_ray.storage import (
+    CheckpointError,
+    Location,
+    delete,
+    exists,
+    is_published,
+    materialize,
+    read_json,
+    resolve,
+)
+from imm_ray.storage.fs import iter_temp_siblings
 from imm_ray.train.loop import CRASH_ENV, STATE_FILE, train_loop_per_worker
 from imm_ray.train.settings import SFTError, SFTSettings
 from imm_ray.train.sft_data import pad_token_id, read_rows, tokenize_rows
@@ -36,7 +44,7 @@ class SFTResult:
     the whole stage; `timings` says where those seconds went; `restarts` counts recoveries from
     worker failures that resumed from a checkpoint."""
 
-    checkpoint_dir: Path
+    checkpoint: str  # the published checkpoint: a local path or a URI
     steps: int
     examples: int
     dropped: int
@@ -90,36 +98,22 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
-def _clear_stale_temps(out_dir: Path) -> None:
-    """Remove temp siblings of `out_dir` that a killed earlier attempt left behind."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+def _clear_stale_temps(out: Location) -> None:
+    """Remove temp siblings of ``out`` (work folders, Ray Train's run folder) that a killed
+    earlier attempt left behind."""
+    if not exists(out.parent):
+        return
+    for stale in iter_temp_siblings(out):
         logger.warning("SFT: removing %s, left by an interrupted earlier attempt", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        delete(stale)
 
 
-def _publish(result: ray.train.Result, staging: Path, out_dir: Path,
-             tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Add the tokenizer to the staging folder, rename it into place and return the run's
-    STATE_FILE. When the worker could not write the folder in place (it ran on another node),
-    copy its final checkpoint into the staging folder first."""
-    if not (staging / STATE_FILE).is_file():
-        if result.checkpoint is None or Path(result.checkpoint.path).name != "final":
-            raise SFTError(f"SFT run finished without its final model (run folder {result.path})")
-        result.checkpoint.to_directory(str(staging))
-    tokenizer.save_pretrained(staging)
-    state = json.loads((staging / STATE_FILE).read_text(encoding="utf-8"))
-    if out_dir.exists():
-        raise SFTError(f"output folder appeared while training: {out_dir}")
-    os.rename(staging, out_dir)
-    return state
-
-
-def _delete_run_folder(result: ray.train.Result) -> None:
-    """Drop Ray Train's run folder (resume checkpoints) once the output is published."""
+def _delete_run_folder(run_root: Location) -> None:
+    """Drop Ray Train's run folder (resume checkpoints); the output no longer needs it."""
     try:
-        result.filesystem.delete_dir(result.path)
+        delete(run_root)
     except OSError as exc:
-        logger.warning("SFT: could not remove Ray Train's run folder %s: %s", result.path, exc)
+        logger.warning("SFT: could not remove Ray Train's run folder %s: %s", run_root, exc)
 
 
 def _crash_hook() -> str | None:
@@ -130,33 +124,33 @@ def _crash_hook() -> str | None:
     return spec or None
 
 
-def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
-            settings: SFTSettings, storage_dir: str | Path | None = None, *,
-            storage_path: str | None = None,
-            storage_filesystem: pyarrow.fs.FileSystem | None = None) -> SFTResult:
-    """Fully fine-tune the HF model at `model_path` on the JSONL prompt/completion pairs.
+def run_sft(model: str | Path | Location, data: str | Path | Location, out: str | Path | Location,
+            settings: SFTSettings, storage_dir: str | Path | None = None) -> SFTResult:
+    """Fully fine-tune the HF model at ``model`` on the JSONL prompt/completion pairs at ``data``
+    and publish the result as the checkpoint ``out`` (which must not exist yet).
 
-    Trains with a TorchTrainer whose run (resume checkpoints) is stored under `storage_path`
-    on `storage_filesystem` (e.g. S3) when given, else under the local `storage_dir`; the run
-    folder is deleted after success. Rank 0 writes the final Hugging Face folder once, into a
-    temporary sibling of `out_dir` (which must not exist yet), renamed into place when done.
-    Works inside an existing Ray session (otherwise Ray auto-starts a local one). Raises
-    SFTError for bad inputs and, with the workers' root cause, for failed training.
+    Each location is a local path or a URI (``s3://...``): the workers may run on other nodes,
+    so rank 0 materializes ``model`` on its own node and publishes ``out`` itself. Ray Train's
+    run folder (resume checkpoints) lives beside ``out`` on the same storage (``storage_dir``
+    overrides that for a local run) and is deleted after success. Works inside an existing Ray
+    session (otherwise Ray auto-starts a local one). Raises SFTError for bad inputs and, with
+    the workers' root cause, for failed training.
     """
     start = time.perf_counter()
-    if storage_path is None and storage_dir is None:
-        raise SFTError("run_sft needs storage_dir or storage_path for Ray Train's run folder")
-    model_path, data_path = Path(model_path).resolve(), Path(data_path).resolve()
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists():
-        raise SFTError(f"SFT output folder already exists: {out_dir}")
-    if not (model_path / "config.json").is_file():
-        raise SFTError(f"not a Hugging Face model folder (no config.json): {model_path}")
+    model_loc, out_loc = resolve(model), resolve(out)
+    if exists(out_loc):
+        raise SFTError(f"SFT output already exists: {out_loc}")
+    try:
+        model_dir = materialize(model_loc)  # the driver tokenizes, so it needs the tokenizer here
+    except CheckpointError as exc:
+        raise SFTError(f"cannot load the SFT start model: {exc}") from exc
+    if not (model_dir / "config.json").is_file():
+        raise SFTError(f"not a Hugging Face model folder (no config.json): {model_loc}")
 
-    rows = read_rows(data_path)
+    rows = read_rows(data)
     if not rows:
-        raise SFTError(f"SFT data file has no examples: {data_path}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+        raise SFTError(f"SFT data file has no examples: {data}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, dropped = tokenize_rows(tokenizer, rows, settings.max_length)
     if dropped:
         logger.warning("SFT: dropped %d of %d examples whose prompt alone reaches max_length %d",
@@ -166,51 +160,53 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
                        f"max_length {settings.max_length}")
     crash = _crash_hook()
 
-    _clear_stale_temps(out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    _clear_stale_temps(out_loc)
+    run_root = (resolve(storage_dir) if storage_dir is not None
+                else out_loc.parent / f".{out_loc.name}.tmp-ray-train")
+    run_name = f"sft-{out_loc.name}-{uuid.uuid4().hex[:8]}"
     resources = settings.worker_resources()
     prepared = time.perf_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "model_path": str(model_path),
+            "model": model_loc,
+            "out": out_loc,
             # An object ref, not the list: Ray Train stringifies the config for its state API.
             "examples": ray.put(examples),
             "pad_id": pad_token_id(tokenizer),
-            "save_dtype": _save_dtype(model_path, settings.save_dtype),
+            "save_dtype": _save_dtype(model_dir, settings.save_dtype),
             "settings": settings.model_dump(),
-            "staging_dir": str(staging),
-            "driver_node": ray.get_runtime_context().get_node_id(),
             "fit_started": time.time(),
             "crash_after_step": crash,
         },
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=f"sft-{out_dir.name}-{uuid.uuid4().hex[:8]}",
-                             storage_path=storage_path or str(Path(storage_dir).resolve()),
-                             storage_filesystem=storage_filesystem,
+        run_config=RunConfig(name=run_name,
+                             storage_path=run_root.path,
+                             storage_filesystem=None if run_root.is_local else run_root.fs,
                              failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             # The storage credentials and endpoint, wherever the workers run.
+                             worker_runtime_env=actor_runtime_env()),
     )
-    logger.info("SFT: %s on %d examples (%d dropped) -> %s", model_path, len(examples), dropped,
-                out_dir)
+    logger.info("SFT: %s on %d examples (%d dropped) -> %s", model_loc, len(examples), dropped,
+                out_loc)
     try:
-        try:
-            with _ray_train_env():
-                result = trainer.fit()
-        except ray.train.TrainingFailedError as exc:
-            raise SFTError(f"SFT training failed: {_root_cause(exc)}") from exc
-        fitted = time.perf_counter()
-        metrics = _publish(result, staging, out_dir, tokenizer)
+        with _ray_train_env():
+            trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise SFTError(f"SFT training failed: {_root_cause(exc)}") from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _delete_run_folder(result)
+        _delete_run_folder(run_root if storage_dir is None else run_root / run_name)
+    fitted = time.perf_counter()
+    if not is_published(out_loc):
+        raise SFTError(f"SFT run finished without publishing its model to {out_loc}")
+    metrics = read_json(out_loc / STATE_FILE)
 
     seconds = time.perf_counter() - start
     worker = {key: float(metrics[f"{key}_seconds"]) for key in ("startup", "load", "train", "save")}
     timings = {"prepare": prepared - start, **worker,
-               "finish": max(fitted - prepared - sum(worker.values()), 0.0),
-               "publish": time.perf_counter() - fitted}
+               "finish": max(fitted - prepared - sum(worker.values()), 0.0)}
     restarts = int(metrics["resumes"])
     if restarts:
         logger.warning("SFT: recovered from %d worker failure(s), resuming from checkpoints",
@@ -218,8 +214,8 @@ def run_sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path,
     tokens = int(metrics["input_tokens"])
     logger.info("SFT done in %.1f s (%s): %d steps, %d tokens (%.0f tokens/s), final loss %.4f "
                 "-> %s", seconds, ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
-                metrics["steps"], tokens, tokens / seconds, metrics["final_loss"], out_dir)
-    return SFTResult(checkpoint_dir=out_dir, steps=int(metrics["steps"]), examples=len(examples),
+                metrics["steps"], tokens, tokens / seconds, metrics["final_loss"], out_loc)
+    return SFTResult(checkpoint=out_loc.uri, steps=int(metrics["steps"]), examples=len(examples),
                      dropped=dropped, final_loss=float(metrics["final_loss"]), seconds=seconds,
                      tokens=tokens, train_seconds=worker["train"], restarts=restarts,
                      timings={k: round(v, 3) for k, v in timings.items()})

@@ -89,8 +89,9 @@ def test_resume_redoes_only_the_interrupted_stage(one_round, tiny_model_dir, tin
     def broken_sft(*args, **kwargs):
         (run_dir / "imm/round-002/sft").mkdir(parents=True)
         (run_dir / "imm/round-002/sft/half-written.bin").write_bytes(b"x")
-        # What a kill -9 leaves: the work folder with Ray Train's checkpoints (removed on a plain error).
-        (run_dir / "imm/round-002/.sft.tmp-killed/_ray_train/checkpoint_000000").mkdir(parents=True)
+        # What a kill -9 leaves: rank 0's work folder and Ray Train's run folder (removed on a plain error).
+        (run_dir / "imm/round-002/.sft.tmp-killed").mkdir(parents=True)
+        (run_dir / "imm/round-002/.sft.tmp-ray-train/sft-killed/checkpoint_000000").mkdir(parents=True)
         raise RuntimeError("killed during SFT")
 
     monkeypatch.setattr(driver_mod, "run_sft", broken_sft)
@@ -171,7 +172,7 @@ def test_round_on_s3_is_byte_identical_to_the_local_round(one_round, s3_round, r
     assert {"run.yaml", "state.json", "state.json.bak", "metrics.jsonl", "driver.log", "report.md",
             "baseline/eval.json", "imm/round-001/samples.jsonl", "imm/round-001/accepted.jsonl",
             "imm/round-001/eval.json", "original/manifest.json"} <= files
-    assert not [f for f in files if ".tmp" in f or "_ray_train" in f or f.startswith(".lease")]
+    assert not [f for f in files if ".tmp" in f or "ray-train" in f or f.startswith(".lease")]
     assert not any((work / "scratch").iterdir())  # every work folder was removed after publication
     state = json.loads(read_text(root / "state.json"))["stages"]
     assert state["imm/round-001/merge"]["info"]["checkpoint"] == f"{uri}/imm/round-001/merged"

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from imm_ray.storage import is_published, materialize, publish_dir, resolve
+from imm_ray.storage.fs import list_files, upload_file
 from imm_ray.train import SFTError, SFTSettings, run_sft
 from imm_ray.train.loop import CRASH_ENV, STATE_FILE
 from imm_ray.train.sft_data import collate, read_rows, tokenize_rows
@@ -86,7 +88,8 @@ def single_worker_run(ray_local, tiny_model_dir, sft_data, tmp_path_factory):
 def test_sft_single_worker(single_worker_run, tiny_model_dir, sft_data):
     root, result = single_worker_run
     out = root / "sft-model"
-    assert result.checkpoint_dir == out
+    assert result.checkpoint == str(out)
+    assert is_published(out)  # with its manifest
     assert (result.examples, result.dropped) == (len(PAIRS), 0)
     assert result.steps == 4  # 8 examples / (2 x 2 accumulated) per step, 2 epochs
     assert 0 < result.final_loss < 10 and result.seconds > 0 and result.restarts == 0
@@ -100,8 +103,7 @@ def test_sft_single_worker(single_worker_run, tiny_model_dir, sft_data):
                      tokenize_rows(AutoTokenizer.from_pretrained(out), read_rows(sft_data), 512)[0])
     assert result.tokens == tokens == sum(r["input_tokens"] for r in state["history"])
     assert result.tokens_per_second == pytest.approx(tokens / result.seconds)
-    assert set(result.timings) == {"prepare", "startup", "load", "train", "save", "finish",
-                                   "publish"}
+    assert set(result.timings) == {"prepare", "startup", "load", "train", "save", "finish"}
     assert sum(result.timings.values()) == pytest.approx(result.seconds, abs=0.1)
 
 
@@ -126,6 +128,32 @@ def test_worker_killed_mid_run_resumes_from_its_checkpoint(
     actual = load_weights(out)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed", "sft-model", "storage"]
+
+
+def test_sft_on_s3_resumes_from_checkpoints_kept_on_s3(
+        single_worker_run, tiny_model_dir, sft_data, s3_bucket, tmp_path, monkeypatch):
+    """Model, data and output on S3, Ray Train's run folder beside the output there: the worker
+    materializes the model, a killed worker resumes from a checkpoint on S3, rank 0 publishes."""
+    root = resolve(s3_bucket) / "run"
+    publish_dir(tiny_model_dir, root / "original")
+    upload_file(sft_data, root / "accepted.jsonl")
+    monkeypatch.setenv("IMM_NODE_CACHE_DIR", str(tmp_path / "cache"))  # the driver's (it tokenizes)
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ENV, f"3:{marker}")
+    out = root / "sft"
+
+    result = run_sft((root / "original").uri, root / "accepted.jsonl", out.uri,
+                     SFTSettings(**SETTINGS, checkpoint_every_steps=1))
+
+    assert marker.is_file() and result.restarts == 1 and result.checkpoint == out.uri
+    assert is_published(out)
+    assert sorted(list_files(root)) == sorted(  # no Ray Train folder, temp or partial file left
+        [f"original/{f}" for f in list_files(root / "original")] + ["accepted.jsonl"]
+        + [f"sft/{f}" for f in list_files(out)])
+    plain_root, _ = single_worker_run
+    local = materialize(out, cache_dir=tmp_path / "check")
+    assert (local / "model.safetensors").read_bytes() == (plain_root / "sft-model/model.safetensors").read_bytes()
+    assert (local / "tokenizer.json").read_bytes() == (plain_root / "sft-model/tokenizer.json").read_bytes()
 
 
 def test_sft_ddp_two_workers_bf16_save(ray_local, tiny_model_dir, sft_data, tmp_path):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from imm_ray.loop.arms import ARMS, ROUND_STAGES, get_arm, plan_round, round_stages
+from imm_ray.loop.arms import ARMS, ROUND_STAGES, arms_at_once, get_arm, plan_round, round_stages
 from imm_ray.storage import layout
 from imm_ray.storage.layout import stage_key
 
@@ -36,7 +36,7 @@ def test_stage_sequence_and_keys():
     for arm in ("si", "rest"):
         assert names(round_stages(ARMS[arm])) == ["generate", "verify", "sft", "evaluate"]
     assert stage_key("imm", 2, "sft") == "imm/round-002/sft"  # the keys state.json already holds
-    assert {s.name: s.outputs for s in ROUND_STAGES}["sft"] == ("sft", "_ray_train")
+    assert {s.name: s.outputs for s in ROUND_STAGES}["sft"] == ("sft",)
 
 
 @pytest.mark.parametrize(
@@ -88,3 +88,16 @@ def test_plans_work_on_uris_as_well_as_paths():
     plan = plan_round("rest", 2, done, current=current, original=original,
                       round_output=lambda name: f"s3://bucket/run/rest/round-002/{name}")
     assert plan.sft_init == original and plan.model == "s3://bucket/run/rest/round-002/sft"
+
+
+def test_arms_at_once_is_sized_from_the_resource_requests():
+    pool, sft, merge = {"CPU": 1.0}, {"CPU": 1.0, "node_2": 0.01}, {"CPU": 2.0}
+    # Each arm holds its pool and, beside it, the larger of SFT and merge: 3 CPUs.
+    assert arms_at_once(3, 0, pool, [sft, merge], {"CPU": 9.0, "node_2": 1.0})[0] == 3
+    width, why = arms_at_once(3, 0, pool, [sft, merge], {"CPU": 6.0, "node_2": 1.0})
+    assert width == 2 and "has 6 CPU" in why
+    assert arms_at_once(3, 2, pool, [sft, merge], {"CPU": 99.0, "node_2": 1.0})[0] == 2  # the config's cap
+    assert arms_at_once(3, 1, pool, [sft, merge], {"CPU": 99.0})[0] == 1  # the default: one after another
+    assert arms_at_once(1, 0, pool, [sft, merge], {"CPU": 99.0})[0] == 1
+    width, why = arms_at_once(2, 0, {"CPU": 1.0, "GPU": 1.0}, [{"CPU": 1.0, "GPU": 1.0}], {"CPU": 16.0, "GPU": 1.0})
+    assert width == 1 and "GPU" in why  # a single GPU: the arms take turns

@@ -1,5 +1,5 @@
 """The worker loop end to end on the tiny model with Ray Train's edges faked (no Ray started):
-packed and padded runs train the same model, and the final folder is written in place.
+packed and padded runs train the same model, and rank 0 publishes the final folder itself.
 The real TorchTrainer runs are in tests/integration/test_sft_ray_train.py."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from imm_ray.storage import is_published, resolve
 from imm_ray.train import SFTSettings
 from imm_ray.train import loop as train_loop
 from imm_ray.train.sft_data import SFTRow, pad_token_id, tokenize_rows
@@ -24,8 +25,6 @@ def fake_ray_train(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     reports: list[dict] = []
     context = types.SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
     monkeypatch.setattr(train_loop.ray, "get", lambda ref: ref)
-    monkeypatch.setattr(train_loop.ray, "get_runtime_context",
-                        lambda: types.SimpleNamespace(get_node_id=lambda: "driver"))
     monkeypatch.setattr(train_loop.ray.train, "get_context", lambda: context)
     monkeypatch.setattr(train_loop.ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(train_loop.ray.train, "report",
@@ -35,20 +34,22 @@ def fake_ray_train(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     return reports
 
 
-def run_loop(tiny_model_dir: Path, staging: Path, **settings) -> dict:
+def run_loop(tiny_model_dir: Path, out: Path, **settings) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = [SFTRow(tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} plus {b}?"}],
                                                  tokenize=False, add_generation_prompt=True),
                    f"{a} plus {b} is {a + b}. " * (1 + a % 3)) for a, b in [(5, 4), (8, 3), (6, 7), (2, 9), (11, 5)]]
     examples, _ = tokenize_rows(tokenizer, rows, 512)
     train_loop.train_loop_per_worker({
-        "model_path": str(tiny_model_dir), "examples": examples, "pad_id": pad_token_id(tokenizer),
-        "save_dtype": "float32", "staging_dir": str(staging), "driver_node": "driver",
+        "model": resolve(tiny_model_dir), "out": resolve(out), "examples": examples,
+        "pad_id": pad_token_id(tokenizer), "save_dtype": "float32",
         "fit_started": 0.0, "crash_after_step": None,
         "settings": SFTSettings(epochs=2, micro_batch_size=2, effective_batch_size=4, lr=1e-3,
                                 precision="fp32", **settings).model_dump(),
     })
-    return json.loads((staging / train_loop.STATE_FILE).read_text())
+    assert is_published(out)  # with its manifest, and the tokenizer beside the weights
+    assert (out / "tokenizer_config.json").is_file()
+    return json.loads((out / train_loop.STATE_FILE).read_text())
 
 
 def test_packed_and_padded_runs_train_the_same_model(fake_ray_train, tiny_model_dir, tmp_path):
@@ -59,11 +60,11 @@ def test_packed_and_padded_runs_train_the_same_model(fake_ray_train, tiny_model_
     for a, b in zip(packed["history"], padded["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["input_tokens"] == b["input_tokens"]
-        assert a["micro_batches"] <= b["micro_batches"]
+        assert a["micro_batches"] <= 4  # packed: one row per micro-batch, at most one per example of the step
     assert packed["input_tokens"] == sum(r["input_tokens"] for r in packed["history"])
     weights = [load_file(tmp_path / name / "model.safetensors") for name in ("packed", "padded")]
     for key, tensor in weights[0].items():
         torch.testing.assert_close(tensor, weights[1][key], rtol=1e-3, atol=1e-5)
     # One resume checkpoint (after epoch 1, step 2), then the final report without a checkpoint
-    # (the folder was written in place).
+    # (rank 0 published the folder itself).
     assert [sorted(r) for r in fake_ray_train[:2]] == [["checkpoint", "checkpoint_dir_name", "step"], []]
