@@ -242,6 +242,9 @@ class RunSettings(_Strict):
     # imm, si, rest: what each does (SFT from the current or the original model, merge or not) is the
     # table imm_ray.loop.arms.ARMS.
     arms: list[str] = Field(default_factory=lambda: ["imm"])
+    # Arms run at once, each with its own generator pool and SFT, when the cluster holds them all
+    # (sized from the resource requests); 1: one after another; 0: as many as fit.
+    concurrent_arms: int = Field(1, ge=0)
     progress: bool = True
     report: bool = True  # write report.md + plots/ at the end of every run
     analyze: bool = False  # layer analysis (parameter change vs importance) at the end of the run
@@ -468,7 +471,8 @@ def config_to_yaml(cfg: ImmConfig) -> str:
 
 # Keys that may change when a run is resumed: they do not change what finished stages produced.
 RESUMABLE_CHANGES = (
-    "run.rounds", "run.progress", "run.report", "run.analyze", "run.metric_sinks", "ray.", "serve.", "storage.",
+    "run.rounds", "run.concurrent_arms", "run.progress", "run.report", "run.analyze", "run.metric_sinks",
+    "ray.", "serve.", "storage.",
     "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride", *REMOVED_KEYS,
 )
 

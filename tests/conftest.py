@@ -20,6 +20,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", *
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from s3_buckets import use_s3_bucket  # noqa: E402
 
 from tiny_model import TINY_PROBLEMS, build_tiny_model, write_tiny_dataset  # noqa: E402
 
@@ -88,16 +89,4 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh bucket on the loopback S3 server, with the AWS variables pointing at it; its s3:// URI.
 
     Child processes (subprocesses, Ray workers started afterwards) inherit the variables."""
-    import uuid
-
-    import boto3
-
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": s3_endpoint}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    bucket = f"imm-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
-    return f"s3://{bucket}"
+    return use_s3_bucket(s3_endpoint, monkeypatch)
