@@ -132,3 +132,45 @@ def test_an_impossible_request_fails_in_seconds_naming_the_key(ray_local, tiny_m
         pool.load(tiny_model_dir)
     assert time.monotonic() - t0 < 10
     assert pool.actors == []
+
+
+def test_entropy_prompts_run_apart_with_the_full_computation_s_entropies(ray_local, tiny_model_dir):
+    """The entropy metric's cheap way (every 4th prompt, in engine steps of its own) gives those
+    prompts the entropies of the full computation (log-probs on every prompt, all in one batch)."""
+    ids = prompt_ids(tiny_model_dir, 4)  # 32 prompts
+    full_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=1)
+    spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=4)
+    pool = GeneratorPool(vllm_spec(1, max_num_seqs=64), progress=False)
+
+    def finish_order(engine_self, apart: bool, mask: list[bool]) -> list[int]:
+        engine_self.engine.entropy_apart = apart
+        return [i for batch in engine_self.engine.stream(ids, spec, mask) for i, _ in batch]
+
+    try:
+        pool.load(tiny_model_dir)
+        assert ray.get(pool.actors[0].__ray_call__.remote(lambda s: s.engine.entropy_apart))  # the CPU default
+        full = pool.generate(ids, full_spec)
+        cheap = pool.generate(ids, spec)
+        # Entropy on the 8 longest answers: apart they finish first, in one batch they finish last.
+        longest = sorted(range(len(ids)), key=lambda i: -full[i][0].num_tokens)[:8]
+        mask = [i in longest for i in range(len(ids))]
+        apart_order = ray.get(pool.actors[0].__ray_call__.remote(finish_order, True, mask))
+        mixed_order = ray.get(pool.actors[0].__ray_call__.remote(finish_order, False, mask))
+        mixed = pool.generate(ids, spec)
+    finally:
+        pool.shutdown()
+    assert full[longest[-1]][0].num_tokens > min(o[0].num_tokens for o in full)
+    assert set(apart_order[:8]) == set(longest) and set(mixed_order[:8]) != set(longest)
+    sampled = set(range(0, len(ids), 4))
+    for outs in (cheap, mixed):
+        assert [o[0].text for o in outs] == [o[0].text for o in full]
+        for i, o in enumerate(outs):
+            if i in sampled:
+                assert o[0].token_entropies == pytest.approx(full[i][0].token_entropies, rel=1e-4, abs=1e-5)
+            else:
+                assert o[0].token_entropies is None
+    assert any(e > 0.01 for i in sampled for e in full[i][0].token_entropies)  # not an all-certain model
+    # So the round's metric (the sampled prompts' mean) is the full computation's on them. How far
+    # that sample's mean is from the all-prompt mean is a property of the data: on SmolLM2 and
+    # GSM8K see entropy_rel_err of tests/bench/bench_generate.py and bench_entropy_cost.py (stated
+    # tolerance 5%).
