@@ -77,3 +77,39 @@ def test_analyze_run_through_ray_tasks(ray_local, run_dir, tiny_model_dir):
     text = write_report(run_dir).local_path().read_text()
     assert "## Layer analysis" in text
     assert (run_dir / "plots" / "layer_change.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_and_report_a_run_on_s3(ray_local, run_dir, s3_bucket, tiny_model_dir):
+    """The same run on S3: the Ray tasks materialize the published checkpoints (never a half-uploaded
+    one), and analysis.json, report.md and the plots are written back to the bucket."""
+    from imm_ray.storage import publish_dir, read_json, resolve
+    from imm_ray.storage.fs import list_files, upload_file
+
+    root = resolve(s3_bucket) / "analysis-run"
+    publish_dir(tiny_model_dir, root / "original")
+    for rel in ("imm/round-001/sft", "imm/round-001/merged", "si/round-001/sft"):
+        publish_dir(run_dir / rel, root / rel)
+    for name in ("run.yaml", "metrics.jsonl", "imm/round-001/accepted.jsonl"):
+        upload_file(run_dir / name, root / name)
+    for f in (run_dir / "si/round-001/sft").iterdir():  # an upload that never finished: no manifest
+        upload_file(f, root / "si/round-002/sft" / f.name)
+
+    parser = argparse.ArgumentParser()
+    add_analyze_arguments(parser)
+    assert run_analyze_cli(parser.parse_args([root.uri, "--probe-size", "4"])) == 0
+    result = read_json(root / "analysis.json")
+    assert result["original"] == (root / "original").uri and result["run_dir"] == root.uri
+    assert [(m["arm"], m["round"], m["kind"], m["model"]) for m in result["models"]] == [
+        ("imm", 1, "sft", f"{root.uri}/imm/round-001/sft"), ("imm", 1, "merged", f"{root.uri}/imm/round-001/merged"),
+        ("si", 1, "sft", f"{root.uri}/si/round-001/sft")]
+    from imm_ray.analysis.change import parameter_change
+
+    local = parameter_change(tiny_model_dir, run_dir / "imm/round-001/merged").to_dict()
+    merged = result["models"][1]["change"]  # the same bytes: the same numbers (summed in another order)
+    assert merged["per_layer"] == pytest.approx(local["per_layer"], rel=1e-9) and merged["per_layer"][1] > 0
+    assert merged["total"] == pytest.approx(local["total"], rel=1e-9)
+    assert result["importance"]["probe"]["references_source"] == f"{root.uri}/imm/round-001/accepted.jsonl"
+    assert result["importance"]["baseline"]["accuracy"] == 1.0
+
+    assert write_report(root.uri).uri == f"{root.uri}/report.md"
+    assert {"report.md", "plots/layer_change.png"} <= set(list_files(root))
