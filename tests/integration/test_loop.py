@@ -173,7 +173,7 @@ def test_round_on_s3_is_byte_identical_to_the_local_round(one_round, s3_round, r
             "baseline/eval.json", "imm/round-001/samples.jsonl", "imm/round-001/accepted.jsonl",
             "imm/round-001/eval.json", "original/manifest.json"} <= files
     assert not [f for f in files if ".tmp" in f or "ray-train" in f or f.startswith(".lease")]
-    assert not any((work / "scratch").iterdir())  # every work folder was removed after publication
+    assert not list((work / "scratch").glob("*"))  # no work folder left on the driver node (if it made one)
     state = json.loads(read_text(root / "state.json"))["stages"]
     assert state["imm/round-001/merge"]["info"]["checkpoint"] == f"{uri}/imm/round-001/merged"
     assert rows[1]["accuracy"] == local_rows[1]["accuracy"]
