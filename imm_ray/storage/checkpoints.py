@@ -200,7 +200,7 @@ def clear_output(target: str | Path | Location) -> None:
     loc = resolve(target)
     if exists(loc.parent):
         for tmp in iter_temp_siblings(loc):
-            logger.info("removing %s left by an interrupted writer", tmp)
+            logger.warning("removing %s left by an interrupted writer", tmp)
             delete(tmp)
     delete(loc)
 
@@ -258,12 +258,34 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    """Size and modification time (ns) of every file of ``folder`` but the manifest."""
+    return {rel: [st.st_size, st.st_mtime_ns] for rel, st in
+            ((rel, p.stat()) for rel, p in _local_files(folder).items())}
+
+
+def _write_stamp(stamp: Path, folder: Path) -> None:
+    """Record that ``folder`` was just verified against its manifest, as its files' stats."""
+    write_bytes(stamp, json.dumps(_file_stats(folder)).encode("utf-8"))
+
+
+def _stamp_matches(stamp: Path, folder: Path) -> bool:
+    """Whether ``folder``'s files are exactly those, unchanged (size and mtime), that ``stamp``
+    recorded when they were verified: a cache hit then needs no hashing."""
+    try:
+        return json.loads(stamp.read_bytes()) == _file_stats(folder)
+    except (OSError, ValueError):
+        return False
+
+
 def materialize(target: str | Path | Location, cache_dir: str | Path | None = None) -> Path:
     """A local folder with the checkpoint ``target``.
 
     A local folder is returned as it is. A checkpoint on object storage is copied once per node
     into ``cache_dir`` (default :func:`node_cache_dir`) under the hash of its manifest, verified
-    against that manifest, and copied again when the cached copy no longer matches. Raises
+    against that manifest (sha256 of every file), and copied again when the cached copy no longer
+    matches. A later hit hashes nothing while every file keeps the size and modification time it
+    had when it was verified (recorded beside the copy); otherwise it is verified again. Raises
     CheckpointError when the checkpoint has no manifest or its bytes do not match it.
     """
     return materialize_verified(target, cache_dir)[0]
@@ -292,9 +314,13 @@ def materialize_verified(target: str | Path | Location,
     key = hashlib.sha256(raw).hexdigest()[:32]
     target_dir = root / key
     verified = {target_dir / rel: entry["sha256"] for rel, entry in listed.items()}
+    stamp = root / f".{key}.verified"
     with file_lock(root / f".{key}.lock"):
         if target_dir.is_dir():
+            if _stamp_matches(stamp, target_dir):
+                return target_dir, verified
             if verify_manifest(target_dir, manifest):
+                _write_stamp(stamp, target_dir)
                 return target_dir, verified
             logger.warning("cached copy %s of %s is corrupt: fetching it again", target_dir, loc)
             shutil.rmtree(target_dir)
@@ -307,6 +333,7 @@ def materialize_verified(target: str | Path | Location,
                 raise CheckpointError(f"{loc}: the stored files do not match its {MANIFEST_NAME}; "
                                       "publish the checkpoint again")
             os.rename(tmp, target_dir)
+            _write_stamp(stamp, target_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("materialized %s into %s", loc, target_dir)

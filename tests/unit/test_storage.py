@@ -151,6 +151,34 @@ def test_cache_refills_after_corruption(s3_bucket, tmp_path):
     assert (again / "tok" / "vocab.txt").is_file()
 
 
+
+def test_cache_hit_hashes_nothing_until_a_file_changes(s3_bucket, tmp_path, monkeypatch):
+    """A warm hit trusts the stats recorded when the copy was verified; a same-size rewrite (new
+    mtime) is verified again, found corrupt and fetched again."""
+    from imm_ray.storage import checkpoints
+
+    dest = resolve(s3_bucket) / "ck"
+    publish_dir(_checkpoint(tmp_path / "src"), dest)
+    hashed: list[str] = []
+    real = checkpoints.sha256_file
+    monkeypatch.setattr(checkpoints, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    first = materialize(dest, cache_dir=tmp_path / "cache")
+    assert sorted(hashed) == ["config.json", "model.safetensors", "vocab.txt"]  # the fill verifies all
+    hashed.clear()
+    assert materialize(dest, cache_dir=tmp_path / "cache") == first
+    assert hashed == []
+    weights = first / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    weights.write_bytes(b"X" * weights.stat().st_size)
+    os.utime(weights, ns=(before + 10**9, before + 10**9))
+    assert materialize(dest, cache_dir=tmp_path / "cache") == first
+    assert "model.safetensors" in hashed
+    assert weights.read_bytes() == b"weights" * 1000
+    hashed.clear()
+    materialize(dest, cache_dir=tmp_path / "cache")
+    assert hashed == []
+
+
 def _materialize_in_child(uri: str, cache: str, env: dict[str, str], out: multiprocessing.Queue) -> None:
     os.environ.update(env)
     path = materialize(uri, cache_dir=cache)
