@@ -22,6 +22,7 @@ from imm_ray.ray_env import actor_runtime_env
 from imm_ray.storage import (
     CheckpointError,
     Location,
+    clear_output,
     delete,
     exists,
     is_published,
@@ -29,7 +30,6 @@ from imm_ray.storage import (
     read_json,
     resolve,
 )
-from imm_ray.storage.fs import iter_temp_siblings
 from imm_ray.train.loop import CRASH_ENV, STATE_FILE, train_loop_per_worker
 from imm_ray.train.settings import SFTError, SFTSettings
 from imm_ray.train.sft_data import pad_token_id, read_rows, tokenize_rows
@@ -98,16 +98,6 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
-def _clear_stale_temps(out: Location) -> None:
-    """Remove temp siblings of ``out`` (work folders, Ray Train's run folder) that a killed
-    earlier attempt left behind."""
-    if not exists(out.parent):
-        return
-    for stale in iter_temp_siblings(out):
-        logger.warning("SFT: removing %s, left by an interrupted earlier attempt", stale)
-        delete(stale)
-
-
 def _delete_run_folder(run_root: Location) -> None:
     """Drop Ray Train's run folder (resume checkpoints); the output no longer needs it."""
     try:
@@ -160,7 +150,7 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
                        f"max_length {settings.max_length}")
     crash = _crash_hook()
 
-    _clear_stale_temps(out_loc)
+    clear_output(out_loc)  # temp siblings (work folders, Ray Train's run folder) of a killed attempt
     run_root = (resolve(storage_dir) if storage_dir is not None
                 else out_loc.parent / f".{out_loc.name}.tmp-ray-train")
     run_name = f"sft-{out_loc.name}-{uuid.uuid4().hex[:8]}"
