@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, failure: Callable[[], str], timeout: float = 300.0,
+                 still_up: Callable[[], None] = lambda: None) -> None:
+    """Poll ``url/health`` until it answers 200; ``still_up`` runs before every poll (it asserts
+    the server process lives); after ``timeout`` s fail with ``failure()`` (the server's log)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        still_up()
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the server did not come up: {failure()}")
 
 
 def publish(run: Path, rounds: dict[int, Path]) -> None:

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 from ray.serve._private import api as serve_api
 from ray.serve.schema import ServeDeploySchema
-from test_serve_app import free_port, publish
+from test_serve_app import free_port, publish, wait_healthy
 
 from tiny_model import TINY_PROBLEMS
 
@@ -54,16 +54,7 @@ def app_url(tiny_model_dir, scrambled_model, tmp_path_factory):
         serve_api.serve_start(http_options=config.http_options.model_dump(),
                               proxy_location="HeadOnly").deploy_apps(config)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail(f"the app did not come up: {serve.status()}")
+        wait_healthy(url, lambda: str(serve.status()))
         yield run, url
     finally:
         serve.shutdown()

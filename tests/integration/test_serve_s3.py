@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from test_serve_app import free_port
+from test_serve_app import free_port, wait_healthy
 
 from imm_ray.storage import publish_dir, write_json
 from tiny_model import TINY_PROBLEMS
@@ -32,19 +31,6 @@ def _finish_rounds(run: str, rounds: list[int]) -> None:
         for n in rounds}})
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"imm serve exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"imm serve did not come up:\n{log.read_text()[-4000:]}")
-
-
 def test_imm_serve_follows_a_run_on_s3(s3_bucket, tiny_model_dir, scrambled_model, tmp_path):
     run = f"{s3_bucket}/runs/s3serve"
     publish_dir(tiny_model_dir, f"{run}/imm/round-001/merged")
@@ -59,7 +45,10 @@ def test_imm_serve_follows_a_run_on_s3(s3_bucket, tiny_model_dir, scrambled_mode
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc, log)
+        def alive() -> None:
+            assert proc.poll() is None, f"imm serve exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+
+        wait_healthy(url, lambda: log.read_text()[-4000:], still_up=alive)
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
         assert [m.id for m in c.models.list()] == ["s3serve/round-1", "s3serve/latest"]
         chat = c.chat.completions.create(model="s3serve/latest", messages=MSG, max_tokens=40, temperature=0)
