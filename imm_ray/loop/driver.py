@@ -400,7 +400,7 @@ class RoundDriver:
         problems = self.problems(self.cfg.data.train)
         prompts = self.student_prompts("train", problems)  # the student's prompts: what SFT trains on
         gen_prompts = (prompts if role == "student"
-                       else self.prompts(problems, AutoTokenizer.from_pretrained(materialize(model))))
+                       else self.prompts(problems, AutoTokenizer.from_pretrained(materialize(model, weights=False))))
         sampling = SamplingSpec(
             n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
             stop=self.stop_strings(), seed=g.seed + t, entropy_top_k=g.entropy_top_k,

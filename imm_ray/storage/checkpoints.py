@@ -278,7 +278,12 @@ def _stamp_matches(stamp: Path, folder: Path) -> bool:
         return False
 
 
-def materialize(target: str | Path | Location, cache_dir: str | Path | None = None) -> Path:
+# Weight files by suffix: what ``materialize(..., weights=False)`` leaves out.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def materialize(target: str | Path | Location, cache_dir: str | Path | None = None,
+                weights: bool = True) -> Path:
     """A local folder with the checkpoint ``target``.
 
     A local folder is returned as it is. A checkpoint on object storage is copied once per node
@@ -287,12 +292,15 @@ def materialize(target: str | Path | Location, cache_dir: str | Path | None = No
     matches. A later hit hashes nothing while every file keeps the size and modification time it
     had when it was verified (recorded beside the copy); otherwise it is verified again. Raises
     CheckpointError when the checkpoint has no manifest or its bytes do not match it.
+
+    ``weights=False``: only the files that are not weights (config, tokenizer, generation
+    config), for a process that tokenizes but loads no model; a local folder is returned whole.
     """
-    return materialize_verified(target, cache_dir)[0]
+    return materialize_verified(target, cache_dir, weights)[0]
 
 
-def materialize_verified(target: str | Path | Location,
-                         cache_dir: str | Path | None = None) -> tuple[Path, dict[Path, str]]:
+def materialize_verified(target: str | Path | Location, cache_dir: str | Path | None = None,
+                         weights: bool = True) -> tuple[Path, dict[Path, str]]:
     """:func:`materialize`, and the sha256 of every file it verified by local path (a local folder
     is not verified: none), for callers that would otherwise hash the same files again."""
     loc = resolve(target)
@@ -312,6 +320,10 @@ def materialize_verified(target: str | Path | Location,
         raise CheckpointError(f"{loc}/{MANIFEST_NAME} is unreadable ({exc})") from exc
     root = Path(cache_dir).expanduser() if cache_dir is not None else node_cache_dir()
     key = hashlib.sha256(raw).hexdigest()[:32]
+    if not weights:
+        listed = {rel: entry for rel, entry in listed.items() if not rel.endswith(WEIGHT_SUFFIXES)}
+        manifest = {**manifest, "files": listed}
+        raw, key = _manifest_bytes(manifest), f"{key}-meta"
     target_dir = root / key
     verified = {target_dir / rel: entry["sha256"] for rel, entry in listed.items()}
     stamp = root / f".{key}.verified"

@@ -131,7 +131,7 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
     if exists(out_loc):
         raise SFTError(f"SFT output already exists: {out_loc}")
     try:
-        model_dir = materialize(model_loc)  # the driver tokenizes, so it needs the tokenizer here
+        model_dir = materialize(model_loc, weights=False)  # the driver only tokenizes
     except CheckpointError as exc:
         raise SFTError(f"cannot load the SFT start model: {exc}") from exc
     if not (model_dir / "config.json").is_file():

@@ -179,6 +179,27 @@ def test_cache_hit_hashes_nothing_until_a_file_changes(s3_bucket, tmp_path, monk
     assert hashed == []
 
 
+
+def test_materialize_without_weights_fetches_config_and_tokenizer_only(s3_bucket, tmp_path):
+    """A driver that only tokenizes fetches no weight file; its copy is verified and cached apart
+    from the full one, and a full materialize still gets everything."""
+    dest = resolve(s3_bucket) / "ck"
+    publish_dir(_checkpoint(tmp_path / "src"), dest)
+    meta = materialize(dest, cache_dir=tmp_path / "cache", weights=False)
+    assert sorted(p.relative_to(meta).as_posix() for p in meta.rglob("*") if p.is_file()) == [
+        "config.json", "manifest.json", "tok/vocab.txt"]
+    assert set(json.loads((meta / "manifest.json").read_text())["files"]) == {"config.json", "tok/vocab.txt"}
+    assert materialize(dest, cache_dir=tmp_path / "cache", weights=False) == meta  # warm
+    full = materialize(dest, cache_dir=tmp_path / "cache")
+    assert full != meta and (full / "model.safetensors").read_bytes() == b"weights" * 1000
+    config = meta / "config.json"
+    later = config.stat().st_mtime_ns + 10**9
+    config.write_text('{"a": 3}')  # corrupt (same size, newer): verified, found wrong, fetched again
+    os.utime(config, ns=(later, later))
+    assert json.loads((materialize(dest, cache_dir=tmp_path / "cache", weights=False) / "config.json").read_text()) \
+        == json.loads((tmp_path / "src" / "config.json").read_text())
+
+
 def _materialize_in_child(uri: str, cache: str, env: dict[str, str], out: multiprocessing.Queue) -> None:
     os.environ.update(env)
     path = materialize(uri, cache_dir=cache)
