@@ -65,8 +65,12 @@ class VLLMEngine:
             max_model_len=self.options.max_model_len,
             enforce_eager=self.options.enforce_eager,
             seed=self.options.seed,
-            **self.options.extra,
+            # The only log-probs asked of this engine are the entropy metric's top k, renormalised
+            # (flat_entropies): raw logits give the same values (a constant shift per row) without
+            # the full-vocabulary log-softmax that raw log-probs cost on every row of the step.
+            logprobs_mode="raw_logits",
         )
+        kwargs.update(self.options.extra)
         if self.gpu:
             kwargs["gpu_memory_utilization"] = self.options.gpu_memory_utilization
         logger.info("starting vLLM on %s (%s)", path, "GPU" if self.gpu else "CPU")

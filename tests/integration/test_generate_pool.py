@@ -174,3 +174,26 @@ def test_entropy_prompts_run_apart_with_the_full_computation_s_entropies(ray_loc
     # that sample's mean is from the all-prompt mean is a property of the data: on SmolLM2 and
     # GSM8K see entropy_rel_err of tests/bench/bench_generate.py and bench_entropy_cost.py (stated
     # tolerance 5%).
+
+
+def test_entropies_from_raw_logits_equal_those_from_log_probs(ray_local, tiny_model_dir):
+    """The pool's vLLM engine returns raw logits for the entropy metric's top k (no full-vocabulary
+    log-softmax per row): renormalised, they give the entropies of vLLM's log-probs."""
+    ids = prompt_ids(tiny_model_dir, 1)
+    spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=1)
+    outs = {}
+    for extra in ({}, {"logprobs_mode": "raw_logprobs"}):
+        pool = GeneratorPool(vllm_spec(1, **extra), progress=False)
+        try:
+            pool.load(tiny_model_dir)
+            used = ray.get(pool.actors[0].__ray_call__.remote(
+                lambda s: s.engine.llm.llm_engine.vllm_config.model_config.logprobs_mode))
+            outs[used] = pool.generate(ids, spec)
+        finally:
+            pool.shutdown()
+    assert set(outs) == {"raw_logits", "raw_logprobs"}  # the default, and the override through extra
+    logits, logprobs = outs["raw_logits"], outs["raw_logprobs"]
+    assert [o[0].text for o in logits] == [o[0].text for o in logprobs]
+    for a, b in zip(logits, logprobs):
+        assert a[0].token_entropies == pytest.approx(b[0].token_entropies, rel=1e-4, abs=1e-5)
+    assert any(e > 0.01 for o in logits for e in o[0].token_entropies)
