@@ -473,7 +473,8 @@ def config_to_yaml(cfg: ImmConfig) -> str:
 RESUMABLE_CHANGES = (
     "run.rounds", "run.concurrent_arms", "run.progress", "run.report", "run.analyze", "run.metric_sinks",
     "ray.", "serve.", "storage.",
-    "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride", *REMOVED_KEYS,
+    "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride",
+    "train.max_failures", "train.checkpoint_every_steps", "train.checkpoint_min_interval_s", *REMOVED_KEYS,
 )
 
 

@@ -9,8 +9,9 @@ materializes ``model`` into its node's cache, and rank 0 builds the output in it
 scratch space (or a temporary sibling of a local ``out``) and publishes it, manifest last.
 
 Fault tolerance: with ``settings.max_failures > 0`` rank 0 reports a checkpoint (weights,
-optimizer, scheduler, progress) at the end of every epoch but the last, or every
-``checkpoint_every_steps`` steps; a restarted worker group resumes from the latest one.
+optimizer, scheduler, progress) every ``checkpoint_every_steps`` steps, or else at the end of an
+epoch (not the last) once ``checkpoint_min_interval_s`` of training passed since the last one; a
+restarted worker group resumes from the latest one (from the start without one).
 """
 
 from __future__ import annotations
@@ -126,12 +127,20 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _checkpoint_due(settings: SFTSettings, step: int, total: int, per_epoch: int) -> bool:
-    """Whether to report a resume checkpoint after optimizer step `step` (never after the last)."""
+def _checkpoint_due(settings: SFTSettings, step: int, total: int, per_epoch: int,
+                    since_last_s: float, device: torch.device, world_size: int) -> bool:
+    """Whether to report a resume checkpoint after optimizer step `step` (never after the last):
+    every ``checkpoint_every_steps`` steps, or else at an epoch end once some worker has trained
+    ``checkpoint_min_interval_s`` since the last checkpoint (redoing less costs less than writing
+    weights and optimizer state). Every worker gets the same answer (a collective at epoch ends)."""
     if settings.max_failures == 0 or step >= total:
         return False
-    every = settings.checkpoint_every_steps or per_epoch
-    return step % every == 0
+    if settings.checkpoint_every_steps:
+        return step % settings.checkpoint_every_steps == 0
+    if step % per_epoch:
+        return False
+    waited = float(since_last_s >= settings.checkpoint_min_interval_s)
+    return _global_sums([waited], device, world_size > 1)[0] > 0
 
 
 def _report_resume_checkpoint(rank: int, model: PreTrainedModel, optimizer: torch.optim.Optimizer,
@@ -250,6 +259,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     crash = config.get("crash_after_step")
     start, trained_here = time.perf_counter(), 0
+    last_checkpoint = start
     for epoch in range(progress.step // per_epoch, settings.epochs):
         plan = plan_epoch(len(examples), per_step, world_size, settings.seed, epoch)
         for index, step_ids in enumerate(plan.for_rank(rank, world_size)):
@@ -289,8 +299,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     logger.info("SFT epoch %d/%d: mean loss %.4f", epoch + 1, settings.epochs,
                                 progress.final_loss)
-            if _checkpoint_due(settings, progress.step, total_steps, per_epoch):
+            if _checkpoint_due(settings, progress.step, total_steps, per_epoch,
+                               time.perf_counter() - last_checkpoint, device, world_size):
                 _report_resume_checkpoint(rank, unwrapped, optimizer, scheduler, progress)
+                last_checkpoint = time.perf_counter()
             _maybe_crash(crash, progress.step, rank)
 
     metrics = {"steps": progress.step, "final_loss": progress.final_loss,

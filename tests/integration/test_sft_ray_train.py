@@ -80,8 +80,8 @@ def single_worker_run(ray_local, tiny_model_dir, sft_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     # A stale temp sibling from a killed earlier attempt: the stage removes it.
     (root / ".sft-model.tmp-deadbeef").mkdir()
-    result = run_sft(tiny_model_dir, sft_data, root / "sft-model", SFTSettings(**SETTINGS),
-                     root / "storage")
+    result = run_sft(tiny_model_dir, sft_data, root / "sft-model",
+                     SFTSettings(**SETTINGS, checkpoint_min_interval_s=0), root / "storage")
     return root, result
 
 

@@ -45,11 +45,22 @@ def run_loop(tiny_model_dir: Path, out: Path, **settings) -> dict:
         "pad_id": pad_token_id(tokenizer), "save_dtype": "float32",
         "fit_started": 0.0, "crash_after_step": None,
         "settings": SFTSettings(epochs=2, micro_batch_size=2, effective_batch_size=4, lr=1e-3,
-                                precision="fp32", **settings).model_dump(),
+                                precision="fp32", **{"checkpoint_min_interval_s": 0.0, **settings}).model_dump(),
     })
     assert is_published(out)  # with its manifest, and the tokenizer beside the weights
     assert (out / "tokenizer_config.json").is_file()
     return json.loads((out / train_loop.STATE_FILE).read_text())
+
+
+
+def test_a_short_stage_writes_no_epoch_checkpoint_by_default(fake_ray_train, tiny_model_dir, tmp_path):
+    """Epoch ends write a resume checkpoint only once checkpoint_min_interval_s (default 120 s) of
+    training passed: this stage trains for a second, so only its final report is made."""
+    default = SFTSettings().checkpoint_min_interval_s
+    assert default == 120.0
+    state = run_loop(tiny_model_dir, tmp_path / "short", checkpoint_min_interval_s=default)
+    assert [r["step"] for r in state["history"]] == [1, 2, 3, 4]  # 2 epochs of 2 steps
+    assert [sorted(r) for r in fake_ray_train] == [[]]
 
 
 def test_packed_and_padded_runs_train_the_same_model(fake_ray_train, tiny_model_dir, tmp_path):
