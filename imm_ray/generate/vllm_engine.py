@@ -47,9 +47,10 @@ class VLLMEngine:
         self._calls = 0  # numbers each stream's request ids
         # Entropy prompts in engine steps of their own (see stream). On CPU a step costs in proportion
         # to its rows, so the smaller batch costs nothing and the other rows skip the log-probs
-        # (tests/bench/bench_entropy_cost.py: CPU time per token 1.01x that of no log-probs, 1.16x in one
-        # batch). On a GPU a decode step costs about the same at any batch size, so there the drain
-        # of the smaller batch would likely cost more than it saves (not measured): one batch.
+        # (tests/bench/bench_entropy_cost.py, measured with raw log-probs: CPU time per token 1.01x that
+        # of no log-probs, 1.16x in one batch). On a GPU a decode step costs about the same at any batch
+        # size, so there the drain of the smaller batch would likely cost more than it saves (not
+        # measured): one batch.
         self.entropy_apart = not self.gpu
         if not self.gpu:
             for key, value in cpu_engine_env(options.kv_cache_gb).items():
@@ -116,8 +117,8 @@ class VLLMEngine:
         the prompts finished at each engine step, as ``LLM.generate`` would return them.
 
         With :attr:`entropy_apart`, the prompts that report entropies run first, in engine steps of
-        their own, then the rest: vLLM computes log-probs (a full-vocabulary log-softmax, top-k and
-        rank per row) for every row of a step in which any request asks for them.
+        their own, then the rest: vLLM gathers the top k (a full-vocabulary copy, top-k and rank per
+        row) for every row of a step in which any request asks for them.
         """
         from vllm.inputs import TokensPrompt
 
