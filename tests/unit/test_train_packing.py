@@ -48,6 +48,15 @@ def test_pack_rows_first_fit_decreasing():
         pack_rows(examples, capacity=5)
 
 
+def test_packed_micro_batches_group_rows_of_like_length():
+    # Packing order gives rows of 6, 4 and 6 tokens ([6], [4], [3, 3]); in that order two rows to a
+    # micro-batch would pad the 4 to 6. Longest first, the two full rows share one.
+    examples = [TokenizedExample(list(range(n)), 1) for n in (6, 4, 3, 3)]
+    batches = micro_batches(examples, 2, pad_id=0, packing=True)
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 6), (1, 4)]
+    assert sum(b["input_ids"].numel() for b in batches) == sum(len(e.input_ids) for e in examples)
+
+
 def test_collate_packed_restarts_positions_and_masks_each_first_label():
     rows = [[TokenizedExample([4, 5, 6], 1), TokenizedExample([7, 8], 1)],
             [TokenizedExample([9, 10, 11, 12], 0)]]
