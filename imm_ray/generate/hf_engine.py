@@ -62,13 +62,17 @@ class HFEngine:
                entropy: Sequence[bool] | None = None) -> Iterator[Finished]:
         """Generate in batches of about ``options.batch_size`` sequences (whole prompts, their
         ``n`` samples together), yielding each batch's prompts when it is done."""
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         per_batch = max(1, self.options.batch_size // sampling.n)
+        devices = [torch.cuda.current_device()] if self.device == "cuda" else []
         for start in range(0, len(prompts), per_batch):
             stop = min(start + per_batch, len(prompts))
             wants = [entropy is None or entropy[i] for i in range(start, stop)]
-            comps = self._generate_batch(prompts[start:stop], sampling, record=any(wants))
+            # transformers samples from torch's global RNG: seed a fork of it per batch, so that a
+            # seeded call is reproducible batch by batch and the process's own RNG is left alone.
+            with torch.random.fork_rng(devices=devices):
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed * 1_000_003 + start)
+                comps = self._generate_batch(prompts[start:stop], sampling, record=any(wants))
             yield [(start + j, [c if w else replace(c, token_entropies=None) for c in cs])
                    for j, (cs, w) in enumerate(zip(comps, wants))]
 

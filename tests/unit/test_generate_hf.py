@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from imm_ray.data.prompts import encode_prompt, render_prompt
@@ -46,3 +47,15 @@ def test_stream_yields_each_batch_as_it_finishes_and_samples_entropy(hf, ids):
     greedy = SamplingSpec(n=1, max_tokens=20, seed=None)
     assert [c[0].text for c in hf.generate(ids, greedy)] == [
         comps[0].text for b in hf.stream(ids, greedy) for _, comps in b]
+
+
+def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone(hf, ids):
+    spec = SamplingSpec(n=2, temperature=5.0, max_tokens=8, seed=7)  # hot: seeds differ visibly
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = hf.generate(ids, spec)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream did not move
+    assert hf.generate(ids, spec) == first
+    other = hf.generate(ids, SamplingSpec(n=2, temperature=5.0, max_tokens=8, seed=8))
+    assert [c.text for cs in other for c in cs] != [c.text for cs in first for c in cs]
