@@ -45,12 +45,12 @@ class VLLMEngine:
         self.model_path = Path(model_path)
         self.gpu = _on_gpu()
         self._calls = 0  # numbers each stream's request ids
-        # Entropy prompts in engine steps of their own (see stream). On CPU a step costs in proportion
-        # to its rows, so the smaller batch costs nothing and the other rows skip the log-probs
-        # (tests/bench/bench_entropy_cost.py, measured with raw log-probs: CPU time per token 1.01x that
-        # of no log-probs, 1.16x in one batch). On a GPU a decode step costs about the same at any batch
-        # size, so there the drain of the smaller batch would likely cost more than it saves (not
-        # measured): one batch.
+        # Entropy prompts in engine steps of their own (see stream), so the other rows skip the top-k
+        # pass. On CPU that costs about what it saves (tests/bench/bench_entropy_cost.py, 64 prompts
+        # x 4 x 320 tokens: 0.92 of raw apart, 0.93 in one batch; at 48 x 4 x 96 with raw log-probs
+        # apart won, 1.01x vs 1.16x CPU per token). On a GPU a decode step costs about the same at any
+        # batch size, so there the drain of the smaller batch would likely cost more than it saves
+        # (not measured): one batch.
         self.entropy_apart = not self.gpu
         if not self.gpu:
             for key, value in cpu_engine_env(options.kv_cache_gb).items():

@@ -64,8 +64,8 @@ def steps_per_epoch(num_examples: int, per_step: int, world_size: int) -> int:
 
 
 def pack_rows(examples: Sequence[TokenizedExample], capacity: int) -> list[list[TokenizedExample]]:
-    """First-fit-decreasing packing into rows of at most `capacity` tokens (deterministic:
-    ties keep the input order)."""
+    """First-fit-decreasing packing into rows of at most `capacity` tokens, returned longest row
+    first (deterministic: ties keep the input order)."""
     rows: list[list[TokenizedExample]] = []
     free: list[int] = []
     for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
@@ -79,7 +79,7 @@ def pack_rows(examples: Sequence[TokenizedExample], capacity: int) -> list[list[
         else:
             rows[slot].append(ex)
             free[slot] -= n
-    return rows
+    return [rows[i] for i in sorted(range(len(rows)), key=free.__getitem__)]  # least free space first
 
 
 def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_id: int) -> Batch:
@@ -110,7 +110,6 @@ def micro_batches(examples: Sequence[TokenizedExample], micro_batch_size: int, p
     """One step's examples as micro-batches, packed or padded (see the module docstring)."""
     if packing:
         rows = pack_rows(examples, max(len(ex.input_ids) for ex in examples))
-        rows.sort(key=lambda row: -sum(len(ex.input_ids) for ex in row))  # stable: deterministic
         return [collate_packed(rows[i:i + micro_batch_size], pad_id)
                 for i in range(0, len(rows), micro_batch_size)]
     return [collate(examples[i:i + micro_batch_size], pad_id)

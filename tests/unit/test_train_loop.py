@@ -52,7 +52,6 @@ def run_loop(tiny_model_dir: Path, out: Path, **settings) -> dict:
     return json.loads((out / train_loop.STATE_FILE).read_text())
 
 
-
 def test_a_short_stage_writes_no_epoch_checkpoint_by_default(fake_ray_train, tiny_model_dir, tmp_path):
     """Epoch ends write a resume checkpoint only once checkpoint_min_interval_s (default 120 s) of
     training passed: this stage trains for a second, so only its final report is made."""
