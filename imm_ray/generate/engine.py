@@ -21,8 +21,8 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     seed: int | None = 0
     entropy_top_k: int = 0  # > 0: report each token's entropy over the top-k next-token log-probs
-    # Entropy on every ``entropy_stride``-th prompt only (by its index in the round): returning
-    # top-k log-probs costs the engine; a sample of questions estimates the round's mean entropy.
+    # Entropy on every ``entropy_stride``-th prompt only (by its index in the round): a sample of
+    # questions estimates the round's mean entropy for less of the engine's time.
     entropy_stride: int = 4
 
     @property

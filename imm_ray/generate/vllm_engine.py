@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from imm_ray.generate.engine import (
     register_engine,
     truncate_at_stop,
 )
-from imm_ray.generate.entropy import flat_entropies
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,6 @@ class VLLMEngine:
         self.model_path = Path(model_path)
         self.gpu = _on_gpu()
         self._calls = 0  # numbers each stream's request ids
-        # Entropy prompts in engine steps of their own (see stream), so the other rows skip the top-k
-        # pass. On CPU that costs about what it saves (tests/bench/bench_entropy_cost.py, 64 prompts
-        # x 4 x 320 tokens: 0.92 of raw apart, 0.93 in one batch; at 48 x 4 x 96 with raw log-probs
-        # apart won, 1.01x vs 1.16x CPU per token). On a GPU a decode step costs about the same at any
-        # batch size, so there the drain of the smaller batch would likely cost more than it saves
-        # (not measured): one batch.
-        self.entropy_apart = not self.gpu
         if not self.gpu:
             for key, value in cpu_engine_env(options.kv_cache_gb).items():
                 os.environ.setdefault(key, value)
@@ -60,16 +53,16 @@ class VLLMEngine:
     def _start(self, path: Path):
         from vllm import LLM
 
+        from imm_ray.generate.vllm_entropy import EntropyRecorder
+
         kwargs = dict(
             model=str(path),
             dtype=self.options.dtype,
             max_model_len=self.options.max_model_len,
             enforce_eager=self.options.enforce_eager,
             seed=self.options.seed,
-            # The only log-probs asked of this engine are the entropy metric's top k, renormalised
-            # (flat_entropies): raw logits give the same values (a constant shift per row) without
-            # the full-vocabulary log-softmax that raw log-probs cost on every row of the step.
-            logprobs_mode="raw_logits",
+            # The entropy metric, on the rows that ask only (log-probs would cost every row).
+            logits_processors=[EntropyRecorder],
         )
         kwargs.update(self.options.extra)
         if self.gpu:
@@ -90,7 +83,7 @@ class VLLMEngine:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
-    def _params(self, sampling: SamplingSpec, entropy: bool):
+    def _params(self, sampling: SamplingSpec, extra_args: dict | None = None):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -101,9 +94,8 @@ class VLLMEngine:
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop) or None,
         )
-        if entropy and sampling.entropy_top_k:
-            # Flat log-probs: a few lists per sequence instead of a dict of objects per token.
-            params.update(logprobs=sampling.entropy_top_k, flat_logprobs=True)
+        if extra_args:
+            params["extra_args"] = extra_args
         params["output_kind"] = RequestOutputKind.FINAL_ONLY  # as LLM.generate: only finished outputs
         # A per-request seed kills the CPU engine ("CPU Generator does not use offset"): there the
         # engine-level seed (EngineOptions.seed) makes sampling reproducible instead.
@@ -116,50 +108,50 @@ class VLLMEngine:
         """All prompts into the engine at once (its batch never drains between chunks); yields
         the prompts finished at each engine step, as ``LLM.generate`` would return them.
 
-        With :attr:`entropy_apart`, the prompts that report entropies run first, in engine steps of
-        their own, then the rest: vLLM gathers the top k (a full-vocabulary copy, top-k and rank per
-        row) for every row of a step in which any request asks for them.
+        Token entropies come from :class:`~imm_ray.generate.vllm_entropy.EntropyRecorder`, for the
+        prompts that ask only.
         """
         from vllm.inputs import TokensPrompt
+
+        from imm_ray.generate.vllm_entropy import EntropyReader
 
         engine = self.llm.llm_engine
         if engine.has_unfinished_requests():  # left over by an interrupted call
             logger.warning("aborting %d requests left in the engine", engine.get_num_unfinished_requests())
             engine.abort_request(list(engine.output_processor.external_req_ids))
         wants = [True] * len(prompts) if entropy is None else list(entropy)
-        with_entropy, plain = self._params(sampling, True), self._params(sampling, False)
-        phases = [range(len(prompts))]
-        if self.entropy_apart and sampling.entropy_top_k and 0 < sum(wants) < len(prompts):
-            phases = [[i for i, w in enumerate(wants) if w], [i for i, w in enumerate(wants) if not w]]
+        wants = [bool(w and sampling.entropy_top_k) for w in wants]
+        plain = self._params(sampling)
         self._calls += 1
         index: dict[str, int] = {}
-        try:
-            for phase in phases:
-                for i in phase:
+        fd, path = tempfile.mkstemp(prefix=f"imm-entropy-{self._calls}-", suffix=".bin")
+        os.close(fd)
+        with EntropyReader(Path(path)) as reader:
+            try:
+                for i, prompt in enumerate(prompts):
                     rid = f"imm-{self._calls}-{i}"
-                    engine.add_request(rid, TokensPrompt(prompt_token_ids=prompts[i]),
-                                       with_entropy if wants[i] else plain)
+                    params = self._params(sampling, reader.extra_args(i, sampling.entropy_top_k)) if wants[i] else plain
+                    engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)
                     index[rid] = i
                 while index:
                     done = [out for out in engine.step() if out.finished]
-                    batch = [(index.pop(out.request_id), self._completions(out, sampling)) for out in done]
+                    batch = []
+                    for out in done:
+                        i = index.pop(out.request_id)
+                        batch.append((i, self._completions(out, sampling, reader if wants[i] else None, i)))
                     if batch:
                         yield batch
-        finally:
-            if index and self.llm is not None:  # abandoned or failed: free the engine for the next call
-                engine.abort_request(list(index))
+            finally:
+                if index and self.llm is not None:  # abandoned or failed: free the engine for the next call
+                    engine.abort_request(list(index))
 
-    def _completions(self, req, sampling: SamplingSpec) -> list[Completion]:
+    def _completions(self, req, sampling: SamplingSpec, reader=None, key: int = 0) -> list[Completion]:
+        entropies = reader.entropies(key, [o.token_ids for o in req.outputs]) if reader else [None] * len(req.outputs)
         comps = []
-        for o in req.outputs:
+        for o, ents in zip(req.outputs, entropies):
             text, _ = truncate_at_stop(o.text, sampling.stop)
-            entropies = None
-            if o.logprobs is not None:
-                lp = o.logprobs  # FlatLogprobs: per position the sampled token, then the top k
-                entropies = flat_entropies(lp.start_indices, lp.end_indices, lp.logprobs, lp.ranks,
-                                           sampling.entropy_top_k, sampled_first=True)
             comps.append(Completion(text=text, finish_reason="length" if o.finish_reason == "length" else "stop",
-                                    num_tokens=len(o.token_ids), token_entropies=entropies))
+                                    num_tokens=len(o.token_ids), token_entropies=ents))
         return comps
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:

@@ -1,11 +1,12 @@
 """What the entropy metric costs generation: side by side on one vLLM engine in one process.
 
 Variants, interleaved over ``--reps`` rounds (each after a prefix-cache reset):
-  raw    ``LLM.generate`` without log-probs;
-  apart  the product's way (``VLLMEngine.stream``): top-k log-probs on every ``entropy_stride``-th
-         prompt, those prompts in engine steps of their own (the CPU default);
-  mixed  the same prompts with log-probs, all prompts in the same engine steps (the GPU default);
-and once at the end ``full``: log-probs on every prompt, where the sampled estimate (every
+  raw      ``LLM.generate`` without the metric;
+  logprobs ``LLM.generate`` asking vLLM for top-k log-probs on every ``entropy_stride``-th prompt
+           (how the product measured entropy before its logits processor);
+  ours     the product's way (``VLLMEngine.stream``): its logits processor computes the top-k
+           entropy of every ``entropy_stride``-th prompt's rows, and of no other row;
+and once at the end ``full``: the metric on every prompt, where the sampled estimate (every
 stride-th prompt of that same generation) is compared with the all-prompt mean.
 
 Tokens/s are wall-clock; ``*_cpu_ms_per_tok`` is the CPU time of this process and its engine
@@ -83,22 +84,29 @@ def main(argv: list[str] | None = None) -> int:
                                    use_tqdm=False)
         return sum(len(o.token_ids) for r in outs for o in r.outputs)
 
-    def product(apart: bool, stride: int):
+    def logprobs() -> int:
+        from vllm.inputs import TokensPrompt
+
+        stride, top_k = spec.entropy_stride, bg.TOP_K
+        params = [bg.raw_params(spec, top_k if i % stride == 0 else None) for i in range(len(ids))]
+        outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        return sum(len(o.token_ids) for r in outs for o in r.outputs)
+
+    def product(stride: int):
         def run() -> int:
-            engine.entropy_apart = apart
             sampling = replace(spec, entropy_stride=stride)
             outs = collect(engine.stream(ids, sampling, entropy_mask(range(len(ids)), sampling)), len(ids))
             product.last = outs
             return sum(c.num_tokens for o in outs for c in o)
         return run
 
-    variants = {"raw": raw, "apart": product(True, spec.entropy_stride), "mixed": product(False, spec.entropy_stride)}
-    timed("warm-up", product(True, spec.entropy_stride))  # first log-probs call compiles vLLM's rank kernel
+    variants = {"raw": raw, "logprobs": logprobs, "ours": product(spec.entropy_stride)}
+    timed("warm-up", logprobs)  # the first log-probs call compiles vLLM's rank kernel
     rows: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.reps):
         for name, run in variants.items():
             rows[name].append(timed(name, run))
-    timed("full", product(True, 1))
+    timed("full", product(1))
     per_prompt = [[e for c in o for e in c.token_entropies] for o in product.last]
     full = [e for p in per_prompt for e in p]
     sampled = [e for i, p in enumerate(per_prompt) if i % spec.entropy_stride == 0 for e in p]
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens, seconds = sum(r["tokens"] for r in rs), sum(r["s"] for r in rs)
         summary[f"{name}_tok_s"] = tokens / seconds
         summary[f"{name}_cpu_ms_per_tok"] = sum(r["cpu_ms_per_tok"] * r["tokens"] for r in rs) / tokens
-    for name in ("apart", "mixed"):
+    for name in ("logprobs", "ours"):
         summary[f"{name}_over_raw"] = summary[f"{name}_tok_s"] / summary["raw_tok_s"]
         summary[f"{name}_cpu_over_raw"] = summary[f"{name}_cpu_ms_per_tok"] / summary["raw_cpu_ms_per_tok"]
     mean_full, mean_sampled = mean_token_entropy([full]), mean_token_entropy([sampled])

@@ -101,24 +101,23 @@ def run_raw(args, evaluation: bool) -> dict:
 
 
 def run_entropy_check(args) -> dict:
-    """Raw vLLM with top-20 flat log-probs on every prompt (the full computation): its cost, and how
+    """Raw vLLM with top-20 log-probs on every prompt (the full computation): its cost, and how
     far the sampled estimate (every ``entropy_stride``-th prompt of the same generations) is from it."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from imm_ray.generate.entropy import flat_entropies
+    from imm_ray.evaluate.diversity import token_entropy
 
     model, ids = prompt_ids(args, "train", args.prompts)
     spec = sampling(args, False, TOP_K)
     llm = start_llm(model)
     params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
-                            logprobs=TOP_K, flat_logprobs=True)
+                            logprobs=TOP_K)
     t0 = time.monotonic()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
     seconds = time.monotonic() - t0
-    per_prompt = [[e for o in r.outputs for e in flat_entropies(o.logprobs.start_indices, o.logprobs.end_indices,
-                                                                 o.logprobs.logprobs, o.logprobs.ranks, TOP_K,
-                                                                 sampled_first=True)] for r in outs]
+    per_prompt = [[token_entropy([lp.logprob for lp in pos.values() if lp.rank <= TOP_K])
+                   for o in r.outputs for pos in o.logprobs] for r in outs]
     full = [e for p in per_prompt for e in p]
     sampled = [e for i, p in enumerate(per_prompt) if i % spec.entropy_stride == 0 for e in p]
     mean_full, mean_sampled = sum(full) / len(full), sum(sampled) / len(sampled)

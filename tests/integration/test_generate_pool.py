@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import ray
@@ -13,8 +14,9 @@ from transformers import AutoTokenizer
 
 import imm_ray.generate.actors as actors_mod
 from imm_ray.data.prompts import encode_prompt, render_prompt
+from imm_ray.evaluate.diversity import token_entropy
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
-from imm_ray.generate.engine import EngineOptions, SamplingSpec
+from imm_ray.generate.engine import EngineOptions, SamplingSpec, collect
 from imm_ray.placement import PlacementError
 from tiny_model import TINY_PROBLEMS
 
@@ -134,66 +136,84 @@ def test_an_impossible_request_fails_in_seconds_naming_the_key(ray_local, tiny_m
     assert pool.actors == []
 
 
-def test_entropy_prompts_run_apart_with_the_full_computation_s_entropies(ray_local, tiny_model_dir):
-    """The entropy metric's cheap way (every 4th prompt, in engine steps of its own) gives those
-    prompts the entropies of the full computation (log-probs on every prompt, all in one batch)."""
+def top_k_entropies(positions: list[list[float]]) -> list[float]:
+    """The full computation: per position, the entropy of vLLM's own top-k log-probs, renormalised."""
+    return [token_entropy(top) for top in positions]
+
+
+def test_recorded_entropies_equal_those_of_vllm_s_log_probs(ray_local, tiny_model_dir):
+    """The engine's logits processor gives every entropy_stride-th prompt the entropies of vLLM's
+    top-k log-probs (the full computation), leaves the other prompts without, and changes no output."""
     ids = prompt_ids(tiny_model_dir, 4)  # 32 prompts
-    full_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=1)
     spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=4)
-    pool = GeneratorPool(vllm_spec(1, max_num_seqs=64), progress=False)
 
-    def finish_order(engine_self, apart: bool, mask: list[bool]) -> list[int]:
-        engine_self.engine.entropy_apart = apart
-        return [i for batch in engine_self.engine.stream(ids, spec, mask) for i, _ in batch]
+    def reference(actor_self) -> list[list[list[float]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
+        params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5)
+        outs = actor_self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        return [[[lp.logprob for lp in pos.values() if lp.rank <= 5] for pos in r.outputs[0].logprobs] for r in outs]
+
+    pool = GeneratorPool(vllm_spec(1), progress=False)
     try:
         pool.load(tiny_model_dir)
-        assert ray.get(pool.actors[0].__ray_call__.remote(lambda s: s.engine.entropy_apart))  # the CPU default
-        full = pool.generate(ids, full_spec)
+        plain = pool.generate(ids, replace(spec, entropy_top_k=0))
         cheap = pool.generate(ids, spec)
-        # Entropy on the 8 longest answers: apart they finish first, in one batch they finish last.
-        longest = sorted(range(len(ids)), key=lambda i: -full[i][0].num_tokens)[:8]
-        mask = [i in longest for i in range(len(ids))]
-        apart_order = ray.get(pool.actors[0].__ray_call__.remote(finish_order, True, mask))
-        mixed_order = ray.get(pool.actors[0].__ray_call__.remote(finish_order, False, mask))
-        mixed = pool.generate(ids, spec)
+        full = [top_k_entropies(r) for r in ray.get(pool.actors[0].__ray_call__.remote(reference))]
     finally:
         pool.shutdown()
-    assert full[longest[-1]][0].num_tokens > min(o[0].num_tokens for o in full)
-    assert set(apart_order[:8]) == set(longest) and set(mixed_order[:8]) != set(longest)
-    sampled = set(range(0, len(ids), 4))
-    for outs in (cheap, mixed):
-        assert [o[0].text for o in outs] == [o[0].text for o in full]
-        for i, o in enumerate(outs):
-            if i in sampled:
-                assert o[0].token_entropies == pytest.approx(full[i][0].token_entropies, rel=1e-4, abs=1e-5)
-            else:
-                assert o[0].token_entropies is None
-    assert any(e > 0.01 for i in sampled for e in full[i][0].token_entropies)  # not an all-certain model
-    # So the round's metric (the sampled prompts' mean) is the full computation's on them. How far
-    # that sample's mean is from the all-prompt mean is a property of the data: on SmolLM2 and
-    # GSM8K see entropy_rel_err of tests/bench/bench_generate.py and bench_entropy_cost.py (stated
-    # tolerance 5%).
+    assert [o[0].text for o in cheap] == [o[0].text for o in plain]
+    for i, o in enumerate(cheap):
+        if i % 4 == 0:
+            assert len(o[0].token_entropies) == o[0].num_tokens
+            assert o[0].token_entropies == pytest.approx(full[i], rel=1e-4, abs=1e-5)
+        else:
+            assert o[0].token_entropies is None
+    assert any(e > 0.01 for i in range(0, len(ids), 4) for e in full[i])  # not an all-certain model
+    # The round's metric (the sampled prompts' mean) is thus the full computation's on them. How far
+    # that sample's mean is from the all-prompt mean is a property of the data: on SmolLM2 and GSM8K
+    # see entropy_rel_err of tests/bench/bench_generate.py and bench_entropy_cost.py (stated tolerance 5%).
 
 
-def test_entropies_from_raw_logits_equal_those_from_log_probs(ray_local, tiny_model_dir):
-    """The pool's vLLM engine returns raw logits for the entropy metric's top k (no full-vocabulary
-    log-softmax per row): renormalised, they give the entropies of vLLM's log-probs."""
-    ids = prompt_ids(tiny_model_dir, 1)
-    spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=1)
-    outs = {}
-    for extra in ({}, {"logprobs_mode": "raw_logprobs"}):
-        pool = GeneratorPool(vllm_spec(1, **extra), progress=False)
-        try:
-            pool.load(tiny_model_dir)
-            used = ray.get(pool.actors[0].__ray_call__.remote(
-                lambda s: s.engine.llm.llm_engine.vllm_config.model_config.logprobs_mode))
-            outs[used] = pool.generate(ids, spec)
-        finally:
-            pool.shutdown()
-    assert set(outs) == {"raw_logits", "raw_logprobs"}  # the default, and the override through extra
-    logits, logprobs = outs["raw_logits"], outs["raw_logprobs"]
-    assert [o[0].text for o in logits] == [o[0].text for o in logprobs]
-    for a, b in zip(logits, logprobs):
-        assert a[0].token_entropies == pytest.approx(b[0].token_entropies, rel=1e-4, abs=1e-5)
-    assert any(e > 0.01 for o in logits for e in o[0].token_entropies)
+def test_each_of_n_samples_gets_its_own_entropies(ray_local, tiny_model_dir):
+    """n = 4 sampled continuations of one request: each gets the entropies of its own tokens, checked
+    by scoring prompt + continuation with vLLM's prompt log-probs (the same model, teacher-forced).
+    At temperature 2 the tiny model's samples differ; a KV cache of 6 blocks (768
+    tokens) for 12 samples of up to 250 tokens makes vLLM preempt and recompute them."""
+    ids = prompt_ids(tiny_model_dir, 1)[:3]
+    spec = SamplingSpec(n=4, temperature=2.0, max_tokens=200, seed=None, entropy_top_k=5, entropy_stride=1)
+
+    def generate_and_score(actor_self) -> list[tuple[list[int], list[float], list[list[float]]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        engine, tokens = actor_self.engine, {}
+        completions = engine._completions
+
+        def keep_tokens(req, sampling, reader=None, key=0):  # the samples' token ids, beside the product's output
+            tokens[key] = [list(o.token_ids) for o in req.outputs]
+            return completions(req, sampling, reader, key)
+
+        engine._completions = keep_tokens
+        outs = collect(engine.stream(ids, spec), len(ids))
+        found = []
+        for i, (p, o) in enumerate(zip(ids, outs)):
+            for c, t in zip(o, tokens[i]):
+                scored = engine.llm.generate(TokensPrompt(prompt_token_ids=p + t),
+                                             SamplingParams(max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
+                found.append((t, list(c.token_entropies), [[lp.logprob for lp in pos.values() if lp.rank <= 5]
+                                                           for pos in scored.prompt_logprobs[len(p):]]))
+        return found
+
+    pool = GeneratorPool(vllm_spec(1, num_gpu_blocks_override=6), progress=False)
+    try:
+        pool.load(tiny_model_dir)
+        pairs = ray.get(pool.actors[0].__ray_call__.remote(generate_and_score))
+    finally:
+        pool.shutdown()
+    assert len({tuple(t) for t, _, _ in pairs}) > len(ids)  # the samples of a request differ
+    spread = [max(abs(a - b) for a, b in zip(x, y)) for (_, x, _), (_, y, _) in zip(pairs, pairs[1:])]
+    assert max(spread) > 0.1  # and so do their entropies: a sample given another's would fail
+    for _, got, scored in pairs:
+        assert got == pytest.approx(top_k_entropies(scored), rel=1e-3, abs=1e-4)
