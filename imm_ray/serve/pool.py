@@ -6,8 +6,8 @@ model that is loading share the one load.
 
 With ``spares > 0`` and a ``reload`` function, released engines are kept as warm spares and a new
 checkpoint is loaded by swapping its weights into a spare (vLLM ``reload_weights``: well under a
-second) instead of starting an engine (tens of seconds); a used spare is replenished in the
-background.
+second on a GPU) instead of starting an engine (tens of seconds); a used spare is replenished in the
+background. vLLM's CPU backend cannot swap weights correctly: there a spare's reload restarts it.
 
 Loads run one at a time and reuse the engine they evict, so a burst of requests for many rounds
 holds at most ``capacity`` engines (plus spares) instead of starting one per round. A load that

@@ -57,7 +57,8 @@ class ServeSettings(_Strict):
     engine: EngineSettings = EngineSettings(**_SERVE_ENGINE)
     resident_models: int = Field(2, ge=1, description="engines kept loaded per replica (latest included)")
     spare_engines: int = Field(1, ge=0, description="idle engines kept warm: a new round is swapped into one "
-                                                     "in well under a second instead of starting an engine")
+                                                     "in well under a second instead of starting an engine "
+                                                     "(GPU; vLLM on CPU restarts the spare)")
     load_on_demand: bool = True  # a non-resident round is loaded on request; else 404
     poll_interval_s: float = Field(2.0, gt=0)
     # scaling

@@ -64,6 +64,31 @@ def test_engine_in_actor_generates_and_moves_between_checkpoints(engine, ray_loc
         pool.shutdown()
 
 
+def test_a_swapped_bf16_vllm_engine_equals_one_started_on_the_checkpoint(ray_local, tiny_model_dir, scrambled_model):
+    """Rounds and serving swap float32 checkpoints into a bfloat16 engine (vLLM's reload_weights warns
+    about the dtype and about modules without weights of their own). Every tensor arrives: the
+    swapped engine gives the same greedy tokens and token entropies as a fresh engine on that
+    checkpoint (the scrambled model re-draws every tensor, so one left behind would show)."""
+    options = EngineOptions(dtype="bfloat16", max_model_len=256, kv_cache_gb=1)
+    spec = SamplingSpec(n=1, temperature=0.0, max_tokens=40, seed=None, entropy_top_k=5, entropy_stride=1)
+    ids = prompts(tiny_model_dir)
+    outs = {}
+    for swapped in (True, False):
+        pool = GeneratorPool(PoolSpec(engine="vllm", options=options, num_actors=1, num_cpus=1), progress=False)
+        try:
+            if swapped:
+                pool.load(tiny_model_dir)
+                assert n_correct(pool.generate(ids, spec)) >= 6
+            pool.load(scrambled_model)
+            outs[swapped] = pool.generate(ids, spec)
+        finally:
+            pool.shutdown()
+    assert [o[0].text for o in outs[True]] == [o[0].text for o in outs[False]]
+    for a, b in zip(outs[True], outs[False]):
+        assert a[0].token_entropies == pytest.approx(b[0].token_entropies, abs=1e-6)
+    assert n_correct(outs[True]) <= 1
+
+
 def test_interrupted_vllm_pool_leaves_no_engine_process(ray_local, scrambled_model):
     """Shutting a pool down mid-generation (Ctrl-C, an error) stops vLLM's engine-core process too."""
     import psutil

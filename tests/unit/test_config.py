@@ -221,6 +221,6 @@ def test_driver_hands_entropy_stride_and_placement_waits_to_the_generator_pool(
             return [[Completion("42", "stop", 1)] * sampling.n for _ in prompts]
 
     driver.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    monkeypatch.setattr(driver, "_load", lambda role, model: Pool())
+    monkeypatch.setattr(driver, "_load", lambda role, model, owner: Pool())
     driver._generate(str(tiny_model_dir), Location(str(tmp_path / "samples.jsonl")), 1)
     assert seen[0].entropy_stride == 3 and seen[0].entropy_top_k == cfg.generate.entropy_top_k
