@@ -145,7 +145,7 @@ class EntropyReader:
         self.path = Path(path)
         self.path.touch()
         self._offset = 0
-        self._parts: list[np.ndarray] = []
+        self._by_key: dict[int, list[np.ndarray]] = {}  # records read, by request, in file order
 
     def extra_args(self, key: int, top_k: int) -> dict[str, Any]:
         """The ``SamplingParams.extra_args`` that make request ``key`` record its entropies here."""
@@ -153,22 +153,28 @@ class EntropyReader:
 
     def entropies(self, key: int, samples: Sequence[Sequence[int]]) -> list[tuple[float, ...]]:
         """Entropies of request ``key``'s finished samples (their token ids, in order)."""
+        self._read_new()
+        parts = self._by_key.pop(key, [])  # a finished request's records are needed once
+        records = np.concatenate(parts) if parts else np.empty(0, dtype=RECORD)
+        return sample_entropies(records, samples, key)
+
+    def _read_new(self) -> None:
         with open(self.path, "rb") as f:
             f.seek(self._offset)
             data = f.read()
         usable = len(data) - len(data) % RECORD.itemsize  # a record being written is read next time
-        if usable:
-            self._parts = [np.concatenate([*self._parts, np.frombuffer(data[:usable], dtype=RECORD)])]
-            self._offset += usable
-        records = self._parts[0] if self._parts else np.empty(0, dtype=RECORD)
-        mine = records["key"] == key
-        self._parts = [records[~mine]]  # a finished request's records are needed once
-        return sample_entropies(records[mine], samples, key)
+        if not usable:
+            return
+        self._offset += usable
+        new = np.frombuffer(data[:usable], dtype=RECORD)
+        new = new[np.argsort(new["key"], kind="stable")]  # stable: a position's last record stays last
+        for part in np.split(new, np.flatnonzero(np.diff(new["key"])) + 1):
+            self._by_key.setdefault(int(part["key"][0]), []).append(part)
 
     def close(self) -> None:
         """Delete the record file."""
         self.path.unlink(missing_ok=True)
-        self._parts = []
+        self._by_key = {}
 
     def __enter__(self) -> EntropyReader:
         return self
