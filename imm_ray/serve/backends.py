@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +61,8 @@ def _load_tokenizer(path: Path):
 class VLLMAsyncBackend:
     """One ``vllm.v1.engine.async_llm.AsyncLLM`` on one checkpoint folder."""
 
-    def __init__(self, path: Path, engine, tokenizer, gpu: bool, options: EngineOptions) -> None:
-        self.path, self.engine, self.tokenizer, self.gpu, self.options = path, engine, tokenizer, gpu, options
+    def __init__(self, path: Path, engine, tokenizer, gpu: bool) -> None:
+        self.path, self.engine, self.tokenizer = path, engine, tokenizer
         self.supports_seed = gpu  # a per-request seed kills vLLM's CPU engine (env facts)
 
     @classmethod
@@ -77,20 +76,11 @@ class VLLMAsyncBackend:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from imm_ray.generate.vllm_engine import cpu_engine_env
+        from imm_ray.generate.vllm_engine import engine_args
 
         gpu = torch.cuda.is_available()
-        if not gpu:
-            for key, value in cpu_engine_env(options.kv_cache_gb).items():
-                os.environ.setdefault(key, value)
-        kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
-                      enforce_eager=options.enforce_eager, seed=options.seed, disable_log_stats=True,
-                      **options.extra)
-        if gpu:
-            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
-        logger.info("starting vLLM AsyncLLM on %s (%s)", path, "GPU" if gpu else "CPU")
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        return cls(path, engine, _load_tokenizer(path), gpu, options)
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(path, options, gpu, disable_log_stats=True)))
+        return cls(path, engine, _load_tokenizer(path), gpu)
 
     async def stream(self, params: GenParams) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
@@ -113,15 +103,9 @@ class VLLMAsyncBackend:
             raise
 
     async def reload(self, path: Path) -> "VLLMAsyncBackend":
-        """Swap the weights of another same-architecture checkpoint into this (idle) engine; where
-        vLLM cannot (:func:`~imm_ray.generate.vllm_engine.swaps_weights_in_place`), a fresh engine."""
-        from imm_ray.generate.vllm_engine import swaps_weights_in_place
-
+        """Swap the weights of another same-architecture checkpoint into this (idle) engine."""
         path = Path(path)
-        if not swaps_weights_in_place(self.gpu):
-            await self.close()
-            return await self.start(path, self.options)
-        await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        await self.engine.collective_rpc("imm_swap_weights", kwargs={"weights_path": str(path)})
         await self.engine.reset_prefix_cache()
         self.tokenizer = await asyncio.to_thread(_load_tokenizer, path)
         self.path = path
