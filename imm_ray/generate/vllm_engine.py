@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from imm_ray.generate.engine import (
@@ -22,7 +23,8 @@ from imm_ray.generate.vllm_swap import EXTENSION as SWAP_EXTENSION
 logger = logging.getLogger(__name__)
 
 
-def _on_gpu() -> bool:
+def on_gpu() -> bool:
+    """Whether vLLM engines started in this process run on a GPU (else on the CPU build)."""
     import torch
 
     return torch.cuda.is_available()
@@ -38,9 +40,20 @@ def cpu_engine_env(kv_cache_gb: float) -> dict[str, str]:
     }
 
 
-def engine_args(path: Path, options: EngineOptions, gpu: bool, **more) -> dict:
-    """vLLM engine arguments for ``options`` on ``path`` (``LLM`` and ``AsyncLLM`` alike); sets
-    the CPU build's environment when ``gpu`` is false. Every engine gets the weight-swap extension."""
+@dataclass(frozen=True)
+class EngineStart:
+    """What starting a vLLM engine on this machine takes: the keyword arguments (``LLM`` and
+    ``AsyncEngineArgs`` alike) and whether it runs on a GPU."""
+
+    kwargs: dict
+    gpu: bool
+
+
+def prepare_engine(path: Path, options: EngineOptions, **more) -> EngineStart:
+    """Prepare this process to start a vLLM engine for ``options`` on ``path``: on CPU, sets the
+    CPU build's environment (as defaults: a caller's own settings win) and logs the start. Every
+    engine gets the weight-swap extension."""
+    gpu = on_gpu()
     if not gpu:
         for key, value in cpu_engine_env(options.kv_cache_gb).items():
             os.environ.setdefault(key, value)
@@ -51,7 +64,15 @@ def engine_args(path: Path, options: EngineOptions, gpu: bool, **more) -> dict:
     if gpu:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
     logger.info("starting vLLM on %s (%s)", path, "GPU" if gpu else "CPU")
-    return kwargs
+    return EngineStart(kwargs, gpu)
+
+
+def log_swap(path: Path, repacked: list[list[str]]) -> None:
+    """Log a weight swap and the CPU GEMMs it re-packed (``imm_swap_weights``' answers, one list
+    per worker)."""
+    names = sorted({name for worker in repacked for name in worker})
+    logger.info("swapped in the weights of %s%s", path,
+                f"; re-packed the CPU GEMMs of {', '.join(names)}" if names else "")
 
 
 class VLLMEngine:
@@ -61,20 +82,22 @@ class VLLMEngine:
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
         self.options = options
         self.model_path = Path(model_path)
-        self.gpu = _on_gpu()
         self._calls = 0  # numbers each stream's request ids
         from vllm import LLM
 
         from imm_ray.generate.vllm_entropy import EntropyRecorder
 
         # The entropy metric, on the rows that ask only (log-probs would cost every row).
-        self.llm = LLM(**engine_args(self.model_path, options, self.gpu, logits_processors=[EntropyRecorder]))
+        start = prepare_engine(self.model_path, options, logits_processors=[EntropyRecorder])
+        self.gpu = start.gpu
+        self.llm = LLM(**start.kwargs)
 
     def load(self, model_path: Path) -> None:
         """Switch to another same-architecture checkpoint: its weights swapped into the engine."""
         model_path = Path(model_path)
-        self.llm.collective_rpc("imm_swap_weights", kwargs={"weights_path": str(model_path)})
+        repacked = self.llm.collective_rpc("imm_swap_weights", kwargs={"weights_path": str(model_path)})
         self.llm.reset_prefix_cache()
+        log_swap(model_path, repacked)
         self.model_path = model_path
 
     def close(self) -> None:

@@ -11,10 +11,6 @@ after the reload; the swapped engine then equals a fresh one (tests/integration/
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger(__name__)
-
 #: ``worker_extension_cls`` of every engine this package starts.
 EXTENSION = f"{__name__}.WeightSwap"
 
@@ -37,11 +33,11 @@ def repack_cpu_gemms(model) -> list[str]:
 class WeightSwap:
     """vLLM worker extension (mixed into the worker class; reached with ``collective_rpc``)."""
 
-    def imm_swap_weights(self, weights_path: str) -> None:
-        """``reload_weights`` from ``weights_path``, then the CPU kernels it leaves stale."""
+    def imm_swap_weights(self, weights_path: str) -> list[str]:
+        """``reload_weights`` from ``weights_path``, then the CPU kernels it leaves stale; returns
+        the re-packed layers' names (logged by the caller: this runs in vLLM's worker process,
+        where this package's logging is not set up)."""
         from vllm.platforms import current_platform
 
         self.reload_weights(weights_path=weights_path)
-        if current_platform.is_cpu():
-            names = repack_cpu_gemms(self.model_runner.model)
-            logger.info("re-packed the CPU GEMM weights of %s", ", ".join(names) or "no layer")
+        return repack_cpu_gemms(self.model_runner.model) if current_platform.is_cpu() else []

@@ -72,15 +72,14 @@ class VLLMAsyncBackend:
 
     @classmethod
     def _start_blocking(cls, path: Path, options: EngineOptions) -> "VLLMAsyncBackend":
-        import torch
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from imm_ray.generate.vllm_engine import engine_args
+        from imm_ray.generate.vllm_engine import prepare_engine
 
-        gpu = torch.cuda.is_available()
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(path, options, gpu, disable_log_stats=True)))
-        return cls(path, engine, _load_tokenizer(path), gpu)
+        start = prepare_engine(path, options, disable_log_stats=True)
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**start.kwargs))
+        return cls(path, engine, _load_tokenizer(path), start.gpu)
 
     async def stream(self, params: GenParams) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
@@ -105,7 +104,9 @@ class VLLMAsyncBackend:
     async def reload(self, path: Path) -> "VLLMAsyncBackend":
         """Swap the weights of another same-architecture checkpoint into this (idle) engine."""
         path = Path(path)
-        await self.engine.collective_rpc("imm_swap_weights", kwargs={"weights_path": str(path)})
+        from imm_ray.generate.vllm_engine import log_swap
+
+        log_swap(path, await self.engine.collective_rpc("imm_swap_weights", kwargs={"weights_path": str(path)}))
         await self.engine.reset_prefix_cache()
         self.tokenizer = await asyncio.to_thread(_load_tokenizer, path)
         self.path = path

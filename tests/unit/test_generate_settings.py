@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -58,3 +60,23 @@ def test_run_config_and_serving_embed_the_same_model():
                                       gpu_memory_utilization=0.4, batch_size=8)
     with pytest.raises(ValidationError, match="unknown engine"):
         ServeSettings(engine="nope")
+
+
+def test_every_vllm_start_gets_the_swap_extension_and_the_cpu_env_without_overriding_the_callers(monkeypatch):
+    import torch
+
+    from imm_ray.generate.vllm_engine import cpu_engine_env, prepare_engine
+    from imm_ray.generate.vllm_swap import EXTENSION
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU build's environment is set on CPU machines only")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")  # the caller's own setting
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # restored after the test
+    options = EngineSettings(kv_cache_gb=3, max_model_len=512, extra={"max_num_seqs": 8, "worker_extension_cls": "a.B"})
+    start = prepare_engine(Path("/models/m"), options, disable_log_stats=True)
+    assert not start.gpu
+    assert start.kwargs["worker_extension_cls"] == EXTENSION  # extra cannot drop the swap's re-pack
+    assert (start.kwargs["model"], start.kwargs["max_model_len"], start.kwargs["max_num_seqs"]) == ("/models/m", 512, 8)
+    assert start.kwargs["disable_log_stats"] is True and "gpu_memory_utilization" not in start.kwargs
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cpu_engine_env(3)["VLLM_CPU_OMP_THREADS_BIND"]
