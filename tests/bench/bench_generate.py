@@ -45,6 +45,11 @@ os.environ.setdefault("IMM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 log = logging.getLogger("bench_generate")
 CONTENDERS = ("raw", "pool", "ray_data", "hf", "raw_eval", "pool_eval", "entropy_check")
 ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0)  # the demo's engine settings
+
+
+def engine(args: argparse.Namespace) -> dict:
+    """The vLLM contenders' engine settings: eager, or compiled with ``--compiled`` (the demo's)."""
+    return {**ENGINE, "enforce_eager": not args.compiled}
 TOP_K = 20  # the demo's generate.entropy_top_k
 ENTROPY_TOLERANCE = 0.05  # stated: the sampled estimate within 5% of the all-prompt mean
 
@@ -72,11 +77,11 @@ def sampling(args: argparse.Namespace, evaluation: bool, entropy_top_k: int = 0)
                         entropy_top_k=entropy_top_k)
 
 
-def start_llm(model: Path):
+def start_llm(model: Path, args: argparse.Namespace):
     from vllm import LLM
 
-    return LLM(model=str(model), dtype=ENGINE["dtype"], max_model_len=ENGINE["max_model_len"], enforce_eager=True,
-               seed=0)
+    return LLM(model=str(model), dtype=ENGINE["dtype"], max_model_len=ENGINE["max_model_len"],
+               enforce_eager=not args.compiled, seed=0)
 
 
 def raw_params(spec, logprobs: int | None = None):
@@ -90,7 +95,7 @@ def run_raw(args, evaluation: bool) -> dict:
     from vllm.inputs import TokensPrompt
 
     model, ids = prompt_ids(args, "test" if evaluation else "train", args.eval_prompts if evaluation else args.prompts)
-    llm = start_llm(model)
+    llm = start_llm(model, args)
     t0 = time.monotonic()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], raw_params(sampling(args, evaluation)),
                         use_tqdm=False)
@@ -110,7 +115,7 @@ def run_entropy_check(args) -> dict:
 
     model, ids = prompt_ids(args, "train", args.prompts)
     spec = sampling(args, False, TOP_K)
-    llm = start_llm(model)
+    llm = start_llm(model, args)
     params = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
                             logprobs=TOP_K)
     t0 = time.monotonic()
@@ -135,7 +140,7 @@ def run_pool(args, evaluation: bool) -> dict:
 
     model, ids = prompt_ids(args, "test" if evaluation else "train", args.eval_prompts if evaluation else args.prompts)
     ray.init(num_cpus=4, include_dashboard=False)
-    pool = GeneratorPool(PoolSpec(engine="vllm", options=EngineOptions(**ENGINE), num_actors=1, num_cpus=2),
+    pool = GeneratorPool(PoolSpec(engine="vllm", options=EngineOptions(**engine(args)), num_actors=1, num_cpus=2),
                          progress=False)
     try:
         pool.load(model)
@@ -163,7 +168,8 @@ def run_ray_data(args) -> dict:
                                       "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in os.environ}
     config = vLLMEngineProcessorConfig(
         model_source=str(model), batch_size=64, concurrency=1, runtime_env={"env_vars": env},
-        engine_kwargs=dict(dtype=ENGINE["dtype"], max_model_len=ENGINE["max_model_len"], enforce_eager=True, seed=0),
+        engine_kwargs=dict(dtype=ENGINE["dtype"], max_model_len=ENGINE["max_model_len"],
+                           enforce_eager=not args.compiled, seed=0),
         placement_group_config={"bundles": [{"CPU": 2}]},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     sp = dict(temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
@@ -213,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-prompts", type=int, default=32,
                         help="at most this many of the prompts for hf, the slowest contender (default 32)")
     parser.add_argument("--skip", default="", help="contenders to leave out, comma-separated: " + ",".join(CONTENDERS))
+    parser.add_argument("--compiled", action="store_true",
+                        help="compile the vLLM engines (enforce_eager off, as the demo): slower start, faster steps")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # one contender in this process (used internally)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -224,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown contenders in --skip: {sorted(skip - set(CONTENDERS))}; known: {CONTENDERS}")
     size = {"prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
             "eval_prompts": args.eval_prompts, "hf_prompts": args.hf_prompts}
-    everything: dict = dict(size)
+    everything: dict = dict(size, compiled=args.compiled)
     base = [sys.executable, __file__, "--model", args.model] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in size.items()]
+        f"--{k.replace('_', '-')}={v}" for k, v in size.items()] + ["--compiled"] * args.compiled
     for name in CONTENDERS:
         if name in skip:
             continue
