@@ -45,13 +45,20 @@ os.environ.setdefault("IMM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 log = logging.getLogger("bench_generate")
 CONTENDERS = ("raw", "pool", "ray_data", "hf", "raw_eval", "pool_eval", "entropy_check")
 ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0)  # the demo's engine settings
+TOP_K = 20  # the demo's generate.entropy_top_k
+ENTROPY_TOLERANCE = 0.05  # stated: the sampled estimate within 5% of the all-prompt mean
 
 
 def engine(args: argparse.Namespace) -> dict:
-    """The vLLM contenders' engine settings: eager, or compiled with ``--compiled`` (the demo's)."""
+    """The vLLM contenders' engine settings: the demo's (eager), or compiled with ``--compiled``."""
     return {**ENGINE, "enforce_eager": not args.compiled}
-TOP_K = 20  # the demo's generate.entropy_top_k
-ENTROPY_TOLERANCE = 0.05  # stated: the sampled estimate within 5% of the all-prompt mean
+
+
+def vllm_kwargs(args: argparse.Namespace) -> dict:
+    """``engine(args)`` as vLLM's own engine arguments (for the raw and ray.data contenders)."""
+    settings = engine(args)
+    return dict(dtype=settings["dtype"], max_model_len=settings["max_model_len"],
+                enforce_eager=settings["enforce_eager"], seed=0)
 
 
 def prompt_ids(args: argparse.Namespace, split: str, limit: int) -> tuple[Path, list[list[int]]]:
@@ -80,8 +87,7 @@ def sampling(args: argparse.Namespace, evaluation: bool, entropy_top_k: int = 0)
 def start_llm(model: Path, args: argparse.Namespace):
     from vllm import LLM
 
-    return LLM(model=str(model), dtype=ENGINE["dtype"], max_model_len=ENGINE["max_model_len"],
-               enforce_eager=not args.compiled, seed=0)
+    return LLM(model=str(model), **vllm_kwargs(args))
 
 
 def raw_params(spec, logprobs: int | None = None):
@@ -168,8 +174,7 @@ def run_ray_data(args) -> dict:
                                       "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in os.environ}
     config = vLLMEngineProcessorConfig(
         model_source=str(model), batch_size=64, concurrency=1, runtime_env={"env_vars": env},
-        engine_kwargs=dict(dtype=ENGINE["dtype"], max_model_len=ENGINE["max_model_len"],
-                           enforce_eager=not args.compiled, seed=0),
+        engine_kwargs=vllm_kwargs(args),
         placement_group_config={"bundles": [{"CPU": 2}]},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     sp = dict(temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="at most this many of the prompts for hf, the slowest contender (default 32)")
     parser.add_argument("--skip", default="", help="contenders to leave out, comma-separated: " + ",".join(CONTENDERS))
     parser.add_argument("--compiled", action="store_true",
-                        help="compile the vLLM engines (enforce_eager off, as the demo): slower start, faster steps")
+                        help="compile every vLLM engine (the demo runs eager): slower start, faster steps")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # one contender in this process (used internally)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
