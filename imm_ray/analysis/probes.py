@@ -7,7 +7,6 @@ accepted (verified-correct) samples of round 1, which the original model wrote.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +18,7 @@ import yaml
 from imm_ray.analysis.importance import ProbeSpec, PromptStyle, Reference
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings
-from imm_ray.storage import Location, exists, is_published, layout, read_text, resolve
+from imm_ray.storage import Location, exists, is_published, layout, read_jsonl, read_text, resolve
 from imm_ray.storage.fs import list_files, list_names
 
 __all__ = ["ModelEntry", "discover_models", "probe_from_run", "read_references",
@@ -78,10 +77,7 @@ def read_references(path: str | Path | Location, limit: int | None = None,
     """
     refs: list[Reference] = []
     seen: set[str] = set()
-    for line in read_text(resolve(path)).splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_jsonl(path):
         pid = row.get("problem_id")
         if pid is not None and pid in seen:
             continue

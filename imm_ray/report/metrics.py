@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from imm_ray.storage import Location, layout, read_text, resolve
+from imm_ray.storage import Location, layout, parse_jsonl, read_text, resolve
 
 __all__ = ["STAGE_ORDER", "RunMetrics", "load_run_metrics"]
 
@@ -122,7 +122,7 @@ def load_run_metrics(run_dir: str | Path | Location) -> RunMetrics:
     RUN_DIR is a local path or an object-storage URI."""
     root = resolve(run_dir)
     metrics = _read_optional(root / layout.METRICS)
-    rows = [json.loads(line) for line in metrics.splitlines() if line.strip()] if metrics else []
+    rows = parse_jsonl(metrics, str(root / layout.METRICS)) if metrics else []
     config_text = _read_optional(root / layout.CONFIG)
     config = (yaml.safe_load(config_text) or {}) if config_text else {}
     analysis_text = _read_optional(root / ANALYSIS_FILE)

@@ -30,6 +30,7 @@ from imm_ray.storage.fs import (
     exists,
     is_remote,
     make_temp_dir,
+    parse_jsonl,
     read_json,
     read_jsonl,
     read_text,
@@ -45,7 +46,7 @@ from imm_ray.storage.rundir import RunDir, RunStateError
 __all__ = [
     "CheckpointError", "Location", "MANIFEST_NAME", "RunDir", "RunLockedError", "RunStateError", "StorageError",
     "StorageOptions", "clear_output", "default_cache_dir", "default_mode", "delete", "exists", "folder_checksum",
-    "is_published", "is_remote", "make_temp_dir", "materialize", "materialize_verified",
+    "is_published", "is_remote", "make_temp_dir", "materialize", "materialize_verified", "parse_jsonl",
     "publish_dir", "published_manifest", "read_json",
     "read_jsonl", "read_text", "resolve", "scratch_dir", "set_default_options", "verify_manifest", "work_dir_for",
     "write_json", "write_jsonl", "write_manifest", "write_text",

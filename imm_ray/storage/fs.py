@@ -192,9 +192,29 @@ def read_json(loc: Location) -> Any:
     return json.loads(read_text(loc))
 
 
+def parse_jsonl(text: str, source: str) -> list[dict[str, Any]]:
+    """The JSON objects of JSON-lines ``text`` (blank lines skipped).
+
+    Raises StorageError naming ``source`` and the line when a line is not a JSON object.
+    """
+    rows: list[dict[str, Any]] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{source}:{line_no}: invalid JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise StorageError(f"{source}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def read_jsonl(loc: str | Path | Location) -> list[dict[str, Any]]:
-    """Read a JSON-lines file."""
-    return [json.loads(line) for line in read_text(resolve(loc)).splitlines() if line.strip()]
+    """Read a JSON-lines file of objects (see :func:`parse_jsonl` for its errors)."""
+    loc = resolve(loc)
+    return parse_jsonl(read_text(loc), str(loc))
 
 
 def list_files(loc: Location) -> dict[str, int]:

@@ -5,7 +5,6 @@ Pure data code (torch, a tokenizer and the storage layer; no Ray) so it is unit-
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from imm_ray.data.prompts import encode_prompt
-from imm_ray.storage import Location, read_text, resolve
+from imm_ray.storage import Location, StorageError, read_jsonl, resolve
 from imm_ray.train.settings import SFTError
 
 IGNORE_INDEX = -100
@@ -50,22 +49,16 @@ def read_rows(path: str | Path | Location) -> list[SFTRow]:
     """
     loc = resolve(path)
     try:
-        text = read_text(loc)
+        records = read_jsonl(loc)
     except FileNotFoundError:
         raise SFTError(f"SFT data file not found: {loc}") from None
+    except StorageError as exc:
+        raise SFTError(str(exc)) from None
     rows: list[SFTRow] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SFTError(f"{loc}:{line_no}: invalid JSON ({exc})") from exc
-        if not isinstance(record, dict):
-            raise SFTError(f"{loc}:{line_no}: expected a JSON object")
+    for line_no, record in enumerate(records, start=1):
         prompt, completion = record.get("prompt"), record.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise SFTError(f"{loc}:{line_no}: needs string fields 'prompt' and 'completion'")
+            raise SFTError(f"{loc}: row {line_no} needs string fields 'prompt' and 'completion'")
         rows.append(SFTRow(prompt, completion))
     return rows
 

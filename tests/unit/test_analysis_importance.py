@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from imm_ray.analysis import (
 )
 from imm_ray.analysis.importance import decoder_layers, load_model
 from imm_ray.analysis.pipeline import AnalysisPlan, run_analysis
-from imm_ray.analysis.probes import ModelEntry
+from imm_ray.analysis.probes import ModelEntry, read_references
 from imm_ray.data import Problem
+from imm_ray.storage import StorageError
 from tiny_model import TINY_PROBLEMS
 
 STYLE = PromptStyle("chat", None, "")  # the tiny model memorised prompts without a suffix
@@ -147,3 +149,18 @@ def test_analyze_cli_explicit_checkpoints(tiny_model_dir, tmp_path):
     assert result["models"][0]["change"]["per_layer"][1] > 0
     assert run_analyze_cli(parser.parse_args(args)) == 2  # importance without a probe
     assert run_analyze_cli(parser.parse_args(args[:2] + ["--no-ray"])) == 2  # no --out
+
+
+def test_references_one_per_problem_from_accepted_rows(tmp_path: Path):
+    rows = [{"problem_id": "a", "prompt": "P1", "completion": "S1"},
+            {"problem_id": "a", "prompt": "P1", "completion": "S1 again"},
+            {"problem_id": "b", "prompt": "P2", "completion": "S2"},
+            {"problem_id": "c", "prompt": "P3"},  # no solution: skipped
+            {"prompt": "P4", "completion": "S4"}]
+    path = tmp_path / "accepted.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_references(path) == [Reference("P1", "S1"), Reference("P2", "S2"), Reference("P4", "S4")]
+    assert read_references(path, limit=1) == [Reference("P1", "S1")]
+    path.write_text('{"problem_id": "a"\n')
+    with pytest.raises(StorageError, match=r"accepted\.jsonl:1: invalid JSON"):
+        read_references(path)

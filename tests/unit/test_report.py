@@ -11,7 +11,7 @@ import yaml
 from imm_ray.report import flatten_row, load_run_metrics, publish_rows, write_report
 from imm_ray.report.cli import add_report_arguments, run_report_cli
 from imm_ray.report.sinks import TensorBoardSink, make_sink
-from imm_ray.storage import read_text, resolve
+from imm_ray.storage import StorageError, read_text, resolve
 from imm_ray.storage.fs import list_files, upload_file
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -99,6 +99,12 @@ def test_report_without_optional_parts(tmp_path):
 def test_report_of_empty_run(tmp_path):
     text = read_text(write_report(tmp_path))
     assert "No finished rounds yet" in text
+
+
+def test_a_corrupt_metrics_line_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(_row("imm", 0, 0.1, 0.2)) + "\n" + '{"round": 1, "arm"\n')
+    with pytest.raises(StorageError, match=r"metrics\.jsonl:2: invalid JSON"):
+        load_run_metrics(tmp_path)
 
 
 def test_report_on_object_storage(full_run, s3_bucket):

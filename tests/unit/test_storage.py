@@ -29,6 +29,7 @@ from imm_ray.storage import (
     resolve,
     write_json,
     write_jsonl,
+    write_text,
 )
 from imm_ray.storage.fs import StorageOptions, list_files, read_bytes, s3_arguments, write_bytes
 
@@ -82,6 +83,16 @@ def test_atomic_writes_round_trip(root):
     assert sorted(list_files(loc)) == ["a/r.jsonl", "x.json"]  # no temp file left
     delete(loc / "a")
     assert not exists(loc / "a/r.jsonl")
+
+
+def test_read_jsonl_names_the_file_and_line_of_a_bad_row(root):
+    loc = resolve(root) / "r.jsonl"
+    write_text(loc, '{"i": 1}\n\n{"i": 2\n')
+    with pytest.raises(StorageError, match=r"r\.jsonl:3: invalid JSON"):
+        read_jsonl(loc)
+    write_text(loc, '{"i": 1}\n[1, 2]\n')
+    with pytest.raises(StorageError, match=r"r\.jsonl:2: expected a JSON object, got list"):
+        read_jsonl(loc)
 
 
 def test_local_files_get_umask_permissions(tmp_path):

@@ -123,7 +123,7 @@ def test_read_rows(tmp_path: Path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "d.jsonl:2: invalid JSON"),
-    ('{"prompt": "p"}', "d.jsonl:2: needs string fields"),
+    ('{"prompt": "p"}', "d.jsonl: row 2 needs string fields"),
     ('["p", "c"]', "d.jsonl:2: expected a JSON object"),
 ])
 def test_read_rows_names_the_bad_line(tmp_path: Path, line, message):
