@@ -170,8 +170,7 @@ def run_ray_data(args) -> dict:
     model, ids = prompt_ids(args, "train", args.prompts)
     ray.init(num_cpus=4, include_dashboard=False)
     spec = sampling(args, False)
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-                                      "VLLM_CPU_NUM_OF_RESERVED_CPU") if k in os.environ}
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", *cpu_engine_env(2)) if k in os.environ}
     config = vLLMEngineProcessorConfig(
         model_source=str(model), batch_size=64, concurrency=1, runtime_env={"env_vars": env},
         engine_kwargs=vllm_kwargs(args),

@@ -72,6 +72,7 @@ def test_every_vllm_start_gets_the_swap_extension_and_the_cpu_env_without_overri
         pytest.skip("the CPU build's environment is set on CPU machines only")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")  # the caller's own setting
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # restored after the test
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
     options = EngineSettings(kv_cache_gb=3, max_model_len=512, extra={"max_num_seqs": 8, "worker_extension_cls": "a.B"})
     start = prepare_engine(Path("/models/m"), options, disable_log_stats=True)
     assert not start.gpu
@@ -80,3 +81,4 @@ def test_every_vllm_start_gets_the_swap_extension_and_the_cpu_env_without_overri
     assert start.kwargs["disable_log_stats"] is True and "gpu_memory_utilization" not in start.kwargs
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cpu_engine_env(3)["VLLM_CPU_OMP_THREADS_BIND"]
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"  # a compiled CPU engine reuses torch.compile's cache
