@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from imm_ray.data.prompts import encode_prompt
-from imm_ray.storage import Location, StorageError, read_jsonl, resolve
+from imm_ray.storage import Location, StorageError, parse_jsonl, read_text, resolve
 from imm_ray.train.settings import SFTError
 
 IGNORE_INDEX = -100
@@ -49,10 +49,12 @@ def read_rows(path: str | Path | Location) -> list[SFTRow]:
     """
     loc = resolve(path)
     try:
-        records = read_jsonl(loc)
+        text = read_text(loc)
     except FileNotFoundError:
         raise SFTError(f"SFT data file not found: {loc}") from None
-    except StorageError as exc:
+    try:
+        records = parse_jsonl(text, str(loc))
+    except StorageError as exc:  # a malformed line
         raise SFTError(str(exc)) from None
     rows: list[SFTRow] = []
     for line_no, record in enumerate(records, start=1):
