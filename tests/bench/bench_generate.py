@@ -44,13 +44,13 @@ os.environ.setdefault("IMM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 log = logging.getLogger("bench_generate")
 CONTENDERS = ("raw", "pool", "ray_data", "hf", "raw_eval", "pool_eval", "entropy_check")
-ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0)  # the demo's engine settings
+ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0)  # the demo's engine settings (less compile)
 TOP_K = 20  # the demo's generate.entropy_top_k
 ENTROPY_TOLERANCE = 0.05  # stated: the sampled estimate within 5% of the all-prompt mean
 
 
 def engine(args: argparse.Namespace) -> dict:
-    """The vLLM contenders' engine settings: the demo's (eager), or compiled with ``--compiled``."""
+    """The vLLM contenders' engine settings: eager, or compiled (as the demo) with ``--compiled``."""
     return {**ENGINE, "enforce_eager": not args.compiled}
 
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="at most this many of the prompts for hf, the slowest contender (default 32)")
     parser.add_argument("--skip", default="", help="contenders to leave out, comma-separated: " + ",".join(CONTENDERS))
     parser.add_argument("--compiled", action="store_true",
-                        help="compile every vLLM engine (the demo runs eager): slower start, faster steps")
+                        help="compile every vLLM engine, as the demo does: slower start, faster steps")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # one contender in this process (used internally)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
