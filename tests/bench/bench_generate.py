@@ -44,7 +44,7 @@ os.environ.setdefault("IMM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 log = logging.getLogger("bench_generate")
 CONTENDERS = ("raw", "pool", "ray_data", "hf", "raw_eval", "pool_eval", "entropy_check")
-ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0)  # the demo's engine settings (less compile)
+ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0)  # the demo's, eager (see --compiled)
 TOP_K = 20  # the demo's generate.entropy_top_k
 ENTROPY_TOLERANCE = 0.05  # stated: the sampled estimate within 5% of the all-prompt mean
 
@@ -54,11 +54,13 @@ def engine(args: argparse.Namespace) -> dict:
     return {**ENGINE, "enforce_eager": not args.compiled}
 
 
-def vllm_kwargs(args: argparse.Namespace) -> dict:
-    """``engine(args)`` as vLLM's own engine arguments (for the raw and ray.data contenders)."""
-    settings = engine(args)
-    return dict(dtype=settings["dtype"], max_model_len=settings["max_model_len"],
-                enforce_eager=settings["enforce_eager"], seed=0)
+def vllm_kwargs(model: Path, args: argparse.Namespace) -> dict:
+    """The vLLM engine arguments the product's pool starts ``engine(args)`` with (for the raw and
+    ray.data contenders: the same engine, without the package around it)."""
+    from imm_ray.generate.engine import EngineOptions
+    from imm_ray.generate.vllm_engine import prepare_engine
+
+    return prepare_engine(model, EngineOptions(**engine(args))).kwargs
 
 
 def prompt_ids(args: argparse.Namespace, split: str, limit: int) -> tuple[Path, list[list[int]]]:
@@ -87,7 +89,7 @@ def sampling(args: argparse.Namespace, evaluation: bool, entropy_top_k: int = 0)
 def start_llm(model: Path, args: argparse.Namespace):
     from vllm import LLM
 
-    return LLM(model=str(model), **vllm_kwargs(args))
+    return LLM(**vllm_kwargs(model, args))
 
 
 def raw_params(spec, logprobs: int | None = None):
@@ -173,7 +175,7 @@ def run_ray_data(args) -> dict:
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", *cpu_engine_env(2)) if k in os.environ}
     config = vLLMEngineProcessorConfig(
         model_source=str(model), batch_size=64, concurrency=1, runtime_env={"env_vars": env},
-        engine_kwargs=vllm_kwargs(args),
+        engine_kwargs={k: v for k, v in vllm_kwargs(model, args).items() if k != "model"},
         placement_group_config={"bundles": [{"CPU": 2}]},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     sp = dict(temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens)
