@@ -8,6 +8,7 @@ flags are generated from (:func:`add_settings_arguments`). Pure pydantic: no tor
 from __future__ import annotations
 
 import argparse
+import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -32,6 +33,8 @@ class EngineSettings(BaseModel):
     enforce_eager: bool = Field(True, description="vLLM: no CUDA graphs / compilation (faster start-up)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: share of GPU memory it may take")
     seed: int = Field(0, description="engine seed (sampling is reproducible per engine on CPU)")
+    block_size: int | None = Field(None, ge=16, multiple_of=16,
+                                   description="vLLM KV-cache block in tokens (unset: vLLM's, 128 on CPU; multiples of 32 on CPU)")
     extra: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
 
     @field_validator("name")
@@ -47,6 +50,12 @@ class EngineSettings(BaseModel):
 
 # Fields that a command line cannot spell as one flag.
 _NO_FLAG = {"extra"}
+
+
+def _flag_type(annotation: Any) -> Any:
+    """The type a flag parses its value with: ``X`` for a field of type ``X`` or ``X | None``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser | Any, defaults: EngineSettings | None = None,
@@ -65,8 +74,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser | Any, defaults: Engi
         elif name == "name":
             parser.add_argument(flag, dest=f"engine_{name}", choices=BUILTIN_ENGINES, default=default, help=help_text)
         else:
-            parser.add_argument(flag, dest=f"engine_{name}", type=field.annotation, default=default, help=help_text,
-                                metavar=name.split("_")[-1].upper())
+            parser.add_argument(flag, dest=f"engine_{name}", type=_flag_type(field.annotation), default=default,
+                                help=help_text, metavar=name.split("_")[-1].upper())
 
 
 def settings_from_namespace(args: argparse.Namespace, **overrides: Any) -> EngineSettings:

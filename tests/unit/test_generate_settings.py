@@ -79,6 +79,24 @@ def test_every_vllm_start_gets_the_swap_extension_and_the_cpu_env_without_overri
     assert start.kwargs["worker_extension_cls"] == EXTENSION  # extra cannot drop the swap's re-pack
     assert (start.kwargs["model"], start.kwargs["max_model_len"], start.kwargs["max_num_seqs"]) == ("/models/m", 512, 8)
     assert start.kwargs["disable_log_stats"] is True and "gpu_memory_utilization" not in start.kwargs
+    assert "block_size" not in start.kwargs  # vLLM's own unless set
+    assert prepare_engine(Path("/models/m"), EngineSettings(block_size=64)).kwargs["block_size"] == 64
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == cpu_engine_env(3)["VLLM_CPU_OMP_THREADS_BIND"]
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"  # a compiled CPU engine reuses torch.compile's cache
+
+
+def test_kv_block_size_is_checked_for_the_cpu_engine():
+    from imm_ray.generate.vllm_engine import kv_block_size
+
+    assert kv_block_size(EngineSettings(), gpu=False) is None  # vLLM's own default
+    assert kv_block_size(EngineSettings(block_size=64), gpu=False) == 64
+    assert kv_block_size(EngineSettings(block_size=16), gpu=True) == 16
+    with pytest.raises(ValueError, match="CPU attention takes multiples of 32"):
+        kv_block_size(EngineSettings(block_size=48), gpu=False)
+    with pytest.raises(ValidationError, match="multiple of 16"):
+        EngineSettings(block_size=24)
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    assert settings_from_namespace(parser.parse_args(["--block-size", "64"])).block_size == 64
+    assert settings_from_namespace(parser.parse_args([])).block_size is None
