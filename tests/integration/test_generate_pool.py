@@ -32,8 +32,8 @@ def prompt_ids(model_dir, repeat: int) -> list[list[int]]:
             for r in range(repeat) for q, _, _ in TINY_PROBLEMS]
 
 
-def vllm_spec(num_actors: int, **extra) -> PoolSpec:
-    options = EngineOptions(dtype="float32", max_model_len=512, kv_cache_gb=1, extra=extra)
+def vllm_spec(num_actors: int, block_size: int | None = None, **extra) -> PoolSpec:
+    options = EngineOptions(dtype="float32", max_model_len=512, kv_cache_gb=1, block_size=block_size, extra=extra)
     return PoolSpec(engine="vllm", options=options, num_actors=num_actors, num_cpus=1, max_retries=2)
 
 
@@ -176,12 +176,15 @@ def test_recorded_entropies_equal_those_of_vllm_s_log_probs(ray_local, tiny_mode
     # see entropy_rel_err of tests/bench/bench_generate.py and bench_entropy_cost.py (stated tolerance 5%).
 
 
-def test_each_of_n_samples_gets_its_own_entropies(ray_local, tiny_model_dir):
+@pytest.mark.parametrize("block_size", [None, 32], ids=["blocks-128", "blocks-32"])
+def test_each_of_n_samples_gets_its_own_entropies(ray_local, tiny_model_dir, block_size):
     """n = 4 sampled continuations of one request: each gets the entropies of its own tokens, checked
     by scoring prompt + continuation with vLLM's prompt log-probs (the same model, teacher-forced).
-    At temperature 2 the tiny model's samples differ; a KV cache of 6 blocks (768
-    tokens) for 12 samples of up to 250 tokens makes vLLM preempt and recompute them."""
-    ids = prompt_ids(tiny_model_dir, 1)[:3]
+    At temperature 2 the tiny model's samples differ; a KV cache of 768 tokens for 12 samples of up
+    to 250 tokens makes vLLM preempt and recompute them. With 32-token blocks the samples of a
+    request share their prompt's full blocks (prefix caching), with vLLM's CPU default (128) none."""
+    ids = prompt_ids(tiny_model_dir, 41)[-3:]  # 40 leading spaces: prompts of 50+ tokens
+    assert min(map(len, ids)) >= 32  # at least one full 32-token block to share
     spec = SamplingSpec(n=4, temperature=2.0, max_tokens=200, seed=None, entropy_top_k=5, entropy_stride=1)
 
     def generate_and_score(actor_self) -> list[tuple[list[int], list[float], list[list[float]]]]:
@@ -206,7 +209,8 @@ def test_each_of_n_samples_gets_its_own_entropies(ray_local, tiny_model_dir):
                                                            for pos in scored.prompt_logprobs[len(p):]]))
         return found
 
-    pool = GeneratorPool(vllm_spec(1, num_gpu_blocks_override=6), progress=False)
+    pool = GeneratorPool(vllm_spec(1, block_size, num_gpu_blocks_override=768 // (block_size or 128)),
+                         progress=False)
     try:
         pool.load(tiny_model_dir)
         pairs = ray.get(pool.actors[0].__ray_call__.remote(generate_and_score))
