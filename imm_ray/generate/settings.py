@@ -33,8 +33,9 @@ class EngineSettings(BaseModel):
     enforce_eager: bool = Field(True, description="vLLM: no CUDA graphs / compilation (faster start-up)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: share of GPU memory it may take")
     seed: int = Field(0, description="engine seed (sampling is reproducible per engine on CPU)")
-    block_size: int | None = Field(None, ge=16, multiple_of=16,
-                                   description="vLLM KV-cache block in tokens (unset: vLLM's, 128 on CPU; multiples of 32 on CPU)")
+    block_size: int | None = Field(
+        None, ge=16, multiple_of=16,
+        description="vLLM KV-cache block in tokens (unset: vLLM's own, 128 on CPU, which takes multiples of 32)")
     extra: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
 
     @field_validator("name")

@@ -44,7 +44,8 @@ os.environ.setdefault("IMM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 log = logging.getLogger("bench_generate")
 CONTENDERS = ("raw", "pool", "ray_data", "hf", "raw_eval", "pool_eval", "entropy_check")
-ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0, block_size=32)  # the demo's, eager (see --compiled)
+# The demo's engine settings (jobs/configs/demo.yaml), eager (see --compiled).
+ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0, block_size=32)
 TOP_K = 20  # the demo's generate.entropy_top_k
 ENTROPY_TOLERANCE = 0.05  # stated: the sampled estimate within 5% of the all-prompt mean
 
