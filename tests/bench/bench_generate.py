@@ -44,24 +44,25 @@ os.environ.setdefault("IMM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 log = logging.getLogger("bench_generate")
 CONTENDERS = ("raw", "pool", "ray_data", "hf", "raw_eval", "pool_eval", "entropy_check")
-# The demo's engine settings (jobs/configs/demo.yaml), eager (see --compiled).
-ENGINE = dict(dtype="bfloat16", max_model_len=1024, kv_cache_gb=2.0, block_size=32)
+DEMO_CONFIG = ROOT / "jobs" / "configs" / "demo.yaml"  # the contenders' engine settings are the demo's
 TOP_K = 20  # the demo's generate.entropy_top_k
 ENTROPY_TOLERANCE = 0.05  # stated: the sampled estimate within 5% of the all-prompt mean
 
 
-def engine(args: argparse.Namespace) -> dict:
-    """The vLLM contenders' engine settings: eager, or compiled (as the demo) with ``--compiled``."""
-    return {**ENGINE, "enforce_eager": not args.compiled}
+def engine(args: argparse.Namespace):
+    """The vLLM contenders' engine settings: the demo's (``DEMO_CONFIG``), eager, or compiled (as the
+    demo) with ``--compiled``."""
+    from imm_ray.config import load_config
+
+    return load_config(DEMO_CONFIG).generate.engine.model_copy(update={"enforce_eager": not args.compiled})
 
 
 def vllm_kwargs(model: Path, args: argparse.Namespace) -> dict:
     """The vLLM engine arguments the product's pool starts ``engine(args)`` with (for the raw and
     ray.data contenders: the same engine, without the package around it)."""
-    from imm_ray.generate.engine import EngineOptions
     from imm_ray.generate.vllm_engine import prepare_engine
 
-    return prepare_engine(model, EngineOptions(**engine(args))).kwargs
+    return prepare_engine(model, engine(args)).kwargs
 
 
 def prompt_ids(args: argparse.Namespace, split: str, limit: int) -> tuple[Path, list[list[int]]]:
@@ -145,11 +146,10 @@ def run_pool(args, evaluation: bool) -> dict:
 
     from imm_ray.evaluate.diversity import mean_token_entropy
     from imm_ray.generate.actors import GeneratorPool, PoolSpec
-    from imm_ray.generate.engine import EngineOptions
 
     model, ids = prompt_ids(args, "test" if evaluation else "train", args.eval_prompts if evaluation else args.prompts)
     ray.init(num_cpus=4, include_dashboard=False)
-    pool = GeneratorPool(PoolSpec(engine="vllm", options=EngineOptions(**engine(args)), num_actors=1, num_cpus=2),
+    pool = GeneratorPool(PoolSpec(engine="vllm", options=engine(args), num_actors=1, num_cpus=2),
                          progress=False)
     try:
         pool.load(model)
@@ -200,9 +200,9 @@ def run_hf(args) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, ids = prompt_ids(args, "train", min(args.prompts, args.hf_prompts))
-    engine = create_engine("hf", model, EngineOptions(name="hf", dtype=ENGINE["dtype"], batch_size=16))
+    hf = create_engine("hf", model, EngineOptions(name="hf", dtype=engine(args).dtype, batch_size=16))
     t0 = time.monotonic()
-    outs = engine.generate(ids, sampling(args, False))
+    outs = hf.generate(ids, sampling(args, False))
     seconds = time.monotonic() - t0
     tokens = sum(c.num_tokens for o in outs for c in o)
     return {"hf_tok_s": tokens / seconds, "hf_tokens": tokens, "hf_s": seconds, "hf_prompts": len(ids)}
