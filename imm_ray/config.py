@@ -2,7 +2,8 @@
 
 A config is built in layers: the defaults of the pydantic models, then an optional named preset
 (``preset: paper`` in the YAML or ``--preset``), then the YAML file, then command-line overrides.
-The resolved tree is saved as ``run.yaml`` in the run directory.
+The resolved tree is saved as ``run.yaml`` in the run directory (:func:`config_to_yaml`) and read back
+by :func:`load_run_config`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from pydantic import (
 )
 
 from imm_ray.data import DatasetSpec
+from imm_ray.data.spec import PRESET_FIELDS
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.placement import custom_resources
 from imm_ray.serve.settings import ServeSettings
+from imm_ray.storage import Location, layout, read_text, resolve
 from imm_ray.train import SFTSettings
 
 logger = logging.getLogger(__name__)
@@ -389,7 +392,7 @@ def load_config(
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        file_tree = loaded or {}
+        file_tree = _specs_as_given(loaded or {})  # a run.yaml is a config file too
     for override in overrides or []:
         apply_override(file_tree, override)
     preset_name = preset or file_tree.get("preset")
@@ -464,9 +467,69 @@ def _item_type(annotation: Any) -> Any:
     return _model_type(args[0]) if typing.get_origin(_model_type(annotation)) is list and args else None
 
 
+# --- run.yaml: the config a run directory keeps --------------------------------------------------
+
 def config_to_yaml(cfg: ImmConfig) -> str:
-    """Serialise the resolved config (the form saved as ``run.yaml``)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """Serialise the resolved config as ``run.yaml``: every key's value, except that each data set
+    holds only the fields its config set. Which fields are set decides what a data-set preset
+    supplies (:data:`PRESET_FIELDS`), so a data set written in full would reload as another one."""
+    tree = cfg.model_dump(mode="json")
+    tree["data"]["train"] = cfg.data.train.model_dump(mode="json", exclude_unset=True)
+    tree["data"]["eval"] = [spec.model_dump(mode="json", exclude_unset=True) for spec in cfg.data.eval]
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+# The fields of a data set in the full form that run.yaml had before it kept data sets as given
+# (frozen: a field added to DatasetSpec since is absent from that form).
+_FULL_FORM_FIELDS = frozenset({"name", "preset", "path", "hub_id", "hub_config", "split", "question_field",
+                               "answer_field", "id_field", "answer_format", "offset", "limit", "strict"})
+
+
+def _as_given(spec: Any) -> Any:
+    """A data set of a config file as its config gave it.
+
+    A data set in the full form (every field written out) reads as one that left a preset's field
+    holding the :class:`DatasetSpec` default to the preset, as the config that wrote it almost
+    surely did (only one that set such a field to exactly that default reads back otherwise)."""
+    if not isinstance(spec, dict) or spec.get("preset") is None or not _FULL_FORM_FIELDS <= set(spec):
+        return spec
+    defaults = {name: DatasetSpec.model_fields[name].default for name in PRESET_FIELDS}
+    return {key: value for key, value in spec.items() if key not in defaults or value != defaults[key]}
+
+
+def _specs_as_given(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` (a config file's, changed in place) with its data sets as their config gave them."""
+    data = tree.get("data")
+    if isinstance(data, dict):
+        if "train" in data:
+            data["train"] = _as_given(data["train"])
+        if isinstance(data.get("eval"), list):
+            data["eval"] = [_as_given(spec) for spec in data["eval"]]
+    return tree
+
+
+def config_from_run_yaml(text: str, source: str = layout.CONFIG) -> ImmConfig:
+    """The config saved as a run's ``run.yaml`` (this version's form or the full form of earlier ones)."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source} must hold a mapping at the top level")
+    try:
+        return config_from_dict(_specs_as_given(tree))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_run_config(run_dir: str | Path | Location) -> ImmConfig:
+    """The config of the run in ``run_dir`` (a path or an object-store URI), read from its ``run.yaml``."""
+    path = resolve(run_dir) / layout.CONFIG
+    try:
+        text = read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: {run_dir} is not an imm run directory") from None
+    return config_from_run_yaml(text, str(path))
 
 
 # Keys that may change when a run is resumed: they do not change what finished stages produced.
@@ -474,8 +537,32 @@ RESUMABLE_CHANGES = (
     "run.rounds", "run.concurrent_arms", "run.progress", "run.report", "run.analyze", "run.metric_sinks",
     "ray.", "serve.", "storage.",
     "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride",
-    "train.max_failures", "train.checkpoint_every_steps", "train.checkpoint_min_interval_s", *REMOVED_KEYS,
+    "train.max_failures", "train.checkpoint_every_steps", "train.checkpoint_min_interval_s",
 )
+
+
+def effective_tree(cfg: ImmConfig) -> dict[str, Any]:
+    """``cfg`` as a tree of what each key does: every value, and each data set's :data:`PRESET_FIELDS`
+    that it leaves to its preset marked as such (they read as the preset's, whatever the default)."""
+    tree = cfg.model_dump(mode="json")
+
+    def effective(spec: DatasetSpec) -> dict[str, Any]:
+        fields = spec.model_dump(mode="json")
+        if spec.preset is not None:
+            fields.update({name: f"<preset {spec.preset}>" for name in PRESET_FIELDS
+                           if name not in spec.model_fields_set})
+        return fields
+
+    tree["data"]["train"] = effective(cfg.data.train)
+    tree["data"]["eval"] = [effective(spec) for spec in cfg.data.eval]
+    return tree
+
+
+def resume_differences(saved: ImmConfig, cfg: ImmConfig) -> list[str]:
+    """Dotted keys that a resume with ``cfg`` changes in a run ``saved`` (its run.yaml), where the change
+    matters: keys outside :data:`RESUMABLE_CHANGES` whose effective values differ."""
+    return [key for key in config_differences(effective_tree(saved), effective_tree(cfg))
+            if not key.startswith(RESUMABLE_CHANGES)]
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

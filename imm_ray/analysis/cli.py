@@ -28,9 +28,9 @@ from imm_ray.analysis.probes import (
     discover_models,
     probe_from_run,
     read_references,
-    run_config,
 )
-from imm_ray.storage import Location, is_published, layout, resolve
+from imm_ray.config import load_run_config
+from imm_ray.storage import Location, exists, is_published, layout, resolve
 
 __all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
 
@@ -104,9 +104,8 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
         raise ValueError(f"unknown --measures {sorted(unknown)}; use {sorted(IMPORTANCE_MEASURES)}")
     models = _parse_models(args.model)
     if run_dir is not None:
-        cfg = run_config(run_dir)
-        if not cfg and not args.original:
-            raise ValueError(f"{run_dir} has no run.yaml; pass --original")
+        if not args.original and not exists(run_dir / layout.CONFIG):
+            raise ValueError(f"{run_dir} has no {layout.CONFIG}; pass --original")
         if args.original:
             original = resolve(args.original).uri
         elif is_published(run_dir / layout.ORIGINAL):  # an object-store run's own copy of its model
@@ -114,8 +113,8 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
         else:
             from imm_ray.models import resolve_model
 
-            model_cfg = cfg.get("model") or {}
-            original = str(resolve_model(model_cfg.get("ref"), model_cfg.get("cache_dir")))
+            model_cfg = load_run_config(run_dir).model
+            original = str(resolve_model(model_cfg.ref, model_cfg.cache_dir))
         models = discover_models(run_dir) + models
         out = resolve(args.out) if args.out else run_dir / ANALYSIS_FILE
     else:

@@ -13,16 +13,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from imm_ray.analysis.importance import ProbeSpec, PromptStyle, Reference
-from imm_ray.data import DatasetSpec, Problem, load_problems
+from imm_ray.config import load_run_config
+from imm_ray.data import Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings
-from imm_ray.storage import Location, exists, is_published, layout, read_jsonl, read_text, resolve
+from imm_ray.storage import Location, exists, is_published, layout, read_jsonl, resolve
 from imm_ray.storage.fs import list_files, list_names
 
 __all__ = ["ModelEntry", "discover_models", "probe_from_run", "read_references",
-           "references_from_completions", "run_config"]
+           "references_from_completions"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +40,6 @@ class ModelEntry:
     @property
     def label(self) -> str:
         return f"{self.arm}/r{self.round}/{self.kind}"
-
-
-def run_config(run_dir: str | Path | Location) -> dict[str, Any]:
-    """The resolved config tree saved as RUN_DIR/run.yaml ({} when absent); RUN_DIR may be a URI."""
-    try:
-        return yaml.safe_load(read_text(resolve(run_dir) / layout.CONFIG)) or {}
-    except FileNotFoundError:
-        return {}
 
 
 def discover_models(run_dir: str | Path | Location) -> list[ModelEntry]:
@@ -122,22 +113,16 @@ def probe_from_run(run_dir: str | Path | Location, probe_size: int = 32, referen
     ``overrides`` replace ProbeSpec fields (batch_size, dtype, device, ...).
     """
     run_dir = resolve(run_dir)
-    cfg = run_config(run_dir)
-    data = cfg.get("data", {})
-    evals = data.get("eval") or []
-    if not evals:
-        raise ValueError(f"{run_dir}/run.yaml names no data.eval set to probe with")
-    spec = DatasetSpec(**evals[0])
-    problems = load_problems(spec, data_dir=data.get("dir")).problems[:probe_size]
-    template = data.get("prompt_template", "chat")
-    stop = (cfg.get("generate") or {}).get("stop")
-    eval_tokens = (cfg.get("evaluate") or {}).get("max_tokens", 256)
+    cfg = load_run_config(run_dir)
+    data = cfg.data
+    problems = load_problems(data.eval[0], data_dir=data.dir).problems[:probe_size]
+    stop = cfg.generate.stop
     probe = ProbeSpec(
         problems=tuple(problems),
-        prompt=PromptStyle(template, data.get("system_prompt"), data.get("instruction_suffix")),
-        max_new_tokens=max_new_tokens or min(int(eval_tokens), 256),
-        verifier=(cfg.get("verify") or {}).get("verifier", "numeric"),
-        stop_strings=tuple(stop if stop is not None else default_stop_strings(template)),
+        prompt=PromptStyle(data.prompt_template, data.system_prompt, data.instruction_suffix),
+        max_new_tokens=max_new_tokens or min(cfg.evaluate.max_tokens, 256),
+        verifier=cfg.verify.verifier,
+        stop_strings=tuple(stop if stop is not None else default_stop_strings(data.prompt_template)),
     )
     source = "baseline greedy completions (correct ones)"
     accepted = _first_accepted(run_dir)

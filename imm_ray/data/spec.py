@@ -6,11 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["AnswerFormat", "DatasetSpec"]
+__all__ = ["AnswerFormat", "DatasetSpec", "PRESET_FIELDS"]
 
 # plain: gold taken as written (normalised if numeric, kept as text otherwise);
 # numeric: gold must be a number; gsm8k: gold is the number after the last '####'.
 AnswerFormat = Literal["plain", "numeric", "gsm8k"]
+
+# The fields a preset supplies when a spec with a preset leaves them unset (imm_ray.data.loaders).
+PRESET_FIELDS = ("question_field", "answer_field", "answer_format")
 
 
 class DatasetSpec(BaseModel):

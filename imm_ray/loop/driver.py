@@ -23,11 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
 from transformers import AutoTokenizer
 
 from imm_ray.analysis.cli import analyze_run
-from imm_ray.config import RESUMABLE_CHANGES, ConfigError, ImmConfig, config_differences, config_to_yaml
+from imm_ray.config import ConfigError, ImmConfig, config_from_run_yaml, config_to_yaml, resume_differences
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings, encode_prompt, render_prompt
 from imm_ray.evaluate import (
@@ -103,8 +102,7 @@ class RoundDriver:
         text = config_to_yaml(self.cfg)
         old_text = self.rd.read_config_text()
         if old_text is not None:
-            diffs = [d for d in config_differences(yaml.safe_load(old_text), yaml.safe_load(text))
-                     if not d.startswith(RESUMABLE_CHANGES)]
+            diffs = resume_differences(config_from_run_yaml(old_text, str(self.rd.config_path)), self.cfg)
             done = self.rd.done_keys()
             pinned = [(d, stage) for d in diffs if (stage := layout.pinning_stage(d, done))]
             if pinned:

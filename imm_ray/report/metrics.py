@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from imm_ray.storage import Location, layout, parse_jsonl, read_text, resolve
+from imm_ray.config import ImmConfig, load_run_config
+from imm_ray.storage import Location, exists, layout, parse_jsonl, read_text, resolve
 
 __all__ = ["STAGE_ORDER", "RunMetrics", "load_run_metrics"]
 
@@ -34,15 +33,14 @@ class RunMetrics:
 
     run_dir: Location
     rows: list[dict[str, Any]]
-    config: dict[str, Any]
+    config: ImmConfig | None
     analysis: dict[str, Any] | None = None
 
     # --- names ------------------------------------------------------------------------------
     @property
     def datasets(self) -> list[str]:
         """Evaluation sets in config order (the first is in-domain), else in row order."""
-        names = [d.get("name") for d in (self.config.get("data") or {}).get("eval") or []]
-        seen = [n for n in names if n]
+        seen = [spec.name for spec in self.config.data.eval] if self.config is not None else []
         for row in self.rows:
             for name in row.get("accuracy", {}):
                 if name not in seen:
@@ -117,14 +115,13 @@ def _read_optional(loc: Location) -> str | None:
 
 
 def load_run_metrics(run_dir: str | Path | Location) -> RunMetrics:
-    """Rows of RUN_DIR/metrics.jsonl (empty if absent), run.yaml and analysis.json if present.
+    """Rows of RUN_DIR/metrics.jsonl (empty if absent), its config and analysis.json if present.
 
     RUN_DIR is a local path or an object-storage URI."""
     root = resolve(run_dir)
     metrics = _read_optional(root / layout.METRICS)
     rows = parse_jsonl(metrics, str(root / layout.METRICS)) if metrics else []
-    config_text = _read_optional(root / layout.CONFIG)
-    config = (yaml.safe_load(config_text) or {}) if config_text else {}
+    config = load_run_config(root) if exists(root / layout.CONFIG) else None
     analysis_text = _read_optional(root / ANALYSIS_FILE)
     analysis = json.loads(analysis_text) if analysis_text else None
     return RunMetrics(root, rows, config, analysis)

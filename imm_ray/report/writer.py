@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from imm_ray.config import ImmConfig
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.report.plots import write_plots
 from imm_ray.report.sinks import TENSORBOARD_DIR, make_sink, publish_rows
@@ -31,22 +32,16 @@ _PLOT_TITLES = {
 }
 
 
-def _config_lines(config: dict[str, Any]) -> list[str]:
-    if not config:
+def _config_lines(config: ImmConfig | None) -> list[str]:
+    if config is None:
         return []
-    run, data, merge = config.get("run") or {}, config.get("data") or {}, config.get("merge") or {}
-    gen = config.get("generate") or {}
-    train = (data.get("train") or {}).get("name")
-    evals = [d.get("name") for d in data.get("eval") or []]
-    lines = [f"- model: `{(config.get('model') or {}).get('ref')}`",
-             f"- arms: {', '.join(run.get('arms') or [])}; rounds: {run.get('rounds')}",
-             f"- train pool: {train}; evaluation: {', '.join(n for n in evals if n)} (first = ID)"]
-    if gen:
-        lines.append(f"- sampling: {gen.get('samples_per_question')} per question, temperature "
-                     f"{gen.get('temperature')}, max {gen.get('max_tokens')} tokens")
-    if merge:
-        lines.append(f"- merge: {merge.get('method')} {merge.get('params')}")
-    return lines
+    run, data, gen, merge = config.run, config.data, config.generate, config.merge
+    return [f"- model: `{config.model.ref}`",
+            f"- arms: {', '.join(run.arms)}; rounds: {run.rounds}",
+            f"- train pool: {data.train.name}; evaluation: {', '.join(d.name for d in data.eval)} (first = ID)",
+            f"- sampling: {gen.samples_per_question} per question, temperature {gen.temperature}, "
+            f"max {gen.max_tokens} tokens",
+            f"- merge: {merge.method} {merge.params}"]
 
 
 def _analysis_section(run: RunMetrics, plots: Sequence[str]) -> list[str]:
@@ -75,7 +70,7 @@ def _analysis_section(run: RunMetrics, plots: Sequence[str]) -> list[str]:
 
 def render_report(run: RunMetrics, plots: Sequence[str]) -> str:
     """The markdown text of the report (plots: names of the PNGs written under plots/)."""
-    name = (run.config.get("run") or {}).get("name") or run.run_dir.name
+    name = run.config.run.name if run.config is not None else run.run_dir.name
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# IMM run report: {name}", "", f"Run directory `{run.run_dir}`, written {now}.", ""]
     lines += _config_lines(run.config) + [""]

@@ -98,17 +98,6 @@ class RunDir:
         except FileNotFoundError:
             return None
 
-    def read_config(self) -> Any:
-        """``run.yaml`` read back as the typed :class:`imm_ray.config.ImmConfig`."""
-        import yaml
-
-        from imm_ray.config import config_from_dict
-
-        text = self.read_config_text()
-        if text is None:
-            raise StorageError(f"{self.root} has no {layout.CONFIG}: it is not an imm run directory")
-        return config_from_dict(yaml.safe_load(text))
-
     def write_config(self, text: str) -> None:
         write_text(self.config_path, text)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from imm_ray.analysis.cli import add_analyze_arguments, run_analyze_cli
+from imm_ray.config import config_from_dict, config_to_yaml
 from imm_ray.report import write_report
 from tiny_model import TINY_PROBLEMS
 
@@ -32,13 +32,13 @@ def _round_model(src: Path, dst: Path, scale: float, layer: str) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analysis-run")
-    (root / "run.yaml").write_text(yaml.safe_dump({
+    (root / "run.yaml").write_text(config_to_yaml(config_from_dict({  # as the driver writes it
         "run": {"name": "tiny-analysis", "rounds": 1, "arms": ["imm", "si"]},
         "model": {"ref": str(tiny_model_dir)},
         "data": {"dir": str(tiny_data_dir), "prompt_template": "chat", "instruction_suffix": "",
                  "eval": [{"name": "tiny-test", "preset": "gsm8k", "split": "test"}]},
         "evaluate": {"max_tokens": 16},
-    }))
+    })))
     _round_model(tiny_model_dir, root / "imm/round-001/sft", 0.02, ".layers.1.")
     _round_model(tiny_model_dir, root / "imm/round-001/merged", 0.01, ".layers.1.")
     _round_model(tiny_model_dir, root / "si/round-001/sft", 0.02, ".layers.0.")

@@ -133,7 +133,8 @@ def test_split_layers():
 def test_a_run_on_object_storage_is_read_through_the_storage_layer(s3_bucket, tiny_model_dir, tmp_path, monkeypatch):
     """discover_models lists published checkpoints only (as URIs), run.yaml and the references come from
     the bucket, and parameter_change materializes what it compares."""
-    from imm_ray.analysis.probes import discover_models, probe_from_run, run_config
+    from imm_ray.analysis.probes import discover_models, probe_from_run
+    from imm_ray.config import load_run_config
     from imm_ray.storage import publish_dir, resolve, write_jsonl, write_text
     from imm_ray.storage.fs import upload_file
 
@@ -150,7 +151,7 @@ def test_a_run_on_object_storage_is_read_through_the_storage_layer(s3_bucket, ti
     assert [(e.label, e.path) for e in discover_models(root.uri)] == [
         ("imm/r1/sft", f"{root.uri}/imm/round-001/sft"), ("imm/r1/merged", f"{root.uri}/imm/round-001/merged"),
         ("si/r2/sft", f"{root.uri}/si/round-002/sft")]
-    assert run_config(root.uri)["data"]["eval"][0]["name"] == "t" and run_config(root / "missing") == {}
+    assert load_run_config(root.uri).data.eval[0].name == "t"
     probe, source = probe_from_run(root.uri)
     assert source == f"{root.uri}/imm/round-001/accepted.jsonl" and [r.solution for r in probe.references] == ["c"]
     change = parameter_change(f"{root.uri}/imm/round-001/sft", tiny_model_dir)

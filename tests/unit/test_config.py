@@ -12,6 +12,7 @@ from imm_ray.config import (
     config_from_dict,
     config_to_yaml,
     load_config,
+    load_run_config,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,13 +66,6 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("run: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "jobs/configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate_and_round_trip(path):
-    cfg = load_config(path)
-    again = yaml.safe_load(config_to_yaml(cfg))
-    assert config_differences(cfg.model_dump(mode="json"), again) == []
 
 
 def test_demo_config_is_what_the_issue_asks():
@@ -167,7 +161,7 @@ def test_removed_chunk_size_still_loads_with_a_deprecation_warning(tmp_path, cap
     rd.write_config(yaml.safe_dump(old, sort_keys=False))
     rd.mark_done("imm/round-001/generate", 1.0, {})
     RoundDriver(cfg, tmp_path)._save_config()  # a resume of the old run is not refused over the removed key
-    assert rd.read_config() == cfg and "chunk_size" not in rd.read_config_text()
+    assert load_run_config(tmp_path) == cfg and "chunk_size" not in rd.read_config_text()
 
 
 @pytest.mark.parametrize("override, key", [
@@ -189,7 +183,7 @@ def test_entropy_stride_and_placement_waits_may_change_on_resume(tmp_path):
     changed = ["generate.entropy_stride=1", "generate.entropy_top_k=5", "ray.placement_log_s=5",
                "ray.placement_timeout_s=600"]
     RoundDriver(load_config(None, changed), tmp_path)._save_config()
-    cfg = RunDir(tmp_path).read_config()
+    cfg = load_run_config(tmp_path)
     assert (cfg.generate.entropy_stride, cfg.ray.placement_log_s, cfg.ray.placement_timeout_s) == (1, 5, 600)
     with pytest.raises(ConfigError, match="generate.temperature differs"):  # a key generate used stays pinned
         RoundDriver(load_config(None, [*changed, "generate.temperature=0.1"]), tmp_path)._save_config()

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from imm_ray.config import ConfigError, config_from_dict, config_to_yaml
+from imm_ray.config import ConfigError, config_from_dict, config_to_yaml, load_run_config
 from imm_ray.loop.driver import RoundDriver
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.storage import RunDir, StorageError
@@ -24,7 +24,7 @@ def test_config_may_change_freely_until_a_stage_that_uses_it_is_done(tmp_path):
                                           "imm/round-001/generate used it") as err:
         _save({"merge": {"seed": 4}, "generate": {"temperature": 0.5}}, tmp_path)
     assert "merge.seed" not in str(err.value)
-    assert RunDir(tmp_path).read_config().merge.seed == 3
+    assert load_run_config(tmp_path).merge.seed == 3
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", "/etc", "~x", ""])
@@ -38,7 +38,7 @@ def test_run_yaml_reads_back_as_the_typed_config(tmp_path):
     cfg = config_from_dict({"run": {"rounds": 3}, "merge": {"seed": 4}})
     rd = RunDir(tmp_path)
     rd.write_config(config_to_yaml(cfg))
-    assert rd.read_config() == cfg
+    assert load_run_config(tmp_path) == cfg
 
 
 def _done(info, seconds=1.0):
