@@ -208,6 +208,16 @@ class EvalConfig(_Strict):
     baseline: bool = True
     # auto: numeric when every gold answer of a set is a number, math-verify otherwise (MATH-500).
     verifier: str = "auto"
+    samples: int = Field(1, ge=1)
+    """Also sample this many answers per question at `temperature` for pass@k (1: greedy only)."""
+    temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature of those answers (greedy accuracy is unaffected); > 0 when samples > 1."""
+
+    @model_validator(mode="after")
+    def _samples_need_temperature(self) -> EvalConfig:
+        if self.samples > 1 and self.temperature <= 0:
+            raise ValueError("evaluate.samples > 1 needs evaluate.temperature > 0: greedy samples are all the same")
+        return self
 
     @field_validator("verifier")
     @classmethod

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imm_ray.data import DataError, DatasetSpec, Problem, load_problems
+from imm_ray.data import DataError, DatasetSpec, load_problems
 from imm_ray.data.prompts import DEFAULT_INSTRUCTION_SUFFIX, default_stop_strings, encode_prompt, render_prompt
 from imm_ray.evaluate.generation import Generator, open_generator
-from imm_ray.evaluate.scoring import DatasetEvaluation, evaluate_completions, pick_verifier
+from imm_ray.evaluate.ledger import sample_rows
+from imm_ray.evaluate.scoring import evaluate_completions, pick_verifier
 from imm_ray.evaluate.specs import parse_dataset_arg
-from imm_ray.generate.engine import Completion, EngineOptions, SamplingSpec
+from imm_ray.generate.engine import EngineOptions, SamplingSpec
 from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier
 
 __all__ = ["EvalSettings", "evaluate_model"]
@@ -96,21 +97,6 @@ def _load(specs: Sequence[DatasetSpec], data_dir: str | Path | None) -> list[tup
     return loaded
 
 
-def _sample_rows(name: str, problems: Sequence[Problem], evaluation: DatasetEvaluation,
-                 greedy: Sequence[Completion], sampled: Sequence[Sequence[Completion]] | None) -> list[dict]:
-    def row(p: Problem, kind: str, j: int, c: Completion, v: Any) -> dict:
-        return {"dataset": name, "problem_id": p.id, "gold": p.answer, "kind": kind, "sample": j,
-                "completion": c.text, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-                "extracted": v.extracted, "correct": v.correct, "timed_out": v.timed_out}
-
-    rows = [row(p, "greedy", 0, c, v) for p, c, v in zip(problems, greedy, evaluation.greedy_verdicts)]
-    if sampled is not None and evaluation.sample_verdicts is not None:
-        rows += [row(p, "sample", j, c, v)
-                 for p, comps, verdicts in zip(problems, sampled, evaluation.sample_verdicts)
-                 for j, (c, v) in enumerate(zip(comps, verdicts))]
-    return rows
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -183,7 +169,7 @@ def evaluate_model(
                 "model": str(model), "settings": settings.summary(),
             })
             results[spec.name] = metrics
-            rows += _sample_rows(spec.name, problems, evaluation, greedy, sampled)
+            rows += sample_rows(spec.name, problems, evaluation, greedy, sampled)
             logger.info("%s: accuracy %.1f%% [%.1f, %.1f] (n=%d, unparseable %d, timeouts %d) in %.1f s",
                         spec.name, 100 * metrics["accuracy"], *(100 * x for x in metrics["accuracy_ci95"]),
                         metrics["n"], metrics["unparseable"], metrics["timeouts"], metrics["seconds"])

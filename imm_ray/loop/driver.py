@@ -35,6 +35,7 @@ from imm_ray.evaluate import (
     group_by_question,
     mean_pass_at_k,
     pick_verifier,
+    sample_rows,
 )
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
@@ -70,6 +71,7 @@ logger = logging.getLogger(__name__)
 
 # What each round's eval.json keeps per data set (evaluate_completions computes more).
 _EVAL_KEYS = ("accuracy", "accuracy_ci95", "n", "correct", "unparseable", "timeouts")
+_SAMPLED_KEYS = ("k", "pass@1", "pass@k", "maj@k", "diversity")  # with evaluate.samples > 1
 
 
 def init_ray(cfg: ImmConfig) -> None:
@@ -491,32 +493,41 @@ class RoundDriver:
         return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": anchor, "checkpoint": merged}
 
     def _evaluate(self, key: str, model: str, folder: Location, owner: str | None) -> None:
+        """Greedy accuracy on every eval set and, with evaluate.samples k > 1, k samples per question
+        (pass@k); eval_samples.jsonl keeps every completion with its verdict (the per-question ledger)."""
         eval_json, eval_samples = folder / layout.EVAL, folder / layout.EVAL_SAMPLES
         with self.stage(key, [eval_json, eval_samples]) as info:
-            specs = self.cfg.data.eval
-            sets = [(s.name, self.problems(s)) for s in specs]
-            all_problems = [p for _, probs in sets for p in probs]
-            prompts = self.student_prompts("eval", all_problems)
-            sampling = SamplingSpec(n=1, temperature=0.0, max_tokens=self.cfg.evaluate.max_tokens,
-                                    stop=self.stop_strings(), seed=None)
+            e = self.cfg.evaluate
+            sets = [(s.name, self.problems(s)) for s in self.cfg.data.eval]
+            prompts = [p["ids"] for p in self.student_prompts("eval", [p for _, probs in sets for p in probs])]
+            greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=e.max_tokens, stop=self.stop_strings(), seed=None)
             pool = self._load("student", model, owner)
-            outs = pool.generate([p["ids"] for p in prompts], sampling, desc=f"evaluate {key.split('/evaluate')[0]}")
-            texts = [o[0].text for o in outs]
+            desc = f"evaluate {key.split('/evaluate')[0]}"
+            outs = [o[0] for o in pool.generate(prompts, greedy, desc=desc)]
+            stats = [pool.last_stats]
+            sampled = None
+            if e.samples > 1:
+                spec = SamplingSpec(n=e.samples, temperature=e.temperature, max_tokens=e.max_tokens,
+                                    stop=self.stop_strings(), seed=self.cfg.generate.seed)
+                sampled = pool.generate(prompts, spec, desc=f"{desc} k={e.samples}")
+                stats.append(pool.last_stats)
+            keys = _EVAL_KEYS + (_SAMPLED_KEYS if sampled is not None else ())
             results, start, rows = {}, 0, []
             for name, probs in sets:
-                chunk = texts[start : start + len(probs)]
+                span = slice(start, start + len(probs))
                 start += len(probs)
-                verifier = pick_verifier(probs, self.cfg.evaluate.verifier)
-                ev = evaluate_completions(name, probs, chunk, verifier=verifier)
-                results[name] = {key: ev.metrics[key] for key in _EVAL_KEYS}
-                rows += [{"dataset": name, "problem_id": p.id, "gold": p.answer, "completion": c,
-                          "extracted": vd.extracted, "correct": vd.correct}
-                         for p, c, vd in zip(probs, chunk, ev.greedy_verdicts)]
+                chunk = sampled[span] if sampled is not None else None
+                ev = evaluate_completions(name, probs, [c.text for c in outs[span]],
+                                          [[c.text for c in cs] for cs in chunk] if chunk is not None else None,
+                                          verifier=pick_verifier(probs, e.verifier))
+                results[name] = {k: ev.metrics[k] for k in keys if k in ev.metrics}
+                rows += sample_rows(name, probs, ev, outs[span], chunk)
             write_jsonl(eval_samples, rows)
             write_json(eval_json, {"model": model, "datasets": results})
-            stats = pool.last_stats
-            info.update({"model": model, "datasets": results, "tokens": stats.tokens,
-                         "tokens_per_s": round(stats.tokens_per_s, 1), "actor_retries": stats.retries})
+            tokens, seconds = sum(st.tokens for st in stats), sum(st.seconds for st in stats)
+            info.update({"model": model, "datasets": results, "tokens": tokens,
+                         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+                         "actor_retries": sum(st.retries for st in stats)})
 
 
 def _cluster_resources() -> dict[str, float]:

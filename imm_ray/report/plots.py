@@ -62,8 +62,25 @@ def _round_axis(ax: Any, run: RunMetrics) -> None:
     ax.grid(alpha=0.3)
 
 
+def _ci_errors(run: RunMetrics, rows: list[dict[str, Any]], dataset: str) -> list[list[float]] | None:
+    """Matplotlib yerr (percent below, above) of the rows' 95% CIs on a set; None unless all have one."""
+    pairs = [(run.accuracy(r, dataset), run.ci95(r, dataset)) for r in rows]
+    if not pairs or any(acc is None or ci is None for acc, ci in pairs):
+        return None
+    return [[100 * (acc - ci[0]) for acc, ci in pairs], [100 * (ci[1] - acc) for acc, ci in pairs]]
+
+
+def _accuracy_axis(ax: Any) -> None:
+    """Accuracy axes start at 0% and end at the next multiple of 10% above the highest value or
+    interval end drawn (at most 100%): a gap of a few points is never stretched to fill the panel."""
+    top = ax.get_ylim()[1]
+    ax.set_ylim(0, min(100, 10 * max(1, math.ceil(top / 10))))
+    ax.set_ylabel("accuracy (%)")
+
+
 def plot_accuracy(run: RunMetrics, path: Path) -> Path | None:
-    """Accuracy by round: one colour per arm, ID solid (95% CI shaded), OOD mean dashed."""
+    """Accuracy by round: one colour per arm, ID solid (95% CI shaded), OOD dashed (the mean of
+    several OOD sets; one set's 95% CI as error bars)."""
     if not run.arms or run.id_dataset is None:
         return None
     colours = arm_colours(run.arms)
@@ -77,13 +94,14 @@ def plot_accuracy(run: RunMetrics, path: Path) -> Path | None:
         if cis:
             ax.fill_between([x for x, _ in cis], [100 * c[0] for _, c in cis],
                             [100 * c[1] for _, c in cis], color=colours[arm], alpha=0.12)
-        if run.ood_datasets:
-            xs, ys = _series(rows, run.ood_mean)
+        if run.ood_datasets:  # one OOD set: its 95% CI as error bars; a mean of several has none
+            ood = [r for r in rows if run.ood_mean(r) is not None]
             label = "OOD" if len(run.ood_datasets) == 1 else "OOD mean"
-            ax.plot(xs, [100 * y for y in ys], "--s", color=colours[arm],
-                    label=f"{arm} {label} ({', '.join(run.ood_datasets)})")
+            ax.errorbar([r["round"] for r in ood], [100 * run.ood_mean(r) for r in ood], fmt="--s",
+                        yerr=_ci_errors(run, ood, run.ood_datasets[0]) if label == "OOD" else None,
+                        color=colours[arm], capsize=3, label=f"{arm} {label} ({', '.join(run.ood_datasets)})")
     _round_axis(ax, run)
-    ax.set_ylabel("accuracy (%)")
+    _accuracy_axis(ax)
     ax.set_title("Accuracy by round")
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -109,23 +127,22 @@ def plot_accuracy_by_dataset(run: RunMetrics, path: Path) -> Path | None:
     for i, (ax, dataset) in enumerate(zip(axes, run.datasets)):
         for arm in run.arms:
             rows = [r for r in run.arm_rows(arm) if run.accuracy(r, dataset) is not None]
-            ys = [100 * run.accuracy(r, dataset) for r in rows]
-            errs = [run.ci95(r, dataset) for r in rows]
-            yerr = None
-            if all(e is not None for e in errs) and errs:
-                yerr = [[y - 100 * e[0] for y, e in zip(ys, errs)],
-                        [100 * e[1] - y for y, e in zip(ys, errs)]]
-            ax.errorbar([r["round"] for r in rows], ys, yerr=yerr, fmt="-o" if i == 0 else "--s",
+            ax.errorbar([r["round"] for r in rows], [100 * run.accuracy(r, dataset) for r in rows],
+                        yerr=_ci_errors(run, rows, dataset), fmt="-o" if i == 0 else "--s",
                         color=colours[arm], capsize=3, label=arm)
         _round_axis(ax, run)
+        _accuracy_axis(ax)
         ax.set_title(f"{'ID' if i == 0 else 'OOD'}: {dataset}")
-        ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 def plot_diversity(run: RunMetrics, path: Path) -> Path | None:
-    """One panel per diversity metric, by round per arm (None when no row has diversity)."""
+    """One panel per diversity metric, per arm, by the round of the model that wrote the samples.
+
+    A round's diversity is measured on the training samples its generate stage draws from the
+    previous round's model, so round t's value is drawn at t - 1: every curve starts at round 0,
+    the original model (None when no row has diversity)."""
     keys = run.diversity_keys
     if not keys or not run.arms:
         return None
@@ -133,12 +150,15 @@ def plot_diversity(run: RunMetrics, path: Path) -> Path | None:
     fig, axes = _grid(len(keys), 3.6, 2.9)
     for ax, key in zip(axes, keys):
         for arm in run.arms:
-            xs, ys = _series(run.arm_rows(arm), lambda r, k=key: run.diversity(r, k))
-            ax.plot(xs, ys, "-o", color=colours[arm], label=arm)
+            xs, ys = _series(run.arm_rows(arm, with_base=False), lambda r, k=key: run.diversity(r, k))
+            ax.plot([x - 1 for x in xs], ys, "-o", color=colours[arm], label=arm)
         _round_axis(ax, run)
+        ax.set_xlabel("model's round (0 = original)")
         ax.set_title(key)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Output diversity by round")
+    teacher = run.config is not None and run.config.model.teacher is not None
+    fig.suptitle("Diversity of the training samples a round's model wrote"
+                 + (" (here the teacher wrote them)" if teacher else ""))
     return _save(fig, path)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.config import ImmConfig
+from imm_ray.report.ledger import Ledgers, comparison_section, ledger_section, load_ledgers, pass_at_k_section
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.report.plots import write_plots
 from imm_ray.report.sinks import TENSORBOARD_DIR, make_sink, publish_rows
@@ -26,7 +27,7 @@ PLOTS_DIR = "plots"
 _PLOT_TITLES = {
     "accuracy.png": "Accuracy by round (ID solid, OOD dashed)",
     "accuracy_by_dataset.png": "Accuracy per evaluation set",
-    "diversity.png": "Output diversity by round",
+    "diversity.png": "Output diversity of each round's model on the training questions",
     "layer_change.png": "Relative parameter change per layer beside layer importance",
     "module_change.png": "Relative change per module type and layer (last round per arm)",
 }
@@ -68,8 +69,9 @@ def _analysis_section(run: RunMetrics, plots: Sequence[str]) -> list[str]:
     return lines
 
 
-def render_report(run: RunMetrics, plots: Sequence[str]) -> str:
-    """The markdown text of the report (plots: names of the PNGs written under plots/)."""
+def render_report(run: RunMetrics, plots: Sequence[str], ledgers: Ledgers | None = None) -> str:
+    """The markdown text of the report (plots: names of the PNGs written under plots/; ledgers:
+    the per-question records of each evaluation, see load_ledgers)."""
     name = run.config.run.name if run.config is not None else run.run_dir.name
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# IMM run report: {name}", "", f"Run directory `{run.run_dir}`, written {now}.", ""]
@@ -77,9 +79,14 @@ def render_report(run: RunMetrics, plots: Sequence[str]) -> str:
     lines += ["## Results by round", "", rounds_table(run), ""]
     if run.rows and any(run.ci95(r, d) for r in run.rows for d in run.datasets):
         lines += ["Accuracy cells show the 95% confidence interval in brackets.", ""]
+    if run.diversity_keys:
+        lines += ["Diversity columns describe the training samples a round generated, which the previous "
+                  "round's model wrote; the diversity plot draws them at that model's round (0 = original).", ""]
     summary = summary_lines(run)
     if summary:
         lines += summary + [""]
+    for section in (ledger_section, pass_at_k_section, comparison_section):
+        lines += section(run, ledgers or {})
     curve_plots = [p for p in plots if p in ("accuracy.png", "accuracy_by_dataset.png", "diversity.png")]
     if curve_plots:
         lines += ["## Plots", ""]
@@ -102,7 +109,7 @@ def write_report(run_dir: str | Path | Location, sinks: Sequence[str] = (), **si
         local = root.local_path() if root.is_local else Path(tmp) / root.name
         plots = write_plots(run, local / PLOTS_DIR)
         path = root / REPORT_FILE
-        write_text(path, render_report(run, [p.name for p in plots]))
+        write_text(path, render_report(run, [p.name for p in plots], load_ledgers(run)))
         if sinks:
             publish_rows(run.rows, [make_sink(kind, local, **sink_options) for kind in sinks])
         if not root.is_local:

@@ -14,8 +14,10 @@ from tiny_run import tiny_run_config
 from transformers import AutoModelForCausalLM
 
 from imm_ray.config import ConfigError, config_from_dict, deep_merge
+from imm_ray.evaluate import read_ledger
 from imm_ray.loop import driver as driver_mod
 from imm_ray.loop.driver import RoundDriver
+from imm_ray.report import write_report
 from imm_ray.storage import (
     RunDir,
     RunLockedError,
@@ -33,11 +35,13 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(model_dir: Path, data_dir: Path, **over: dict) -> dict:
-    """The tiny run (tests/tiny_run.py) with all arms and an OOD eval set beside the in-domain one."""
+    """The tiny run (tests/tiny_run.py) with all arms, an OOD eval set beside the in-domain one and
+    2 evaluation samples per question (pass@k)."""
     eval_sets = [{"name": "tiny-test", "preset": "gsm8k", "split": "test"},
                  {"name": "tiny-ood", "path": str(data_dir / "gsm8k" / "test.jsonl"), "answer_format": "gsm8k"}]
     return tiny_run_config(model_dir, data_dir, **deep_merge(
-        {"run": {"arms": ["imm", "si", "rest"]}, "data": {"eval": eval_sets}}, over))
+        {"run": {"arms": ["imm", "si", "rest"]}, "data": {"eval": eval_sets},
+         "evaluate": {"samples": 2, "temperature": 1.0}}, over))
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,15 @@ def test_one_round_of_every_arm(one_round, tiny_model_dir):
     merged_w = model.state_dict()[name]
     assert not torch.equal(merged_w, orig[name]) and not torch.equal(merged_w, sft[name])
     assert (run_dir / "run.yaml").exists() and (run_dir / "baseline/eval.json").exists()
+
+    # The per-question ledger: greedy verdicts and 2 samples per question, matching eval.json's metrics.
+    ledger = read_ledger(read_jsonl(run_dir / "imm/round-001/eval_samples.jsonl"))
+    assert ledger is not None and set(ledger.greedy) == {"tiny-test", "tiny-ood"} and ledger.k("tiny-test") == 2
+    test_eval = imm["eval"]["tiny-test"]
+    assert test_eval["k"] == 2 and test_eval["pass@k"] == pytest.approx(ledger.pass_at("tiny-test", 2))
+    assert sum(ledger.greedy["tiny-test"].values()) == test_eval["correct"]
+    text = read_text(write_report(run_dir))
+    assert all(f"## {s}" in text for s in ("Per-question ledger", "pass@k", "Paired comparison of arms"))
 
 
 def test_resume_redoes_only_the_interrupted_stage(one_round, tiny_model_dir, tiny_data_dir, monkeypatch):

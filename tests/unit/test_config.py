@@ -108,6 +108,13 @@ def test_registry_names_and_merge_params_fail_at_load_time(override, key, choice
     assert "\n" not in message  # one line, for the CLI
 
 
+def test_evaluation_samples_need_a_temperature():
+    cfg = load_config(None, ["evaluate.samples=4", "evaluate.temperature=0.8"])
+    assert (cfg.evaluate.samples, cfg.evaluate.temperature) == (4, 0.8)
+    with pytest.raises(ConfigError, match=r"evaluate\.samples > 1 needs evaluate\.temperature > 0"):
+        load_config(None, ["evaluate.samples=4"])
+
+
 def test_merge_params_are_checked_against_the_chosen_method():
     cfg = load_config(None, ["merge.method=ties", "merge.params={density: 0.3, lam: 1.0}"])
     assert cfg.merge.params == {"density": 0.3, "lam": 1.0}  # kept as written (run.yaml compares them)

@@ -166,3 +166,87 @@ def test_report_cli(full_run, tmp_path):
     assert run_report_cli(parser.parse_args([str(full_run), "--sink", "tensorboard"])) == 0
     assert (full_run / "report.md").is_file() and (full_run / "tensorboard").is_dir()
     assert run_report_cli(parser.parse_args([str(tmp_path / "missing")])) == 2
+
+
+def _write_eval_samples(run: Path, arm: str, t: int, right: dict[str, set[int]],
+                        sample_counts: list[int] | None = None, old_format: bool = False) -> None:
+    """eval_samples.jsonl of one evaluation as the evaluate stage writes it: questions q0, q1, ... of
+    each set (gold 7), those in right[set] answered 7 greedily; with sample_counts, 4 samples per
+    question of the first set, that many right. old_format: the loop's first rows (no kind)."""
+    from imm_ray.data.problems import Problem
+    from imm_ray.evaluate import evaluate_completions, sample_rows
+    from imm_ray.generate.engine import Completion
+    from imm_ray.storage import layout
+
+    def completion(ok: bool) -> Completion:
+        return Completion(text=f"The answer is {7 if ok else 8}.", finish_reason="stop", num_tokens=5)
+
+    rows = []
+    for i, (name, correct) in enumerate(right.items()):
+        size = 10 if name == "id-set" else 4
+        problems = [Problem(id=f"q{j}", question="?", answer="7", dataset=name) for j in range(size)]
+        greedy = [completion(j in correct) for j in range(size)]
+        sampled = ([[completion(s < c) for s in range(4)] for c in sample_counts]
+                   if sample_counts is not None and i == 0 else None)
+        ev = evaluate_completions(name, problems, [c.text for c in greedy],
+                                  [[c.text for c in s] for s in sampled] if sampled else None)
+        rows += sample_rows(name, problems, ev, greedy, sampled)
+    if old_format:
+        rows = [{k: r[k] for k in ("dataset", "problem_id", "gold", "completion", "extracted", "correct")}
+                for r in rows]
+    folder = run / layout.round_folder(arm, t)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / layout.EVAL_SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_ledger_pass_at_k_and_paired_comparison(tmp_path):
+    # ID set q0..q9, OOD set q0..q3; the sets of questions answered right:
+    #   base   ID {0,1,6}          OOD {0,1}    (+ 4 samples per ID question: q0 1 right, q1 4, others 0)
+    #   imm 1  ID {0,1,2,6}        OOD {0,1}
+    #   imm 2  ID {0,1,2,3,4,5}    OOD {0}
+    #   si 1   (no eval_samples.jsonl: a run from before the ledger)
+    #   si 2   ID {0,1,6}          OOD {0,1,2}  (the loop's first row format)
+    run = _write_run(tmp_path / "run", [
+        _row("base", 0, 0.3, 0.5), _row("imm", 1, 0.4, 0.5), _row("imm", 2, 0.6, 0.25),
+        _row("si", 1, 0.3, 0.5), _row("si", 2, 0.3, 0.75)])
+    _write_eval_samples(run, "base", 0, {"id-set": {0, 1, 6}, "ood-set": {0, 1}}, [1, 4] + [0] * 8)
+    _write_eval_samples(run, "imm", 1, {"id-set": {0, 1, 2, 6}, "ood-set": {0, 1}})
+    _write_eval_samples(run, "imm", 2, {"id-set": {0, 1, 2, 3, 4, 5}, "ood-set": {0}})
+    _write_eval_samples(run, "si", 2, {"id-set": {0, 1, 6}, "ood-set": {0, 1, 2}}, old_format=True)
+    text = read_text(write_report(run))
+    lines = text.splitlines()
+
+    # Ledger. imm 2 against base: gained q2 q3 q4 q5, lost q6; against imm 1: gained q3 q4 q5, lost q6;
+    # OOD lost q1 against both. si 2 against base: nothing changed on ID, gained q2 on OOD; no si 1 ledger.
+    assert "| arm | round | id-set vs base | id-set vs prev | ood-set vs base | ood-set vs prev |" in lines
+    assert "| imm | 1 | +1 / -0 (net +1) | +1 / -0 (net +1) | +0 / -0 (net +0) | +0 / -0 (net +0) |" in lines
+    assert "| imm | 2 | +4 / -1 (net +3) | +3 / -1 (net +2) | +0 / -1 (net -1) | +0 / -1 (net -1) |" in lines
+    assert "| si | 1 | n/a | n/a | n/a | n/a |" in lines
+    assert "| si | 2 | +0 / -0 (net +0) | n/a | +1 / -0 (net +1) | n/a |" in lines
+    assert "Ledger unavailable (no per-question records in eval_samples.jsonl) for: si round 1." in lines
+
+    # pass@k of the base model on the ID set, k = 4: pass@1 = (1/4 + 4/4) / 10 = 12.5%;
+    # pass@4 = 1 for q0 and q1 (n - c < k), 0 for the rest: 2 / 10 = 20.0%. No samples on OOD.
+    assert "| base | 0 | 12.5% / 20.0% (k=4) | n/a |" in lines
+    assert "| imm | 2 | n/a | n/a |" in lines
+
+    # imm 2 - si 2, ID: both right q0 q1, only imm q2..q5 (4), only si q6 (1): difference +30 points,
+    # Wald half width 1.96 * sqrt((5/10 - 0.09) / 10) = 39.7 points; McNemar 2 * (1 + 5) / 2^5 = 0.375.
+    # OOD: only si right on q1 and q2: -50 points, half width 1.96 * sqrt((2/4 - 0.25) / 4) = 49.0;
+    # McNemar 2 * 1 / 2^2 = 0.5. Round 1 has no si ledger: no row.
+    assert ("| 2 | imm - si | id-set | 10 | 60.0% | 30.0% | +30.0 [-9.7, +69.7] | 4 / 1 | 0.375 |") in lines
+    assert ("| 2 | imm - si | ood-set | 4 | 25.0% | 75.0% | -50.0 [-99.0, -1.0] | 0 / 2 | 0.5 |") in lines
+    assert not any(line.startswith("| 1 | imm - si") for line in lines)
+
+
+@pytest.mark.parametrize(("values", "top"), [([30.0, 62.0], 70), ([1.0, 2.0], 10), ([40.0, 99.0], 100)])
+def test_accuracy_axes_start_at_zero_and_end_at_the_next_ten(values, top):
+    import matplotlib.pyplot as plt
+
+    from imm_ray.report.plots import _accuracy_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], values)
+    _accuracy_axis(ax)
+    assert ax.get_ylim() == (0, top)
+    plt.close(fig)
