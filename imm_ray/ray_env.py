@@ -9,7 +9,11 @@ head started by ``cluster/local/up.sh`` read its token file (``RAY_AUTH_TOKEN_PA
 
 :data:`FORWARDED_ENV` is the single list of variables that follow the driver to tasks and actors on
 other nodes (:func:`actor_runtime_env`). Node-local settings (``IMM_NODE_CACHE_DIR``) are never
-forwarded: each node keeps its own.
+forwarded: each node keeps its own. Neither are secrets (:data:`CREDENTIAL_ENV`) by default: a
+``runtime_env`` is readable by anyone holding the cluster token (``ray list tasks --detail``, the
+dashboard) and keys in it would override the workers' own instance role, IRSA or Workload Identity.
+``IMM_FORWARD_CREDENTIALS=1`` forwards them anyway, for an S3-compatible server without roles
+(MinIO, moto) on a cluster whose nodes lack the keys; they are then visible in those listings.
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ FORWARDED_ENV: tuple[str, ...] = (
     "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
     # where imm-ray keeps converted models and finds data sets
     "IMM_CACHE_DIR", "IMM_DATA_DIR",
-    # object storage, as the AWS CLI and boto3 read it
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    # object storage, as the AWS CLI and boto3 read it: where, never who (see CREDENTIAL_ENV)
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    "IMM_FORWARD_CREDENTIALS",
 )
+# Secrets: forwarded only when IMM_FORWARD_CREDENTIALS is 1 (workers otherwise use their node's role).
+CREDENTIAL_ENV: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+FORWARD_CREDENTIALS_ENV = "IMM_FORWARD_CREDENTIALS"
 
 _JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a submitted job
 
@@ -64,9 +71,13 @@ def ray_binds_loopback() -> bool:
 
 
 def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The :data:`FORWARDED_ENV` variables set in ``environ`` (default: this process)."""
+    """The :data:`FORWARDED_ENV` variables set in ``environ`` (default: this process), and the
+    :data:`CREDENTIAL_ENV` ones when ``environ`` opts in with ``IMM_FORWARD_CREDENTIALS=1``."""
     environ = os.environ if environ is None else environ
-    return {k: environ[k] for k in FORWARDED_ENV if k in environ}
+    names = FORWARDED_ENV
+    if environ.get(FORWARD_CREDENTIALS_ENV, "").strip().lower() in ("1", "true", "yes"):
+        names += CREDENTIAL_ENV
+    return {k: environ[k] for k in names if k in environ}
 
 
 def actor_runtime_env() -> dict[str, Any]:

@@ -17,7 +17,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
     parser.add_argument("--engine", choices=["vllm", "hf"], default=None, help="inference engine (default vllm)")
     parser.add_argument("--config", help="YAML with serve settings (a ServeSettings mapping or an imm config)")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: a local loopback head)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to deploy the app on, e.g. auto (default: $RAY_ADDRESS, set in KubeRay "
+                             "pods and job drivers; else a local loopback head for as long as the command runs)")
     parser.add_argument("overrides", nargs="*",
                         help="serve settings key=value (dotted keys nest), e.g. resident_models=3")
 
@@ -41,15 +43,24 @@ def settings_from_cli(args: argparse.Namespace):
 
 
 def run_serve_cli(args: argparse.Namespace) -> int:
-    """Start the app and block until SIGINT/SIGTERM."""
-    from imm_ray.ray_env import connect_ray
+    """On a running cluster, deploy the app and return (it keeps serving, as after ``serve deploy``);
+    else start a local head with the app and block until SIGINT/SIGTERM."""
+    from imm_ray.ray_env import connect_ray, ray_address
     from imm_ray.serve.deploy import start_serving
 
     settings, run_dir = settings_from_cli(args)
+    on_cluster = ray_address(args.ray_address) is not None
     connect_ray(args.ray_address, namespace="serve")  # before anything else imports Ray
 
     import ray
     from ray import serve
+
+    if on_cluster:
+        start_serving(run_dir, settings)
+        logger.info("deployed Serve application %r on the cluster; it outlives this command "
+                    "(`serve status` shows it, `serve shutdown` stops Serve)", settings.app_name)
+        ray.shutdown()  # disconnects this driver only
+        return 0
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

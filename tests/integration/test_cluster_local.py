@@ -3,9 +3,11 @@
 Three Ray nodes on 127.0.0.1 with token authentication on; tasks pinned by custom resources land
 on three distinct nodes, each with its own folders; no process of the cluster touches an address
 off loopback; the Ray-connect helper joins it (and, without an address, starts its own head
-instead); the RayJob's entrypoint runs through ``ray job submit --working-dir . --runtime-env-json``
-with the tiny model; the RayService's Serve config, deployed with ``serve deploy``, answers an
-OpenAI-SDK chat request; ``cluster/local/down.sh`` leaves none of its processes.
+instead) and forwards settings but never the driver's AWS keys (absent from ``ray list tasks
+--detail``); the RayJob's entrypoint runs through ``ray job submit --working-dir . --runtime-env-json``
+with the tiny model; ``imm serve`` inside the cluster deploys its app and returns; the RayService's
+Serve config, deployed with ``serve deploy``, answers an OpenAI-SDK chat request;
+``cluster/local/down.sh`` leaves none of its processes.
 """
 
 from __future__ import annotations
@@ -69,33 +71,50 @@ def run_python(code: str, env: dict[str, str], timeout: int = 180) -> subprocess
 
 
 PIN_TASKS = """
-import json, os
-from imm_ray.ray_env import connect_ray
+import json, os, subprocess, sys, time
+from imm_ray.ray_env import actor_runtime_env, connect_ray
 assert connect_ray()
 import ray
 
 @ray.remote(num_cpus=0)
 def where():
     return [ray.get_runtime_context().get_node_id(), os.environ.get("IMM_NODE_CACHE_DIR"),
-            os.environ.get("IMM_DATA_DIR"), os.environ.get("IMM_SCRATCH_DIR")]
+            os.environ.get("IMM_DATA_DIR"), os.environ.get("IMM_SCRATCH_DIR"),
+            os.environ.get("AWS_REGION"), os.environ.get("AWS_SECRET_ACCESS_KEY")]
 
 alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-placed = [ray.get(where.options(resources={f"node_{i}": 0.01}).remote()) for i in range(3)]
-print(json.dumps({"alive": alive, "placed": placed}))
+placed = [ray.get(where.options(resources={f"node_{i}": 0.01}, runtime_env=actor_runtime_env()).remote())
+          for i in range(3)]
+ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+for _ in range(60):  # task events reach the dashboard within a few seconds
+    listing = subprocess.run([ray_bin, "list", "tasks", "--detail", "--limit", "1000"],
+                             capture_output=True, text=True).stdout
+    if listing.count("/from-the-driver") >= 3:
+        break
+    time.sleep(1)
+print(json.dumps({"alive": alive, "placed": placed, "listing": listing}))
 """
+SECRET = "imm-test-secret-5b1f0c"
 
 
 def test_three_nodes_pinned_tasks_and_forwarded_env(cluster):
+    """Settings follow the driver to every node; its AWS keys do not, and no task listing shows them."""
     state, env = cluster
-    out = run_python(PIN_TASKS, client_env(state, env, IMM_DATA_DIR="/from-the-driver"))
+    driver_env = client_env(state, env, IMM_DATA_DIR="/from-the-driver", AWS_REGION="eu-north-1",
+                            AWS_ACCESS_KEY_ID="AKIA" + SECRET, AWS_SECRET_ACCESS_KEY=SECRET)
+    driver_env.pop("IMM_FORWARD_CREDENTIALS", None)
+    out = run_python(PIN_TASKS, driver_env)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert sorted(result["alive"]) == sorted(n.node_id for n in state.nodes)
     node_ids = [p[0] for p in result["placed"]]
     assert node_ids == [n.node_id for n in state.nodes] and len(set(node_ids)) == 3
-    for (_, cache, data, scratch), node in zip(result["placed"], state.nodes):
+    for (_, cache, data, scratch, region, secret), node in zip(result["placed"], state.nodes):
         assert (cache, scratch) == (node.cache_dir, node.scratch_dir)  # node-local folders stay the node's
-        assert data == "/from-the-driver"  # the driver's forwarded variables reach every node
+        assert data == "/from-the-driver" and region == "eu-north-1"  # the driver's settings reach every node
+        assert secret is None  # its keys do not: workers use their node's role
+    # `ray list tasks --detail` shows each task's runtime_env (the settings), never the keys
+    assert result["listing"].count("/from-the-driver") >= 3 and SECRET not in result["listing"]
 
 
 def test_without_an_address_the_helper_starts_its_own_loopback_head(cluster):
@@ -184,6 +203,26 @@ def _publish(run: Path, model: Path) -> None:
     run.mkdir(parents=True)
     state = {"stages": {"imm/round-001/evaluate": {"status": "done", "info": {"model": str(model)}}}}
     (run / "state.json").write_text(json.dumps(state))
+
+
+def test_imm_serve_deploys_on_the_cluster_and_returns(cluster, tiny_model_dir, tmp_path):
+    """Inside a cluster (RAY_ADDRESS set, as in KubeRay pods) `imm serve` deploys the app and exits;
+    the app keeps serving without it, until `serve shutdown`."""
+    state, env = cluster
+    run = tmp_path / "joinrun"
+    _publish(run, tiny_model_dir)
+    port = free_port()
+    cenv = client_env(state, env, HF_HUB_OFFLINE="1")
+    imm = subprocess.run([str(BIN / "imm"), "serve", "--run-dir", str(run), "--port", str(port), "--engine", "hf",
+                          "dtype=float32", "num_cpus=1"], cwd=REPO, env=cenv, capture_output=True, text=True,
+                         timeout=420)
+    try:
+        assert imm.returncode == 0, imm.stderr[-3000:]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        assert "joinrun/latest" in [m.id for m in client.models.list()]
+    finally:
+        subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", state.dashboard_url], env=cenv,
+                       capture_output=True, timeout=120)
 
 
 def test_rayservice_serve_config_through_serve_deploy(cluster, tiny_model_dir, tmp_path):

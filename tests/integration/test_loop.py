@@ -160,7 +160,8 @@ def s3_round(one_round, s3_endpoint, tiny_model_dir, tiny_data_dir, tmp_path_fac
 
     work = tmp_path_factory.mktemp("s3-node")
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": s3_endpoint, "IMM_NODE_CACHE_DIR": str(work / "cache"),
+           "AWS_ENDPOINT_URL_S3": s3_endpoint, "IMM_FORWARD_CREDENTIALS": "1",  # the loopback server's keys
+           "IMM_NODE_CACHE_DIR": str(work / "cache"),
            "IMM_SCRATCH_DIR": str(work / "scratch")}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

@@ -76,7 +76,7 @@ def rounds(s3_endpoint, tiny_model_dir, tiny_data_dir, tmp_path_factory):
                              env_vars={"IMM_SCRATCH_DIR": str(folder / "scratch"),
                                        "IMM_NODE_CACHE_DIR": str(folder / "cache")})
         try:
-            connect_ray(cluster.address)  # the AWS variables follow every task, actor and SFT worker
+            connect_ray(cluster.address)  # the AWS variables (keys by the tests' opt-in) follow every task and actor
             local_dir = root / "local-run"
             local = RoundDriver(config_from_dict(tiny_run_config(tiny_model_dir, tiny_data_dir)), local_dir).run()
             NodesGoAway.nodes, NodesGoAway.seen = nodes, []

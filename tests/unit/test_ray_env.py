@@ -27,6 +27,16 @@ def test_forwarded_env_is_one_list_without_node_local_folders():
         assert key in ray_env.FORWARDED_ENV
 
 
+def test_credentials_are_forwarded_only_on_request():
+    """Keys in a runtime_env are readable with the cluster token and override the workers' roles."""
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t",
+           "AWS_REGION": "eu-north-1", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000"}
+    assert ray_env.forwarded_env(env) == {"AWS_REGION": "eu-north-1", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000"}
+    assert not set(ray_env.CREDENTIAL_ENV) & set(ray_env.forwarded_env({**env, "IMM_FORWARD_CREDENTIALS": "0"}))
+    opted_in = ray_env.forwarded_env({**env, "IMM_FORWARD_CREDENTIALS": "1"})
+    assert opted_in == {**env, "IMM_FORWARD_CREDENTIALS": "1"}  # nested tasks forward them too
+
+
 def test_actor_runtime_env(monkeypatch):
     for key in ray_env.FORWARDED_ENV:
         monkeypatch.delenv(key, raising=False)
