@@ -28,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay-v1.7.0"
+SCHEMAS = CLUSTER / "schemas" / "kuberay-v1.7.0"  # vendored, Apache-2.0 (README there)
 MANIFESTS = {"RayCluster": "raycluster.yaml", "RayJob": "rayjob.yaml", "RayService": "rayservice.yaml"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]
@@ -56,7 +56,7 @@ def strict(schema: Any) -> Any:
 @pytest.fixture(scope="module")
 def validators() -> dict[str, jsonschema.Draft202012Validator]:
     if not SCHEMAS.is_dir():
-        pytest.fail(f"the KubeRay CRD schemas are missing: expected {SCHEMAS} (../shared beside the checkout)")
+        pytest.fail(f"the KubeRay CRD schemas are missing: expected {SCHEMAS}")
     return {kind: jsonschema.Draft202012Validator(strict(json.loads(
         (SCHEMAS / f"{kind}.v1.openapi.json").read_text()))) for kind in MANIFESTS}
 
