@@ -8,11 +8,8 @@ CONFIG ?= jobs/configs/demo.yaml
 PYTEST_ARGS ?=
 CLUSTER_WORKERS ?= 0
 
-export HF_HUB_OFFLINE ?= 1
-# Where the data-set presets look first (this environment keeps GSM8K/SVAMP/ASDiv beside the repo).
-ifneq ($(wildcard ../shared/data),)
-export IMM_DATA_DIR ?= $(abspath ../shared/data)
-endif
+# Data: data.dir, else $IMM_DATA_DIR when set, else the sets bundled with the package, else the
+# hub (the embedded model and the bundled sets need no network; tests run offline on their own).
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup demo lint test test-quick bench bench-merge bench-serve bench-sft bench-generate compare cluster-up cluster-down clean

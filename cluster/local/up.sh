@@ -10,12 +10,10 @@ VENV=${VENV:-$here/.venv}
 workers=${1:-0}
 port=${RAY_DASHBOARD_PORT:-8265}
 state=${IMM_CLUSTER_DIR:-/tmp/imm-cluster-$(id -u)-$port}
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token
 unset RAY_ADDRESS RAY_AUTH_TOKEN
-# Jobs inherit the nodes' environment: where data sets and run directories live.
-if [ -z "${IMM_DATA_DIR:-}" ] && [ -d "$here/../shared/data" ]; then
-  export IMM_DATA_DIR=$(cd "$here/../shared/data" && pwd)
-fi
+# Jobs inherit the nodes' environment: where run directories live (and IMM_DATA_DIR, HF_HUB_OFFLINE
+# when set here; without a data folder the presets use the bundled sets, then the hub).
 export IMM_RUNS_DIR=${IMM_RUNS_DIR:-$here/runs}
 # A job's `python` is the nodes': put the project's virtual environment first.
 export PATH="$VENV/bin:$PATH"

@@ -1,6 +1,6 @@
 """Benchmark data: problems, dataset specs and presets, loaders and prompt templates (no Ray)."""
 
-from imm_ray.data.loaders import DATA_DIR_ENV, gold_answer, load_problems, resolve_local_path
+from imm_ray.data.loaders import DATA_DIR_ENV, find_data_file, gold_answer, load_problems
 from imm_ray.data.presets import (
     DATASET_PRESETS,
     DatasetPreset,
@@ -33,11 +33,11 @@ __all__ = [
     "PromptTemplate",
     "default_stop_strings",
     "encode_prompt",
+    "find_data_file",
     "get_dataset_preset",
     "gold_answer",
     "load_problems",
     "register_dataset_preset",
     "register_prompt_template",
     "render_prompt",
-    "resolve_local_path",
 ]

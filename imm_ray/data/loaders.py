@@ -9,20 +9,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from imm_ray.data.bundled import BundledSplit, bundled_split
 from imm_ray.data.presets import DatasetPreset, get_dataset_preset
 from imm_ray.data.problems import DataError, LoadResult, Problem
 from imm_ray.data.readers import FILE_SUFFIXES, RawRow, iter_file_rows, iter_hub_rows
 from imm_ray.data.spec import AnswerFormat, DatasetSpec
+from imm_ray.storage import fs as storage
 from imm_ray.verify.answers import normalize_number
 
-__all__ = ["DATA_DIR_ENV", "load_problems", "resolve_local_path", "gold_answer"]
+__all__ = ["DATA_DIR_ENV", "load_problems", "find_data_file", "gold_answer"]
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "IMM_DATA_DIR"
 _FIX_HINT = (
-    f"set the {DATA_DIR_ENV} environment variable or the config's data.dir to a folder holding "
-    "<dataset>/<split>.jsonl, give the dataset an explicit path, or make its hub_id reachable"
+    f"set the {DATA_DIR_ENV} environment variable or the config's data.dir to a folder (or an s3:// "
+    "or gs:// URI) holding <dataset>/<split>.jsonl, give the dataset an explicit path, or make its "
+    "hub_id reachable"
 )
 
 
@@ -53,36 +58,52 @@ def _field_map(spec: DatasetSpec, preset: DatasetPreset | None, hub: bool) -> _F
     )
 
 
-def _split_file(folder: Path, split: str) -> Path | None:
+def _kind(loc: storage.Location) -> str | None:
+    """'file', 'dir' or None (missing); DataError when the storage cannot be asked."""
+    try:
+        kind = loc.fs.get_file_info(loc.path).type
+    except OSError as exc:  # credentials, network, bucket permissions
+        raise DataError(f"{loc}: cannot look it up ({type(exc).__name__}: {exc})") from exc
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(kind)
+
+
+def _split_file(folder: storage.Location, split: str) -> storage.Location | None:
     for suffix in FILE_SUFFIXES:
         candidate = folder / f"{split}{suffix}"
-        if candidate.is_file():
+        if _kind(candidate) == "file":
             return candidate
     return None
 
 
-def _describe_split_file(folder: Path, split: str) -> str:
-    return str(folder / f"{split}{{{','.join(FILE_SUFFIXES)}}}")
+def _describe_split_file(folder: storage.Location, split: str) -> str:
+    return f"{folder}/{split}{{{','.join(FILE_SUFFIXES)}}}"
 
 
-def resolve_local_path(
+def _is_absolute(path: str) -> bool:
+    return "://" in path or Path(path).expanduser().is_absolute()
+
+
+def find_data_file(
     spec: DatasetSpec, data_dir: str | Path | None = None
-) -> tuple[Path | None, list[str]]:
-    """Find the local file for spec; returns (path or None, the candidates tried, in order).
+) -> tuple[storage.Location | None, list[str]]:
+    """Find the file for spec in the data folders; returns (location or None, the candidates
+    tried, in order). Paths and folders may be local or storage URIs (s3://, gs://).
 
     Order: explicit spec.path (as given, then relative to data_dir and $IMM_DATA_DIR; a folder
     means <folder>/<split>.jsonl|json|parquet), then <data_dir>/<folder>/<split>.*, then
     <$IMM_DATA_DIR>/<folder>/<split>.*, where folder is the preset's folder or the spec name.
     """
-    roots = [Path(r).expanduser() for r in (data_dir, os.environ.get(DATA_DIR_ENV)) if r]
+    roots = [storage.resolve(r) for r in (data_dir, os.environ.get(DATA_DIR_ENV)) if r]
     tried: list[str] = []
     if spec.path:
-        given = Path(spec.path).expanduser()
-        candidates = [given] + ([root / given for root in roots] if not given.is_absolute() else [])
+        candidates = [storage.resolve(spec.path)]
+        if not _is_absolute(spec.path):
+            candidates += [root / spec.path for root in roots]
         for candidate in candidates:
-            if candidate.is_file():
+            kind = _kind(candidate)
+            if kind == "file":
                 return candidate, tried + [str(candidate)]
-            if candidate.is_dir():
+            if kind == "dir":
                 found = _split_file(candidate, spec.split)
                 tried.append(_describe_split_file(candidate, spec.split))
                 if found:
@@ -177,33 +198,63 @@ def _build(
     )
 
 
+def _bundled(spec: DatasetSpec, preset: DatasetPreset | None) -> BundledSplit | None:
+    """The bundled copy of the set spec names, unless spec points elsewhere (a path or another
+    hub set)."""
+    if preset is None or spec.path:
+        return None
+    if spec.hub_id not in (None, preset.hub_id) or spec.hub_config not in (None, preset.hub_config):
+        return None
+    return bundled_split(preset.folder, spec.split)
+
+
+def _window(spec: DatasetSpec) -> str:
+    return f"rows {spec.offset}-{'end' if spec.limit is None else spec.offset + spec.limit - 1}"
+
+
+def _missing_hint(spec: DatasetSpec, preset: DatasetPreset | None, bundled: BundledSplit | None) -> str:
+    """What the user can do when no source holds the set (the bundled copy's size, the preset's note)."""
+    hint = ""
+    if bundled is not None:
+        hint = (f" The package's bundled copy holds only the first {bundled.rows:,} of its "
+                f"{bundled.full_rows:,} rows and {_window(spec)} were asked for.")
+    if preset is not None and preset.note:
+        hint += f" {preset.note}"
+    return f"{hint} Fix: {_FIX_HINT}."
+
+
 def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None) -> LoadResult:
     """Load the problems a DatasetSpec names.
 
-    Source resolution: explicit path > data_dir argument > $IMM_DATA_DIR > hub
-    (spec.hub_id, else the preset's). An explicit path that does not exist is an error unless
-    spec.hub_id is also given. offset/limit select rows by their position in the source (ids
-    f"{name}-{index}" keep that position); malformed rows in the window are skipped and counted,
-    or raise DataError when spec.strict.
+    Source resolution: explicit path > data_dir argument > $IMM_DATA_DIR (paths and folders may be
+    storage URIs) > the package's bundled copy when the requested rows (offset, limit) lie inside
+    it > a generated preset > hub (spec.hub_id, else the preset's). An explicit path that does not
+    exist is an error unless spec.hub_id is also given. offset/limit select rows by their position
+    in the source (ids f"{name}-{index}" keep that position); malformed rows in the window are
+    skipped and counted, or raise DataError when spec.strict.
     """
     try:
         preset = get_dataset_preset(spec.preset) if spec.preset else None
     except KeyError as exc:
         raise DataError(f"dataset {spec.name!r}: {exc.args[0]}") from None
-    path, tried = resolve_local_path(spec, data_dir)
+    path, tried = find_data_file(spec, data_dir)
     if path is not None:
         logger.info("dataset %r: loading %s", spec.name, path)
         return _build(iter_file_rows(path), spec, _field_map(spec, preset, hub=False), str(path))
-
+    bundled = _bundled(spec, preset)
+    if bundled is not None and bundled.holds(spec.offset, spec.limit):
+        logger.info("dataset %r: loading %s of the bundled copy %s (no data folder holds it)",
+                    spec.name, _window(spec), bundled.path)
+        return _build(iter_file_rows(bundled.path), spec, _field_map(spec, preset, hub=False), str(bundled.path))
     if preset is not None and preset.builder is not None and not spec.path:
         logger.info("dataset %r: generating preset %s split %s", spec.name, preset.name, spec.split)
         return preset.builder(spec)
     hub_id = spec.hub_id or (preset.hub_id if preset and not spec.path else None)
+    tried_text = ", ".join(tried) or f"nothing (no path, data_dir or {DATA_DIR_ENV})"
     if hub_id is None:
         raise DataError(
             f"dataset {spec.name!r} (split {spec.split!r}): no local file found and no hub_id; "
-            f"tried: {', '.join(tried) or 'nothing (no path, data_dir or ' + DATA_DIR_ENV + ')'}. "
-            f"Fix: {_FIX_HINT}."
+            f"tried: {tried_text}.{_missing_hint(spec, preset, bundled)}"
         )
     hub_config = spec.hub_config
     if hub_config is None and preset is not None and hub_id == preset.hub_id:
@@ -213,9 +264,9 @@ def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None) -> Load
     except Exception as exc:  # hub/network/cache failures come in many types
         raise DataError(
             f"dataset {spec.name!r} (split {spec.split!r}): no local file found "
-            f"(tried: {', '.join(tried) or 'none'}) and loading hub dataset {hub_id!r}"
+            f"(tried: {tried_text}) and loading hub dataset {hub_id!r}"
             f"{f' config {hub_config!r}' if hub_config else ''} failed: "
-            f"{type(exc).__name__}: {exc}. Fix: {_FIX_HINT}."
+            f"{type(exc).__name__}: {exc}.{_missing_hint(spec, preset, bundled)}"
         ) from exc
     logger.info("dataset %r: loaded %d rows from hub %s", spec.name, len(rows), hub_id)
     return _build(rows, spec, _field_map(spec, preset, hub=True), hub_id)

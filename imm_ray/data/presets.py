@@ -34,6 +34,8 @@ class DatasetPreset:
     # Generated sets: build the problems in memory when no local file exists.
     builder: Callable[[DatasetSpec], LoadResult] | None = None
     hub_answer_format: AnswerFormat | None = None
+    # Where to get the set when no source has it (said in the loader's error).
+    note: str | None = None
 
 
 DATASET_PRESETS: Registry[DatasetPreset] = Registry("dataset preset")
@@ -75,6 +77,7 @@ register_dataset_preset(
         hub_answer_field="Answer",
     )
 )
+# ASDiv is licensed CC BY-NC 4.0 (non-commercial): it is not bundled and has no hub source here.
 register_dataset_preset(
     DatasetPreset(
         name="asdiv",
@@ -82,6 +85,11 @@ register_dataset_preset(
         question_field="input",
         answer_field="target",
         answer_format="numeric",
+        note=(
+            "ASDiv is not shipped with imm-ray (its licence, CC BY-NC 4.0, is non-commercial): put its "
+            "test set at <data dir>/asdiv/test.jsonl (fields input/target, e.g. the PAL project's "
+            "datasets/asdiv.jsonl) and point data.dir or IMM_DATA_DIR at <data dir>."
+        ),
     )
 )
 # Synthetic arithmetic word problems (imm_ray.data.synthetic): ID train/test and three OOD

@@ -1,4 +1,4 @@
-"""Row readers for local files (JSONL, JSON, Parquet) and `datasets` hub sets.
+"""Row readers for files (JSONL, JSON, Parquet; local or on object storage) and `datasets` hub sets.
 
 Readers yield RawRow objects: bad rows are reported (error set), not raised, so the loader
 can count them or fail in strict mode with the exact location.
@@ -6,13 +6,15 @@ can count them or fail in strict mode with the exact location.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from imm_ray.data.problems import DataError
+from imm_ray.storage import fs as storage
 
 __all__ = ["RawRow", "FILE_SUFFIXES", "iter_file_rows", "iter_hub_rows", "load_hub_rows"]
 
@@ -56,8 +58,7 @@ def _iter_records(records: list[Any]) -> Iterator[RawRow]:
             yield RawRow(index, location, None, f"expected an object, got {type(data).__name__}")
 
 
-def _iter_json(path: Path) -> Iterator[RawRow]:
-    text = path.read_text(encoding="utf-8")
+def _iter_json(text: str, path: str) -> Iterator[RawRow]:
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -71,26 +72,37 @@ def _iter_json(path: Path) -> Iterator[RawRow]:
     return _iter_records(payload)
 
 
-def _iter_parquet(path: Path) -> Iterator[RawRow]:
+def _iter_parquet(data: bytes, path: str) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     try:
-        records = pq.read_table(path).to_pylist()
+        records = pq.read_table(io.BytesIO(data)).to_pylist()
     except Exception as exc:  # pyarrow raises several error types for unreadable files
         raise DataError(f"{path}: cannot read Parquet file ({exc})") from exc
     return _iter_records(records)
 
 
-def iter_file_rows(path: Path) -> Iterator[RawRow]:
-    """Rows of a local .jsonl, .json or .parquet file, in file order."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return _iter_jsonl(path.read_text(encoding="utf-8").splitlines())
-    if suffix == ".json":
-        return _iter_json(path)
+def _read(loc: storage.Location) -> bytes:
+    try:
+        return storage.read_bytes(loc)
+    except OSError as exc:  # pyarrow reports missing objects, credentials and network alike
+        raise DataError(f"{loc}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def iter_file_rows(path: str | Path | storage.Location) -> Iterator[RawRow]:
+    """Rows of a .jsonl, .json or .parquet file, in file order: a local path or a storage URI
+    (``s3://``, ``gs://``, read through :mod:`imm_ray.storage.fs`)."""
+    loc = storage.resolve(path)
+    suffix = PurePosixPath(loc.path).suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".parquet"):
+        raise DataError(f"{loc}: unsupported file type {suffix!r} (use one of {FILE_SUFFIXES})")
+    data = _read(loc)
     if suffix == ".parquet":
-        return _iter_parquet(path)
-    raise DataError(f"{path}: unsupported file type {suffix!r} (use one of {FILE_SUFFIXES})")
+        return _iter_parquet(data, str(loc))
+    text = data.decode("utf-8")
+    if suffix == ".json":
+        return _iter_json(text, str(loc))
+    return _iter_jsonl(text.splitlines())
 
 
 def load_hub_rows(hub_id: str, config: str | None, split: str) -> list[dict[str, Any]]:

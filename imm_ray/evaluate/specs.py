@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import get_args
 
 from imm_ray.data import DATASET_PRESETS, AnswerFormat, DatasetSpec
@@ -18,7 +18,8 @@ def parse_dataset_arg(arg: str, limit: int | None = None) -> DatasetSpec:
 
     - a preset name (gsm8k, svamp, asdiv, ...): its test split, found under --data-dir or
       $IMM_DATA_DIR, else on the hub;
-    - ``PATH`` (JSONL/JSON/Parquet file, or a folder holding test.*) with fields question/answer;
+    - ``PATH`` (JSONL/JSON/Parquet file, or a folder holding test.*; local or an s3:// or gs://
+      URI) with fields question/answer;
     - ``PATH:QUESTION_FIELD:ANSWER_FIELD`` (e.g. ``mawps.jsonl:input:target``), optionally
       ``:FORMAT`` (plain, numeric or gsm8k; default plain: numbers normalised, other answers
       kept as text, e.g. MATH-500's LaTeX).
@@ -26,7 +27,10 @@ def parse_dataset_arg(arg: str, limit: int | None = None) -> DatasetSpec:
     A relative PATH is also looked up under the data dirs. The dataset is named after the file
     stem (the folder name for a folder). ValueError on a malformed value.
     """
-    parts = arg.split(":")
+    scheme, sep, rest = arg.partition("://")  # a storage URI keeps its scheme's colon
+    parts = (rest if sep else arg).split(":")
+    if sep:
+        parts[0] = f"{scheme}{sep}{parts[0]}"
     if len(parts) == 1 and arg in DATASET_PRESETS and not Path(arg).exists():
         return DatasetSpec(name=arg, preset=arg, split="test", limit=limit)
     if len(parts) not in (1, 3, 4) or not all(parts):
@@ -34,7 +38,7 @@ def parse_dataset_arg(arg: str, limit: int | None = None) -> DatasetSpec:
             f"--dataset {arg!r}: expected a preset ({', '.join(sorted(DATASET_PRESETS))}) or "
             "PATH[:QUESTION_FIELD:ANSWER_FIELD[:FORMAT]]"
         )
-    path = Path(parts[0])
+    path = PurePosixPath(parts[0].rstrip("/"))
     fields = {}
     if len(parts) >= 3:
         fields = {"question_field": parts[1], "answer_field": parts[2]}
@@ -43,7 +47,7 @@ def parse_dataset_arg(arg: str, limit: int | None = None) -> DatasetSpec:
             raise ValueError(f"--dataset {arg!r}: unknown answer format {parts[3]!r}; use one of {_FORMATS}")
         fields["answer_format"] = parts[3]
     name = path.name if path.suffix == "" else path.stem
-    return DatasetSpec(name=name, path=str(path), split="test", limit=limit, **fields)
+    return DatasetSpec(name=name, path=parts[0], split="test", limit=limit, **fields)
 
 
 def parse_dataset_args(args: Sequence[str], limit: int | None = None) -> list[DatasetSpec]:

@@ -40,7 +40,6 @@ use_loopback_ray()
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **cpu_engine_env(2)}.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default 15 starves the actor on a busy box
-os.environ.setdefault("IMM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 log = logging.getLogger("bench_generate")
 CONTENDERS = ("raw", "pool", "ray_data", "hf", "raw_eval", "pool_eval", "entropy_check")
@@ -66,17 +65,18 @@ def vllm_kwargs(model: Path, args: argparse.Namespace) -> dict:
 
 
 def prompt_ids(args: argparse.Namespace, split: str, limit: int) -> tuple[Path, list[list[int]]]:
-    """The model folder and the chat-rendered, tokenised GSM8K prompts (as the driver renders them)."""
+    """The model folder and the chat-rendered, tokenised GSM8K prompts (as the driver renders them;
+    the questions come from $IMM_DATA_DIR when set, else from the package's bundled copy)."""
     from transformers import AutoTokenizer
 
+    from imm_ray.data import DatasetSpec, load_problems
     from imm_ray.data.prompts import encode_prompt, render_prompt
     from imm_ray.models import resolve_model
 
     model = Path(resolve_model(args.model))
     tok = AutoTokenizer.from_pretrained(model)
-    path = Path(os.environ["IMM_DATA_DIR"]) / "gsm8k" / f"{split}.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:limit]]
-    return model, [encode_prompt(tok, render_prompt(r["question"], "chat", tok)) for r in rows]
+    problems = load_problems(DatasetSpec(name="gsm8k", preset="gsm8k", split=split, limit=limit)).problems
+    return model, [encode_prompt(tok, render_prompt(p.question, "chat", tok)) for p in problems]
 
 
 def sampling(args: argparse.Namespace, evaluation: bool, entropy_top_k: int = 0):

@@ -1,6 +1,6 @@
 """Benchmark: the SFT stage (``run_sft`` through Ray Train), packed vs padded (``make bench-sft``).
 
-Builds accepted-style samples from GSM8K train (``$IMM_DATA_DIR`` or ``../shared/data``): the
+Builds accepted-style samples from GSM8K train (``$IMM_DATA_DIR`` or the package's bundled copy): the
 question as the user turn of the model's chat template, the reference solution as the response.
 Then times whole stages (tokenize, Ray Train start, model load, training, writing and publishing
 the checkpoint) on the embedded SmolLM2-135M:
@@ -35,18 +35,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from imm_ray.data import DATA_DIR_ENV  # noqa: E402
+from imm_ray.data.bundled import bundled_split  # noqa: E402
 from imm_ray.models import resolve_model  # noqa: E402
 from imm_ray.train import SFTSettings, run_sft  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def data_dir(arg: str | None) -> Path:
-    """Where gsm8k/train.jsonl lives: the flag, $IMM_DATA_DIR, or ../shared/data."""
-    root = Path(arg or os.environ.get("IMM_DATA_DIR") or REPO.parent / "shared" / "data")
-    if not (root / "gsm8k" / "train.jsonl").is_file():
+def train_file(arg: str | None, count: int) -> Path:
+    """GSM8K train: <the flag or $IMM_DATA_DIR>/gsm8k/train.jsonl, else the package's bundled copy;
+    exits when it holds fewer than ``count`` rows."""
+    root = arg or os.environ.get(DATA_DIR_ENV)
+    source = Path(root) / "gsm8k" / "train.jsonl" if root else bundled_split("gsm8k", "train").path
+    if not source.is_file():
         sys.exit(f"bench_sft: no gsm8k/train.jsonl under {root}; pass --data-dir")
-    return root
+    rows = len(source.read_text(encoding="utf-8").splitlines())
+    if rows < count:
+        sys.exit(f"bench_sft: {source} holds {rows} rows, fewer than the {count} asked for; pass --data-dir")
+    return source
 
 
 def write_samples(model: Path, source: Path, count: int, out: Path) -> Path:
@@ -76,7 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    ap.add_argument("--data-dir", help="folder with gsm8k/train.jsonl")
+    ap.add_argument("--data-dir", help="folder with gsm8k/train.jsonl (default $IMM_DATA_DIR, else the bundled rows)")
     ap.add_argument("--small", type=int, default=8, help="samples of the fixed-overhead stage")
     ap.add_argument("--large", type=int, default=512, help="samples of the throughput stages")
     ap.add_argument("--epochs", type=int, default=1)
@@ -91,7 +96,7 @@ def main() -> int:
                         stream=sys.stderr)
 
     model = resolve_model(args.model)
-    source = data_dir(args.data_dir) / "gsm8k" / "train.jsonl"
+    source = train_file(args.data_dir, max(args.small, args.large))
     base = dict(epochs=args.epochs, micro_batch_size=args.micro_batch_size,
                 effective_batch_size=args.effective_batch_size, max_length=args.max_length,
                 cpus_per_worker=args.cpus, precision=args.precision)

@@ -35,9 +35,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-# The KubeRay CRD schemas: vendored in the repository, else beside the checkout (../shared).
-SCHEMAS = next((p / "schemas" / "kuberay-v1.7.0" for p in (CLUSTER, REPO.parent / "shared")
-                if (p / "schemas" / "kuberay-v1.7.0").is_dir()), CLUSTER / "schemas" / "kuberay-v1.7.0")
+SCHEMAS = CLUSTER / "schemas" / "kuberay-v1.7.0"  # vendored, Apache-2.0 (README there)
 MANIFESTS = {"RayCluster": "raycluster.yaml", "RayJob": "rayjob.yaml", "RayService": "rayservice.yaml"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 VERSION = PYPROJECT["project"]["version"]

@@ -73,7 +73,7 @@ def test_demo_config_is_what_the_issue_asks():
     assert cfg.model.ref == "embedded:smollm2-135m-instruct"
     assert cfg.generate.engine.name == "vllm"
     assert cfg.data.train.limit == 128 and cfg.generate.samples_per_question == 4
-    assert [(d.name, d.limit) for d in cfg.data.eval] == [("gsm8k", 100), ("svamp", 100), ("asdiv", 100)]
+    assert [(d.name, d.limit) for d in cfg.data.eval] == [("gsm8k", 100), ("svamp", 100), ("syn-mul-div", 100)]
     assert cfg.run.rounds == 2 and cfg.run.arms == ["imm"]
 
 

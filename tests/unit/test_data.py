@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,10 +25,22 @@ from imm_ray.data import (
     register_dataset_preset,
     render_prompt,
 )
+from imm_ray.data.bundled import BUNDLED_SPLITS
 from imm_ray.data.prompts import ALPACA_PROMPT, DEFAULT_INSTRUCTION_SUFFIX
+from imm_ray.storage import fs as storage
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} absent")
+# The full public files (<dir>/gsm8k/train.jsonl, ...), read before the fixture below unsets it.
+REAL_DATA = Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else None
+needs_real_data = pytest.mark.skipif(
+    REAL_DATA is None, reason=f"{DATA_DIR_ENV} unset: point it at a folder with the full benchmark files")
+
+
+def _real_file(preset: str, split: str) -> Path:
+    """The full public file under REAL_DATA; skips the test when that folder lacks it."""
+    file = REAL_DATA / preset / f"{split}.jsonl"
+    if not file.is_file():
+        pytest.skip(f"{file} absent")
+    return file
 
 
 @pytest.fixture(autouse=True)
@@ -58,15 +71,15 @@ def _first_row(path: Path) -> dict:
 # --- real benchmark files ---------------------------------------------------------------
 
 
-@needs_shared
+@needs_real_data
 @pytest.mark.parametrize(
     ("preset", "split", "rows"),
     [("gsm8k", "train", 7473), ("gsm8k", "test", 1319), ("svamp", "test", 1000),
      ("asdiv", "test", 2096)],
 )
 def test_presets_load_real_files(preset: str, split: str, rows: int) -> None:
-    result = load_problems(DatasetSpec(name=preset, preset=preset, split=split), SHARED_DATA)
-    file = SHARED_DATA / preset / f"{split}.jsonl"
+    file = _real_file(preset, split)
+    result = load_problems(DatasetSpec(name=preset, preset=preset, split=split), REAL_DATA)
     assert result.source == str(file)
     assert result.malformed == 0
     assert len(result.problems) == rows
@@ -84,19 +97,70 @@ def test_presets_load_real_files(preset: str, split: str, rows: int) -> None:
     assert all(p.answer and p.question for p in result.problems)
 
 
-@needs_shared
-def test_gsm8k_known_golds_and_offset_limit_on_real_file() -> None:
+def test_gsm8k_known_golds_and_offset_limit_on_the_bundled_file() -> None:
     spec = DatasetSpec(name="gsm8k", preset="gsm8k", split="train", offset=1, limit=2)
-    result = load_problems(spec, SHARED_DATA)
+    result = load_problems(spec)
     assert [(p.id, p.answer) for p in result.problems] == [("gsm8k-1", "10"), ("gsm8k-2", "5")]
 
 
-@needs_shared
+@needs_real_data
 def test_env_var_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(DATA_DIR_ENV, str(SHARED_DATA))
+    file = _real_file("svamp", "test")
+    monkeypatch.setenv(DATA_DIR_ENV, str(REAL_DATA))
     result = load_problems(DatasetSpec(name="svamp", preset="svamp"))
-    assert result.source == str(SHARED_DATA / "svamp" / "test.jsonl")
+    assert result.source == str(file)
     assert len(result.problems) == 1000
+
+
+# --- bundled copies ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bundled", BUNDLED_SPLITS, ids=lambda b: f"{b.folder}-{b.split}")
+def test_bundled_copy_serves_windows_inside_it(bundled, _no_hub_no_env: list) -> None:
+    """With no data folder, the whole bundled copy (or a window of it) loads offline."""
+    limit = None if bundled.rows == bundled.full_rows else bundled.rows
+    result = load_problems(DatasetSpec(name="b", preset=bundled.folder, split=bundled.split, limit=limit))
+    assert (result.source, len(result.problems), result.malformed) == (str(bundled.path), bundled.rows, 0)
+    assert len(bundled.path.read_text(encoding="utf-8").splitlines()) == bundled.rows
+    assert (bundled.path.parent / "LICENSE").is_file()
+    assert _no_hub_no_env == []
+
+
+@needs_real_data
+@pytest.mark.parametrize("bundled", BUNDLED_SPLITS, ids=lambda b: f"{b.folder}-{b.split}")
+def test_bundled_copy_is_a_prefix_of_the_real_split(bundled) -> None:
+    real = _real_file(bundled.folder, bundled.split)
+    real_lines = real.read_bytes().splitlines(keepends=True)
+    assert len(real_lines) == bundled.full_rows
+    assert bundled.path.read_bytes().rstrip(b"\n") == b"".join(real_lines[: bundled.rows]).rstrip(b"\n")
+    spec = DatasetSpec(name="b", preset=bundled.folder, split=bundled.split, offset=7, limit=bundled.rows - 7)
+    assert load_problems(spec).problems == load_problems(spec, REAL_DATA).problems
+
+
+def test_window_beyond_the_bundled_copy_goes_to_the_hub(_no_hub_no_env: list) -> None:
+    spec = DatasetSpec(name="gsm8k-train", preset="gsm8k", split="train", offset=990, limit=20)
+    with pytest.raises(DataError) as info:
+        load_problems(spec)
+    message = str(info.value)
+    assert "bundled copy holds only the first 1,000 of its 7,473 rows" in message
+    assert "rows 990-1009" in message and "hub disabled in tests" in message
+    assert DATA_DIR_ENV in message and "data.dir" in message
+    assert _no_hub_no_env == [("openai/gsm8k", "main", "train")]
+
+
+def test_data_dir_and_path_as_storage_uris(s3_bucket: str, tmp_path: Path) -> None:
+    rows = [{"question": "q0", "answer": "x\n#### 5"}, {"question": "q1", "answer": "#### 6"}]
+    local = _write_jsonl(tmp_path / "gsm8k" / "test.jsonl", rows)
+    storage.write_bytes(storage.resolve(f"{s3_bucket}/data/gsm8k/test.jsonl"), local.read_bytes())
+    spec = DatasetSpec(name="gsm8k", preset="gsm8k")
+    for data_dir, source in [(f"file://{tmp_path}", str(local)),
+                             (f"{s3_bucket}/data", f"{s3_bucket}/data/gsm8k/test.jsonl")]:
+        result = load_problems(spec, data_dir)
+        assert (result.source, [p.answer for p in result.problems]) == (source, ["5", "6"])
+    by_path = DatasetSpec(name="g", path=f"{s3_bucket}/data/gsm8k", answer_format="gsm8k")
+    assert [p.id for p in load_problems(by_path).problems] == ["g-0", "g-1"]
+    with pytest.raises(DataError, match="typo.jsonl"):
+        load_problems(DatasetSpec(name="g", path=f"{s3_bucket}/data/typo.jsonl"))
 
 
 # --- resolution order ------------------------------------------------------------------
@@ -182,7 +246,8 @@ def test_hub_rows_use_preset_hub_fields(_no_hub_no_env: list, monkeypatch: pytes
         return [{"question_concat": "Q1", "Answer": 51.0}, {"question_concat": "Q2", "Answer": 2}]
 
     monkeypatch.setattr("imm_ray.data.readers.load_hub_rows", fake)
-    result = load_problems(DatasetSpec(name="svamp", preset="svamp"), data_dir=tmp_path)
+    # Not bundled (the bundled SVAMP is the PAL test set): the hub copy with its own column names.
+    result = load_problems(DatasetSpec(name="svamp", preset="svamp", split="train"), data_dir=tmp_path)
     assert result.source == "ChilleD/SVAMP"
     assert [(p.question, p.answer) for p in result.problems] == [("Q1", "51"), ("Q2", "2")]
     load_problems(DatasetSpec(name="gsm8k", preset="gsm8k", split="train"), data_dir=tmp_path)
@@ -262,17 +327,19 @@ def test_offset_limit_slice_is_stable(tmp_path: Path) -> None:
 
 def test_nothing_found_raises_clear_error(tmp_path: Path, _no_hub_no_env: list) -> None:
     with pytest.raises(DataError) as info:
-        load_problems(DatasetSpec(name="gsm8k", preset="gsm8k"), data_dir=tmp_path)
+        load_problems(DatasetSpec(name="gsm8k", preset="gsm8k", split="train"), data_dir=tmp_path)
     message = str(info.value)
-    assert str(tmp_path / "gsm8k" / "test") in message
+    assert str(tmp_path / "gsm8k" / "train") in message
     assert "openai/gsm8k" in message and "hub disabled in tests" in message
     assert DATA_DIR_ENV in message and "data.dir" in message and "path" in message
-    assert _no_hub_no_env == [("openai/gsm8k", "main", "test")]
+    assert _no_hub_no_env == [("openai/gsm8k", "main", "train")]
 
 
-def test_nothing_found_without_hub(tmp_path: Path, _no_hub_no_env: list) -> None:
-    with pytest.raises(DataError, match=DATA_DIR_ENV):
+def test_asdiv_is_not_bundled_and_says_where_to_put_it(tmp_path: Path, _no_hub_no_env: list) -> None:
+    with pytest.raises(DataError) as info:
         load_problems(DatasetSpec(name="asdiv", preset="asdiv"), data_dir=tmp_path)
+    message = str(info.value)
+    assert "CC BY-NC 4.0" in message and "asdiv/test.jsonl" in message and DATA_DIR_ENV in message
     assert _no_hub_no_env == []
 
 

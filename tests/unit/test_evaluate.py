@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from imm_ray.data import DatasetSpec, Problem, load_problems
+from imm_ray.data import DATA_DIR_ENV, DatasetSpec, Problem, load_problems
 from imm_ray.evaluate import DatasetScore, score_completions, score_verdicts
 from imm_ray.verify import NumericVerifier, Verdict
-
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 PROBLEMS = [
     Problem("t-0", "q0", "18", "toy"),
@@ -55,16 +53,15 @@ def test_score_verdicts() -> None:
     assert score_verdicts("x", verdicts) == DatasetScore("x", 4, 2, 0.5, 1)
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} absent")
-def test_gold_rationales_score_perfectly_on_gsm8k_test() -> None:
-    """The reference solutions end in '#### N': scoring them must give 100%."""
+def test_gold_rationales_score_perfectly_on_gsm8k_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference solutions end in '#### N': scoring them must give 100% (the whole test split
+    is bundled with the package)."""
     import json
 
-    problems = load_problems(DatasetSpec(name="gsm8k", preset="gsm8k"), SHARED_DATA).problems
-    rationales = [
-        json.loads(line)["answer"]
-        for line in (SHARED_DATA / "gsm8k" / "test.jsonl").read_text().splitlines()
-    ]
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    result = load_problems(DatasetSpec(name="gsm8k", preset="gsm8k"))
+    problems = result.problems
+    rationales = [json.loads(line)["answer"] for line in Path(result.source).read_text().splitlines()]
     score = score_completions(problems, rationales)
     assert (score.n, score.correct, score.unparseable) == (1319, 1319, 0)
     shifted = score_completions(problems, rationales[1:] + rationales[:1])

@@ -100,6 +100,8 @@ def test_parse_dataset_arg(tmp_path) -> None:
     spec = parse_dataset_arg("x/gsm_hard.parquet:input:target:numeric")
     assert (spec.name, spec.answer_format) == ("gsm_hard", "numeric")
     assert parse_dataset_arg("some/folder").name == "folder"
+    spec = parse_dataset_arg("s3://bucket/sets/mawps.jsonl:input:target")
+    assert (spec.name, spec.path, spec.answer_field) == ("mawps", "s3://bucket/sets/mawps.jsonl", "target")
     for bad in ("a.jsonl:q", "a.jsonl::a", "a.jsonl:q:a:weird", "a:b:c:d:e"):
         with pytest.raises(ValueError):
             parse_dataset_arg(bad)
