@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from imm_ray.data import DataError
+from imm_ray.errors import UsageError
 from imm_ray.evaluate.cli import add_eval_arguments, run_eval_cli
 from tiny_model import TINY_PROBLEMS
 
@@ -54,8 +56,10 @@ def test_imm_eval_hf_engine_preset_and_mapped_file(tiny_model_dir: Path, tiny_da
     assert {r["kind"] for r in lines} == {"greedy", "sample"}
 
 
-def test_imm_eval_bad_dataset_returns_2(tmp_path: Path) -> None:
+def test_imm_eval_bad_input_is_a_user_error(tmp_path: Path) -> None:
     args = _parse(["--model", str(tmp_path), "--dataset", str(tmp_path / "missing.jsonl:q:a")])
-    assert run_eval_cli(args) == 2
+    with pytest.raises(DataError):
+        run_eval_cli(args)
     args = _parse(["--model", str(tmp_path), "--dataset", "gsm8k", "--samples", "3"])
-    assert run_eval_cli(args) == 2  # k > 1 samples need temperature > 0
+    with pytest.raises(UsageError, match="needs temperature > 0"):
+        run_eval_cli(args)
