@@ -29,7 +29,7 @@ class SFTSettings(BaseModel):
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate schedule after the warm-up."""
     micro_batch_size: int = Field(4, ge=1)
-    """Examples per forward/backward pass on each worker (with packing: rows of up to max_length tokens)."""
+    """Examples (with packing: packed rows) per forward/backward pass on each worker."""
     effective_batch_size: int = Field(64, ge=1)
     """Examples per optimizer step over all workers (gradient accumulation makes up the difference)."""
     max_length: int = Field(512, ge=2)
@@ -54,8 +54,8 @@ class SFTSettings(BaseModel):
     log_every_steps: int = Field(10, ge=1)
     """Log the loss every n optimizer steps."""
     packing: bool = True
-    """Pack examples into rows of up to max_length tokens (attention and positions restart per example);
-    False pads each micro-batch of micro_batch_size examples to its longest one."""
+    """Pack a step's examples into rows no longer than its longest example (attention and positions restart
+    per example); False pads each micro-batch of micro_batch_size examples to its longest one."""
     max_failures: int = Field(1, ge=0)
     """Worker failures Ray Train recovers from by restarting the workers from the last resume checkpoint
     (from the start without one); 0 fails at once and writes no resume checkpoints."""
