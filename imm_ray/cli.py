@@ -12,9 +12,13 @@ import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imm_ray.cli_flags import add_data_dir, add_ray_address, add_run_dir
 from imm_ray.errors import UsageError, add_common_arguments, dispatch
+
+if TYPE_CHECKING:
+    from imm_ray.config import ImmConfig
 
 logger = logging.getLogger("imm_ray")
 
@@ -72,16 +76,24 @@ def _missing_config_error() -> UsageError:
                       f"(shipped: {shipped}); imm config show lists every key")
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run or resume an IMM run (refused without ``--config``: the defaults alone are a full GSM8K run)."""
+def run_config(args: argparse.Namespace) -> ImmConfig:
+    """The config ``imm run`` runs: the file, the preset, the overrides, then ``--ray-address`` and
+    ``--data-dir`` (as ray.address and data.dir); refused without ``--config`` (the defaults alone are a
+    full GSM8K run: hours on a CPU)."""
     if not args.config:
         raise _missing_config_error()
     from imm_ray.config import load_config
-    from imm_ray.ray_env import use_loopback_ray
 
     flags = [f"ray.address={args.ray_address}"] * bool(args.ray_address)
     flags += [f"data.dir={args.data_dir}"] * bool(args.data_dir)
-    cfg = load_config(args.config, [*args.overrides, *flags], preset=args.preset)
+    return load_config(args.config, [*args.overrides, *flags], preset=args.preset)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run or resume an IMM run."""
+    cfg = run_config(args)
+    from imm_ray.ray_env import use_loopback_ray
+
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         use_loopback_ray()  # before Ray is imported: a local head listens on 127.0.0.1 only
     from imm_ray.loop.driver import RoundDriver

@@ -68,3 +68,14 @@ def test_engine_flags_use_the_model_descriptions():
     for name, field in EngineSettings.model_fields.items():
         if f"engine_{name}" in helps:
             assert helps[f"engine_{name}"].startswith(field.description.rstrip("."))
+
+
+def test_run_flags_set_ray_address_and_data_dir_over_the_file_and_overrides():
+    from imm_ray.cli import run_config
+
+    demo = str(REPO / "jobs/configs/demo.yaml")
+    args = build_parser("run").parse_args(["run", "--config", demo, "--ray-address", "ray://head:10001",
+                                           "--data-dir", "/data", "data.dir=/elsewhere", "run.rounds=3"])
+    cfg = run_config(args)
+    assert (cfg.ray.address, cfg.data.dir, cfg.run.rounds) == ("ray://head:10001", "/data", 3)
+    assert run_config(build_parser("run").parse_args(["run", "--config", demo])).ray.address is None
