@@ -71,9 +71,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _missing_config_error() -> UsageError:
-    shipped = ", ".join(_shown(p) for p in shipped_configs()) or "none found"
-    return UsageError(f"no --config given: pass a run config, e.g. --config jobs/configs/demo.yaml "
-                      f"(shipped: {shipped}); imm config show lists every key")
+    shipped = [_shown(p) for p in shipped_configs()]
+    example = next((p for p in shipped if p.endswith("demo.yaml")), "run.yaml")
+    return UsageError(f"no --config given: pass a run config, e.g. --config {example} "
+                      f"(shipped: {', '.join(shipped) or 'none found'}); imm config show lists every key")
 
 
 def run_config(args: argparse.Namespace) -> ImmConfig:
