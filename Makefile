@@ -12,7 +12,7 @@ CLUSTER_WORKERS ?= 0
 # hub (the embedded model and the bundled sets need no network; tests run offline on their own).
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo lint test test-quick bench bench-merge bench-serve bench-sft bench-generate compare cluster-up cluster-down clean
+.PHONY: setup demo docs lint test test-quick bench bench-merge bench-serve bench-sft bench-generate compare cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 
 compare: setup
 	$(PY) -m jobs.imm_run --config jobs/configs/compare-cpu.yaml --run-dir $(if $(filter command line,$(origin RUN_DIR)),$(RUN_DIR),runs/compare-cpu)
+
+# docs/config.md: every config key with its type, default and meaning, from the pydantic models.
+docs: setup
+	$(PY) -m imm_ray.cli config show --markdown > docs/config.md
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -59,26 +59,30 @@ def _known(kind: str, name: str, known: Iterable[str]) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Strict):
     """Which model the run starts from."""
 
     ref: str = "embedded:smollm2-135m-instruct"
-    # Distillation: a (stronger) teacher writes the training data every round; the student
-    # (``ref``) is fine-tuned and merged with its own original weights.
+    """The model to improve: embedded:<name>, a local Hugging Face folder, an s3:// folder or a hub id."""
     teacher: str | None = None
+    """Distillation: a (stronger) model that writes the training data every round (the student, ref, is
+    fine-tuned and merged with its own original weights); unset: the model writes its own data."""
     cache_dir: str | None = None
+    """Where converted embedded models are cached (default: $IMM_CACHE_DIR, else ~/.cache/imm-ray)."""
 
 
 class ActorResources(_Strict):
     """Ray resources for one actor or task."""
 
     num_cpus: float = 1.0
+    """CPUs Ray reserves for each actor or task of the stage."""
     num_gpus: float = 0.0
-    # Custom Ray resources, e.g. {node_1: 0.01} to pin the stage to the node that offers node_1.
+    """GPUs (fractions allowed) Ray reserves for each actor or task of the stage."""
     resources: dict[str, float] = {}
+    """Custom Ray resources, e.g. {node_1: 0.01} to pin the stage to the node that offers node_1."""
 
     @field_validator("resources")
     @classmethod
@@ -90,16 +94,22 @@ class DataConfig(_Strict):
     """Problem sets: the ID training pool and the evaluation sets (first = in-domain)."""
 
     dir: str | None = None
+    """Data root the presets look in first (<dir>/<dataset>/<split>.jsonl); default $IMM_DATA_DIR."""
     train: DatasetSpec = DatasetSpec(name="gsm8k-train", preset="gsm8k", split="train")
+    """The in-domain training pool the model samples answers for every round."""
     eval: list[DatasetSpec] = Field(
         default_factory=lambda: [
             DatasetSpec(name="gsm8k", preset="gsm8k", split="test"),
             DatasetSpec(name="svamp", preset="svamp", split="test"),
         ]
     )
+    """Evaluation sets (the first is the in-domain test set, the others out-of-domain)."""
     prompt_template: str = "chat"
+    """How a question becomes a prompt: chat (the model's chat template) or alpaca."""
     system_prompt: str | None = None
+    """System message of the chat template (default none)."""
     instruction_suffix: str | None = None
+    """Text appended to each question under the chat template (default: ask for 'The answer is <number>.')."""
 
     @field_validator("prompt_template")
     @classmethod
@@ -131,30 +141,43 @@ class DataConfig(_Strict):
 class GenerateConfig(_Strict):
     """Rejection-sampling generation on the ID training pool."""
 
-    engine: EngineSettings = EngineSettings()  # the one engine-settings model (imm_ray.generate.settings)
+    engine: EngineSettings = EngineSettings()
+    """The inference engine of the generator actors (and of evaluation)."""
     num_actors: int = Field(1, ge=1)
+    """Generator actors, each with its own engine."""
     resources: ActorResources = ActorResources()
+    """Ray resources of each generator actor."""
     samples_per_question: int = Field(4, ge=1)
+    """Answers sampled per training question each round."""
     temperature: float = Field(0.7, ge=0.0)
+    """Sampling temperature (0: greedy, so several samples are identical and deduplicated to one)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     max_tokens: int = Field(512, ge=1)
+    """Longest answer in new tokens."""
     stop: list[str] | None = None
+    """Strings that end an answer (default: the prompt template's own)."""
     seed: int = 0
-    # Collapse metric: per-token entropy of the model's next-token distribution over its top-k
-    # tokens (renormalised), averaged per round; 0 turns it off.
+    """Sampling seed."""
     entropy_top_k: int = Field(20, ge=0)
-    # It is measured on every entropy_stride-th training question only (1: all): a sample of the
-    # questions estimates the round's mean (within 2% of all questions' on GSM8K) for less work.
+    """Collapse metric: per-token entropy of the next-token distribution over its top-k tokens (renormalised),
+    averaged per round; 0 turns it off."""
     entropy_stride: int = Field(4, ge=1)
+    """Measure the entropy on every n-th training question only (1: all); a sample estimates the round's mean
+    (within 2% of all questions' on GSM8K) for less work."""
 
 
 class VerifyConfig(_Strict):
     """Which verifier keeps samples, and whether identical texts are deduplicated."""
 
     verifier: str = "numeric"
+    """How a sampled answer is checked against the gold answer: numeric or math (math-verify)."""
     dedup: bool = True
+    """Keep one copy of identical (whitespace-normalised) correct answers to a question."""
     batch_size: int = Field(512, ge=1)
+    """Answers checked per Ray verification task."""
     resources: ActorResources = ActorResources(num_cpus=0.5)
+    """Ray resources of each verification task."""
 
     @field_validator("verifier")
     @classmethod
@@ -171,11 +194,15 @@ class MergeConfig(_Strict):
     """The merge after each round's SFT (arm ``imm``)."""
 
     method: str = "imm"
-    # Checked against the method's parameters even when left at the default (the imm method's).
+    """Merge method (imm = DARE drop-and-rescale of the task vector, then interpolation with the anchor)."""
     params: dict[str, Any] = Field(default_factory=lambda: dict(_DEFAULT_MERGE_PARAMS), validate_default=True)
+    """The method's parameters (imm: lam, drop_rate), checked against the method even when left at the default."""
     seed: int = 0
+    """Seed of the merge's random drop mask."""
     anchor: str = "original"
+    """What the fine-tuned model is merged with: original (the run's starting model) or a model reference."""
     resources: ActorResources = ActorResources()
+    """Ray resources of the merge task."""
 
     @field_validator("method")
     @classmethod
@@ -204,9 +231,11 @@ class EvalConfig(_Strict):
     """Greedy evaluation of every round's model on the eval sets."""
 
     max_tokens: int = Field(512, ge=1)
+    """Longest answer in new tokens."""
     baseline: bool = True
-    # auto: numeric when every gold answer of a set is a number, math-verify otherwise (MATH-500).
+    """Also evaluate the original model (round 0)."""
     verifier: str = "auto"
+    """auto: numeric when every gold answer of a set is a number, math-verify otherwise (MATH-500)."""
     samples: int = Field(1, ge=1)
     """Also sample this many answers per question at `temperature` for pass@k (1: greedy only)."""
     temperature: float = Field(0.0, ge=0.0)
@@ -229,40 +258,51 @@ class EvalConfig(_Strict):
 class StorageConfig(_Strict):
     """Object storage for s3:// run directories; unset keys come from the AWS environment variables."""
 
-    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, moto, ...)
-    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
-    lease_ttl_s: float = Field(60.0, ge=3)  # a SIGKILLed driver's run lease expires after this
+    endpoint_url: str | None = None
+    """S3 endpoint (MinIO, moto, ...); default $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS."""
+    region: str | None = None
+    """S3 region; default $AWS_REGION, else $AWS_DEFAULT_REGION."""
+    lease_ttl_s: float = Field(60.0, ge=3)
+    """Seconds after which the run lease of a driver that died without releasing it expires."""
 
 
 class RayConfig(_Strict):
     """How the driver reaches Ray (an address, or a local head started in-process) and waits for resources."""
 
     address: str | None = None
+    """Ray cluster to join (e.g. ray://head:10001 or auto); default $RAY_ADDRESS, else a local loopback head."""
     num_cpus: int | None = None
+    """CPUs of the local head (default: all of this machine's); ignored when joining a cluster."""
     include_dashboard: bool = False
-    # While actors wait for resources (e.g. for the autoscaler to add a node), log what is pending
-    # every placement_log_s; give up after placement_timeout_s (None: wait for ever).
+    """Start the Ray dashboard with the local head."""
     placement_log_s: float = Field(60.0, gt=0)
+    """While actors wait for resources (e.g. for the autoscaler to add a node), log what is pending this often."""
     placement_timeout_s: float | None = Field(None, gt=0)
+    """Give up waiting for resources after this many seconds (unset: wait for ever)."""
 
 
 class RunSettings(_Strict):
     """The loop itself."""
 
     name: str = "imm"
+    """Run name: the run directory's default folder name ($IMM_RUNS_DIR/<name>)."""
     rounds: int = Field(2, ge=1)
-    # imm, si, rest: what each does (SFT from the current or the original model, merge or not) is the
-    # table imm_ray.loop.arms.ARMS.
+    """Self-improvement rounds (generate, verify, fine-tune, merge, evaluate)."""
     arms: list[str] = Field(default_factory=lambda: ["imm"])
-    # Arms run at once, each with its own generator pool and SFT, when the cluster holds them all
-    # (sized from the resource requests); 1: one after another; 0: as many as fit.
+    """Methods compared: imm, si, rest (what each does is the table imm_ray.loop.arms.ARMS)."""
     concurrent_arms: int = Field(1, ge=0)
+    """Arms run at once, each with its own generator pool and SFT, when the cluster holds them all
+    (1: one after another; 0: as many as fit)."""
     progress: bool = True
-    report: bool = True  # write report.md + plots/ at the end of every run
-    analyze: bool = False  # layer analysis (parameter change vs importance) at the end of the run
+    """Show progress bars."""
+    report: bool = True
+    """Write report.md and plots/ at the end of every run."""
+    analyze: bool = False
+    """Layer analysis (parameter change vs importance) at the end of the run."""
     analyze_probe_size: int = Field(16, ge=1)
+    """Problems of the layer analysis's importance probe."""
     metric_sinks: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
-
+    """Also publish the metrics to these: tensorboard (<run>/tensorboard) and/or mlflow."""
     @field_validator("name")
     @classmethod
     def _name_is_one_folder(cls, v: str) -> str:
@@ -284,17 +324,29 @@ class ImmConfig(_Strict):
     """The whole configuration tree of an IMM run."""
 
     preset: str | None = None
+    """Named preset applied under the file: paper or cpu-small (also --preset)."""
     run: RunSettings = RunSettings()
+    """The loop: rounds, arms, reporting."""
     model: ModelConfig = ModelConfig()
+    """The model the run starts from."""
     data: DataConfig = DataConfig()
+    """Training pool, evaluation sets and prompt format."""
     generate: GenerateConfig = GenerateConfig()
+    """Sampling answers to the training questions."""
     verify: VerifyConfig = VerifyConfig()
+    """Checking the sampled answers."""
     train: SFTSettings = SFTSettings()
+    """Supervised fine-tuning on the accepted answers (Ray Train)."""
     merge: MergeConfig = MergeConfig()
+    """Merging the fine-tuned model with the anchor."""
     evaluate: EvalConfig = EvalConfig()
+    """Greedy evaluation of every round's model."""
     ray: RayConfig = RayConfig()
+    """Connecting to Ray and waiting for resources."""
     serve: ServeSettings = ServeSettings()
+    """Serving the run's rounds over an OpenAI-compatible API."""
     storage: StorageConfig = StorageConfig()
+    """Object storage for s3:// run directories."""
 
     @model_validator(mode="after")
     def _check(self) -> "ImmConfig":

@@ -35,6 +35,10 @@ class UserError(Exception):
     """Bad input the user can fix; the message names the thing that is wrong and how to fix it."""
 
 
+class UsageError(UserError, ValueError):
+    """Command-line flags or settings that are missing or do not fit together; the message says which."""
+
+
 class UnknownNameError(UserError, KeyError):
     """A name that is not in a registry (a KeyError whose text is the plain message, not its repr)."""
 

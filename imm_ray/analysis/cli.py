@@ -1,6 +1,6 @@
 """``imm analyze``: layer analysis of a run directory (or of explicit checkpoints).
 
-``imm analyze RUN_DIR`` compares every round's sft/merged model with the run's original model,
+``imm analyze --run-dir RUN_DIR`` compares every round's sft/merged model with the run's original model,
 measures layer importance on the original with the run's in-domain test set, and writes
 RUN_DIR/analysis.json. ``imm analyze --original DIR --model [LABEL=]DIR ... --out FILE`` does
 the same for any checkpoints (importance needs --probe-preset/--probe-path then). Every folder and
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ from imm_ray.analysis.probes import (
     probe_from_run,
     read_references,
 )
+from imm_ray.cli_flags import add_data_dir, add_ray_address, add_run_dir, run_dir_of
 from imm_ray.config import load_run_config
+from imm_ray.errors import UsageError
 from imm_ray.storage import Location, exists, is_published, layout, resolve
 
 __all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
@@ -39,38 +42,44 @@ logger = logging.getLogger(__name__)
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imm analyze`` options to ``parser``."""
-    parser.add_argument("run_dir", nargs="?", help="run directory, a path or s3://... URI (reads run.yaml "
-                        "and round models)")
-    parser.add_argument("--original", help="original model folder (default: the run's model.ref)")
+    add_run_dir(parser, f"reads run.yaml and the round models; writes {ANALYSIS_FILE} there", positional=True)
+    parser.add_argument("--original", metavar="DIR", help="original model folder (default: the run's model.ref)")
     parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]DIR",
                         help="a checkpoint to compare with the original (repeatable)")
-    parser.add_argument("--out", help=f"output JSON (default RUN_DIR/{ANALYSIS_FILE})")
+    parser.add_argument("--out", metavar="FILE", help=f"output JSON (default RUN_DIR/{ANALYSIS_FILE})")
     parser.add_argument("--measures", default="accuracy,loss",
                         help="importance measures: accuracy (greedy probe), loss (proxy); "
                              "'none' skips importance (default accuracy,loss)")
-    parser.add_argument("--importance-model", help="model whose layers are probed (default the original)")
-    parser.add_argument("--probe-size", type=int, default=32, help="probe problems (default 32)")
-    parser.add_argument("--reference-size", type=int, default=32, help="reference solutions (default 32)")
-    parser.add_argument("--max-new-tokens", type=int, help="probe generation length (default: the "
-                        "run's evaluate.max_tokens, at most 256)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--importance-model", metavar="DIR",
+                        help="model whose layers are probed (default the original)")
+    parser.add_argument("--probe-size", type=int, default=32, metavar="N", help="probe problems (default 32)")
+    parser.add_argument("--reference-size", type=int, default=32, metavar="N",
+                        help="reference solutions (default 32)")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="probe generation length in new tokens "
+                        "(default: the run's evaluate.max_tokens, at most 256)")
+    parser.add_argument("--max-new-tokens", type=int, dest="max_tokens", help=argparse.SUPPRESS)  # older spelling
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="probe sequences per forward pass (default 16)")
     parser.add_argument("--probe-preset", help="probe data set preset (e.g. gsm8k, synthetic)")
-    parser.add_argument("--probe-split", default="test")
-    parser.add_argument("--probe-path", help="probe data file (JSONL/JSON/Parquet)")
-    parser.add_argument("--answer-format", default="plain", choices=("plain", "numeric", "gsm8k"))
-    parser.add_argument("--data-dir", help="data root for presets (default $IMM_DATA_DIR)")
-    parser.add_argument("--references", help="JSONL of reference solutions (prompt+completion or "
+    parser.add_argument("--probe-split", default="test", help="split of the probe data set (default test)")
+    parser.add_argument("--probe-path", metavar="FILE", help="probe data file (JSONL/JSON/Parquet)")
+    parser.add_argument("--answer-format", default="plain", choices=("plain", "numeric", "gsm8k"),
+                        help="how --probe-path's gold answers are read (default plain)")
+    add_data_dir(parser)
+    parser.add_argument("--references", metavar="FILE", help="JSONL of reference solutions (prompt+completion or "
                         "question+solution); default: round 1's accepted samples, else the "
                         "original's correct probe completions")
     parser.add_argument("--prompt-template", help="prompt template (default: the run's, else chat)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="dtype the models are loaded in (default float32)")
+    parser.add_argument("--device", default="cpu", help="torch device of the probes (default cpu)")
     parser.add_argument("--no-ray", action="store_true", help="run in this process, one call at a time")
-    parser.add_argument("--tasks", type=int, help="parallel importance tasks (default: cluster CPUs "
+    parser.add_argument("--tasks", type=int, metavar="N", help="parallel importance tasks (default: cluster CPUs "
                         "/ --cpus-per-task)")
-    parser.add_argument("--cpus-per-task", type=float, default=1.0)
-    parser.add_argument("--gpus-per-task", type=float, default=0.0)
-    parser.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local head)")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0, metavar="N",
+                        help="CPUs Ray reserves for each task (default 1)")
+    parser.add_argument("--gpus-per-task", type=float, default=0.0, metavar="N",
+                        help="GPUs Ray reserves for each task (default 0)")
+    add_ray_address(parser)
 
 
 def _parse_models(items: list[str]) -> list[ModelEntry]:
@@ -92,20 +101,22 @@ def _probe_from_flags(args: argparse.Namespace) -> ProbeSpec:
                        **({"answer_format": args.answer_format} if args.probe_path else {}))
     problems = load_problems(spec, data_dir=args.data_dir).problems[: args.probe_size]
     return ProbeSpec(problems=tuple(problems), prompt=PromptStyle(args.prompt_template or "chat"),
-                     max_new_tokens=args.max_new_tokens or 256)
+                     max_new_tokens=args.max_tokens or 256)
 
 
 def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
-    """The analysis plan and the output location the arguments describe (ValueError if incomplete)."""
-    run_dir = resolve(args.run_dir) if args.run_dir else None
+    """The analysis plan and the output location the arguments describe (UsageError if incomplete)."""
+    given = run_dir_of(args)
+    run_dir = resolve(given) if given else None
     measures = tuple(m for m in args.measures.split(",") if m and m != "none")
     unknown = set(measures) - set(IMPORTANCE_MEASURES)
     if unknown:
-        raise ValueError(f"unknown --measures {sorted(unknown)}; use {sorted(IMPORTANCE_MEASURES)}")
+        raise UsageError(f"unknown --measures {sorted(unknown)}; use {sorted(IMPORTANCE_MEASURES)}")
     models = _parse_models(args.model)
     if run_dir is not None:
         if not args.original and not exists(run_dir / layout.CONFIG):
-            raise ValueError(f"{run_dir} has no {layout.CONFIG}; pass --original")
+            raise UsageError(f"{run_dir} is not a run directory (no {layout.CONFIG}): check --run-dir, "
+                             "or pass --original")
         if args.original:
             original = resolve(args.original).uri
         elif is_published(run_dir / layout.ORIGINAL):  # an object-store run's own copy of its model
@@ -119,7 +130,7 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
         out = resolve(args.out) if args.out else run_dir / ANALYSIS_FILE
     else:
         if not args.original or not args.out:
-            raise ValueError("without RUN_DIR, pass --original DIR, --model DIR ... and --out FILE")
+            raise UsageError("without --run-dir, pass --original DIR, --model DIR ... and --out FILE")
         original, out = resolve(args.original).uri, resolve(args.out)
     probe, source = None, ""
     if measures:
@@ -127,11 +138,11 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
             probe = _probe_from_flags(args)
         elif run_dir is not None:
             probe, source = probe_from_run(run_dir, args.probe_size, args.reference_size,
-                                           args.max_new_tokens)
+                                           args.max_tokens)
             if args.prompt_template:
                 probe = replace(probe, prompt=replace(probe.prompt, template=args.prompt_template))
         else:
-            raise ValueError("layer importance needs a probe: --probe-preset or --probe-path "
+            raise UsageError("layer importance needs a probe: --probe-preset or --probe-path "
                              "(or --measures none)")
         if args.references:
             refs = tuple(read_references(args.references, args.reference_size))
@@ -173,11 +184,11 @@ def analyze_run(run_dir: str | Path | Location, *flags: str) -> Location:
     """Analyse a run directory as ``imm analyze RUN_DIR FLAGS...`` does; returns the JSON's location.
 
     Uses the Ray connection already open in this process (a driver's), else starts one.
-    Raises ValueError (and DataError/ModelError) when the run cannot be analysed.
+    Raises UsageError (a ValueError), DataError or ModelError when the run cannot be analysed.
     """
     parser = argparse.ArgumentParser(prog="imm analyze")
     add_analyze_arguments(parser)
-    args = parser.parse_args([str(run_dir), *flags])
+    args = parser.parse_args(["--run-dir", str(run_dir), *flags])
     plan, out = build_plan(args)
     analyze(plan, out, use_ray=not args.no_ray, ray_address=args.ray_address,
             cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, num_tasks=args.tasks)
@@ -185,30 +196,20 @@ def analyze_run(run_dir: str | Path | Location, *flags: str) -> Location:
 
 
 def run_analyze_cli(args: argparse.Namespace) -> int:
-    """Run ``imm analyze`` from parsed arguments; 0 on success, 2 on a usage or data error."""
-    from imm_ray.data import DataError
-    from imm_ray.models import ModelError
-
-    try:
-        plan, out = build_plan(args)
-    except (ValueError, DataError, ModelError, OSError) as exc:
-        logger.error("analyze: %s", exc)
-        return 2
+    """Run ``imm analyze`` from parsed arguments; UsageError (and DataError/ModelError) on bad input."""
+    plan, out = build_plan(args)
     if not plan.models and plan.probe is None:
-        logger.error("analyze: nothing to do (no models found and no importance measures)")
-        return 2
+        raise UsageError("nothing to do (no models found and no importance measures)")
     analyze(plan, out, use_ray=not args.no_ray, ray_address=args.ray_address,
             cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, num_tasks=args.tasks)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m imm_ray.analysis.cli``."""
-    parser = argparse.ArgumentParser(prog="imm analyze", description=__doc__)
-    add_analyze_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_analyze_cli(args)
+    """``python -m imm_ray.analysis.cli``: the same as ``imm analyze``."""
+    from imm_ray.cli import main as imm_main
+
+    return imm_main(["analyze", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from imm_ray.errors import UserError
+
 __all__ = ["Problem", "LoadResult", "DataError"]
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset could not be found or read, or (strict mode) one of its rows is malformed."""
 
 

@@ -1,8 +1,5 @@
-"""``imm eval``: command-line front end of :func:`imm_ray.evaluate.harness.evaluate_model`.
-
-The lead wires ``add_eval_arguments`` / ``run_eval_cli`` into the top-level ``imm`` command;
-``python -m imm_ray.evaluate.cli`` also works on its own.
-"""
+"""``imm eval``: command-line front end of :func:`imm_ray.evaluate.harness.evaluate_model`
+(``python -m imm_ray.evaluate.cli`` is the same command)."""
 
 from __future__ import annotations
 
@@ -15,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imm_ray.errors import describe_error
+from imm_ray.cli_flags import add_data_dir, add_ray_address
 from imm_ray.evaluate.harness import EvalSettings, evaluate_model
 from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
 
@@ -38,7 +35,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature of the k samples (accuracy is always greedy); default 0")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the k samples")
     parser.add_argument("--max-tokens", type=int, default=512, help="max new tokens (default 512)")
-    parser.add_argument("--template", choices=("chat", "alpaca"), default="chat", help="prompt template")
+    parser.add_argument("--prompt-template", dest="template", choices=("chat", "alpaca"), default="chat",
+                        help="how a question becomes a prompt (default chat)")
+    parser.add_argument("--template", dest="template", choices=("chat", "alpaca"), help=argparse.SUPPRESS)  # older
     parser.add_argument("--system-prompt", help="system message of the chat template (default none)")
     parser.add_argument("--instruction-suffix", default=None, metavar="TEXT",
                         help="text appended to each question under the chat template "
@@ -47,18 +46,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (numeric when all gold answers are numbers, else math), numeric or math")
     parser.add_argument("--verify-timeout", type=float, default=5.0, metavar="S",
                         help="hard timeout per answer of the math verifier (default 5 s)")
-    parser.add_argument("--data-dir", help="data root with <dataset>/<split>.jsonl (default $IMM_DATA_DIR)")
+    add_data_dir(parser)
     parser.add_argument("--out", help="write the results JSON here (printed to stdout otherwise)")
     parser.add_argument("--save-samples", metavar="FILE", help="write every completion and verdict as JSONL")
     parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
     # --engine, --dtype, --max-model-len, ...: one flag per EngineSettings field (--seed above sets its seed)
     add_settings_arguments(parser, EngineSettings(dtype="auto"), skip=("seed",))
-    parser.add_argument("--ray-address", metavar="ADDR",
-                        help="generate on Ray: a cluster address, or 'local' for a loopback head "
-                             "(default: the engine runs in this process)")
-    parser.add_argument("--actors", type=int, default=1, help="generator actors on Ray")
+    add_ray_address(parser, "the engine runs in this process, without Ray; 'local' starts a loopback head")
+    parser.add_argument("--actors", type=int, default=1, metavar="N", help="generator actors on Ray (default 1)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per generator actor on Ray")
-    parser.add_argument("--cache-dir", help="imm-ray cache (converted embedded models)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="converted embedded models are cached here "
+                             "(default $IMM_CACHE_DIR, else ~/.cache/imm-ray)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -103,18 +102,11 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    """Run ``imm eval``; 0 on success, 2 on bad input (dataset, model or option errors)."""
-    from imm_ray.data import DataError
-    from imm_ray.models import ModelError
-
-    try:
-        results = evaluate_model(
-            args.model, args.datasets, settings_from_args(args), data_dir=args.data_dir, limit=args.limit,
-            cache_dir=args.cache_dir, samples_path=args.save_samples,
-        )
-    except (DataError, ModelError, ValueError, KeyError) as exc:
-        logger.error("imm eval failed: %s", describe_error(exc))  # one line, pydantic errors included
-        return 2
+    """Run ``imm eval``; bad input (data set, model or option) raises a UserError before a model is loaded."""
+    results = evaluate_model(
+        args.model, args.datasets, settings_from_args(args), data_dir=args.data_dir, limit=args.limit,
+        cache_dir=args.cache_dir, samples_path=args.save_samples,
+    )
     if args.out:
         _write_json(Path(args.out), results)
         logger.info("wrote %s", args.out)
@@ -126,13 +118,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m imm_ray.evaluate.cli``: the same as ``imm eval``."""
-    parser = argparse.ArgumentParser(prog="imm eval", description="Evaluate a model on math benchmarks")
-    parser.add_argument("--log-level", default="INFO")
-    add_eval_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_eval_cli(args)
+    from imm_ray.cli import main as imm_main
+
+    return imm_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

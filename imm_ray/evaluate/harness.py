@@ -13,6 +13,7 @@ from typing import Any
 
 from imm_ray.data import DataError, DatasetSpec, load_problems
 from imm_ray.data.prompts import DEFAULT_INSTRUCTION_SUFFIX, default_stop_strings, encode_prompt, render_prompt
+from imm_ray.errors import UsageError
 from imm_ray.evaluate.generation import Generator, open_generator
 from imm_ray.evaluate.ledger import sample_rows
 from imm_ray.evaluate.scoring import evaluate_completions, pick_verifier
@@ -48,15 +49,15 @@ class EvalSettings:
     progress: bool = True
 
     def check(self) -> None:
-        """ValueError on inconsistent settings."""
+        """UsageError (a ValueError) on inconsistent settings."""
         if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
+            raise UsageError(f"samples must be >= 1, got {self.samples}")
         if self.samples > 1 and self.temperature <= 0:
-            raise ValueError("samples > 1 needs temperature > 0: greedy samples are all the same")
+            raise UsageError("samples > 1 needs temperature > 0: greedy samples are all the same")
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.verifier != "auto" and self.verifier not in VERIFIERS:
-            raise ValueError(f"unknown verifier {self.verifier!r}; use auto or one of {sorted(VERIFIERS)}")
+            raise UsageError(f"unknown verifier {self.verifier!r}; use auto or one of {sorted(VERIFIERS)}")
 
     def summary(self) -> dict[str, Any]:
         """The settings that shape the completions (recorded with every dataset's metrics)."""
@@ -121,15 +122,15 @@ def evaluate_model(
     samples_path: write every completion with its verdict as JSONL there.
     Raises DataError / ModelError / ValueError before any model is loaded when inputs are bad.
     """
-    from transformers import AutoTokenizer
-
     from imm_ray.models import resolve_model
 
     settings = settings or EvalSettings()
     settings.check()
     specs = [parse_dataset_arg(d, limit) if isinstance(d, str) else d for d in datasets]
+    model_path = resolve_model(str(model), cache_dir)  # first: a missing model fails before any data is read
     loaded = _load(specs, data_dir)
-    model_path = resolve_model(str(model), cache_dir)
+    from transformers import AutoTokenizer  # after the checks: a bad input fails without loading transformers
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     stop = tuple(default_stop_strings(settings.template))
     greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=settings.max_tokens, stop=stop, seed=None)

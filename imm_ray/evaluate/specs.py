@@ -7,6 +7,7 @@ from pathlib import Path, PurePosixPath
 from typing import get_args
 
 from imm_ray.data import DATASET_PRESETS, AnswerFormat, DatasetSpec
+from imm_ray.errors import UsageError
 
 __all__ = ["parse_dataset_arg", "parse_dataset_args"]
 
@@ -25,7 +26,7 @@ def parse_dataset_arg(arg: str, limit: int | None = None) -> DatasetSpec:
       kept as text, e.g. MATH-500's LaTeX).
 
     A relative PATH is also looked up under the data dirs. The dataset is named after the file
-    stem (the folder name for a folder). ValueError on a malformed value.
+    stem (the folder name for a folder). UsageError (a ValueError) on a malformed value.
     """
     scheme, sep, rest = arg.partition("://")  # a storage URI keeps its scheme's colon
     parts = (rest if sep else arg).split(":")
@@ -34,7 +35,7 @@ def parse_dataset_arg(arg: str, limit: int | None = None) -> DatasetSpec:
     if len(parts) == 1 and arg in DATASET_PRESETS and not Path(arg).exists():
         return DatasetSpec(name=arg, preset=arg, split="test", limit=limit)
     if len(parts) not in (1, 3, 4) or not all(parts):
-        raise ValueError(
+        raise UsageError(
             f"--dataset {arg!r}: expected a preset ({', '.join(sorted(DATASET_PRESETS))}) or "
             "PATH[:QUESTION_FIELD:ANSWER_FIELD[:FORMAT]]"
         )
@@ -44,17 +45,17 @@ def parse_dataset_arg(arg: str, limit: int | None = None) -> DatasetSpec:
         fields = {"question_field": parts[1], "answer_field": parts[2]}
     if len(parts) == 4:
         if parts[3] not in _FORMATS:
-            raise ValueError(f"--dataset {arg!r}: unknown answer format {parts[3]!r}; use one of {_FORMATS}")
+            raise UsageError(f"--dataset {arg!r}: unknown answer format {parts[3]!r}; use one of {_FORMATS}")
         fields["answer_format"] = parts[3]
     name = path.name if path.suffix == "" else path.stem
     return DatasetSpec(name=name, path=parts[0], split="test", limit=limit, **fields)
 
 
 def parse_dataset_args(args: Sequence[str], limit: int | None = None) -> list[DatasetSpec]:
-    """Specs for several ``--dataset`` values; ValueError when two would get the same name."""
+    """Specs for several ``--dataset`` values; UsageError when two would get the same name."""
     specs = [parse_dataset_arg(a, limit) for a in args]
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"--dataset: several datasets would be named {duplicates}; rename the files")
+        raise UsageError(f"--dataset: several datasets would be named {duplicates}; rename the files")
     return specs

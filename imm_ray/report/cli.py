@@ -1,11 +1,14 @@
-"""``imm report RUN_DIR``: write report.md and plots/ (optionally push metrics to sinks)."""
+"""``imm report --run-dir DIR``: write report.md and plots/ (optionally push metrics to sinks)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
+from imm_ray.cli_flags import add_run_dir, run_dir_of
+from imm_ray.errors import UsageError
 from imm_ray.report.sinks import SINKS
 from imm_ray.report.writer import write_report
 from imm_ray.storage import exists, layout, resolve
@@ -17,36 +20,31 @@ logger = logging.getLogger(__name__)
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imm report`` options to ``parser``."""
-    parser.add_argument("run_dir",
-                        help="run directory, a path or s3://... URI (reads metrics.jsonl, run.yaml, analysis.json)")
+    add_run_dir(parser, "reads metrics.jsonl, run.yaml and analysis.json; writes report.md and plots/ there",
+                positional=True)
     parser.add_argument("--sink", action="append", default=[], choices=SINKS,
-                        help="also publish the metrics: tensorboard (RUN_DIR/tensorboard) or mlflow")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default: mlflow's own)")
-    parser.add_argument("--mlflow-experiment", default="imm-ray")
+                        help="also publish the metrics: tensorboard (RUN_DIR/tensorboard) or mlflow (repeatable)")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow tracking URI (default: mlflow's own)")
+    parser.add_argument("--mlflow-experiment", default="imm-ray", metavar="NAME",
+                        help="MLflow experiment the run is logged under (default imm-ray)")
 
 
 def run_report_cli(args: argparse.Namespace) -> int:
-    """Write the report of a run; 0 on success, 2 when the run directory is missing."""
-    run_dir = resolve(args.run_dir)
+    """Write the report of a run; UsageError when the run directory is missing or is not a run's."""
+    run_dir = resolve(run_dir_of(args, required=True))
     if not exists(run_dir / layout.CONFIG) and not exists(run_dir / layout.METRICS):
-        logger.error("report: %s is not a run directory (no %s or %s)", run_dir, layout.CONFIG, layout.METRICS)
-        return 2
-    try:
-        path = write_report(run_dir, sinks=args.sink, tracking_uri=args.mlflow_uri,
-                            experiment=args.mlflow_experiment)
-    except ValueError as exc:
-        logger.error("report: %s", exc)
-        return 2
+        raise UsageError(f"{run_dir} is not a run directory (no {layout.CONFIG} or {layout.METRICS}); "
+                         "check --run-dir")
+    path = write_report(run_dir, sinks=args.sink, tracking_uri=args.mlflow_uri, experiment=args.mlflow_experiment)
     logger.info("wrote %s", path)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m imm_ray.report.cli RUN_DIR``."""
-    parser = argparse.ArgumentParser(prog="imm report", description=__doc__)
-    add_report_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_report_cli(parser.parse_args(argv))
+    """``python -m imm_ray.report.cli``: the same as ``imm report``."""
+    from imm_ray.cli import main as imm_main
+
+    return imm_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from imm_ray.errors import UsageError
+
 __all__ = [
     "SINKS",
     "MLflowSink",
@@ -125,10 +127,10 @@ def make_sink(kind: str, run_dir: str | Path, **options: Any) -> MetricsSink:
         return TensorBoardSink(options.get("folder") or run_dir / TENSORBOARD_DIR)
     if kind == "mlflow":
         if importlib.util.find_spec("mlflow") is None:
-            raise ValueError("the mlflow sink needs the mlflow package (pip install mlflow)")
+            raise UsageError("the mlflow sink needs the mlflow package (pip install mlflow)")
         return MLflowSink(options.get("experiment") or "imm-ray", run_dir.name,
                           options.get("tracking_uri"))
-    raise ValueError(f"unknown metrics sink {kind!r}; known: {list(SINKS)}")
+    raise UsageError(f"unknown metrics sink {kind!r}; known: {list(SINKS)}")
 
 
 def publish_rows(rows: Iterable[dict[str, Any]], sinks: Sequence[MetricsSink]) -> int:

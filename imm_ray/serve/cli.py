@@ -7,21 +7,25 @@ import logging
 import signal
 import threading
 
+from imm_ray.cli_flags import add_ray_address, add_run_dir
+
 logger = logging.getLogger(__name__)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``imm serve``."""
-    parser.add_argument("--run-dir", required=True, help="run directory to follow (its state.json)")
+    add_run_dir(parser, "serves its finished rounds and follows its state.json for new ones", required=True)
     parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
     parser.add_argument("--engine", choices=["vllm", "hf"], default=None, help="inference engine (default vllm)")
-    parser.add_argument("--config", help="YAML with serve settings (a ServeSettings mapping or an imm config)")
-    parser.add_argument("--ray-address", default=None,
-                        help="Ray cluster to deploy the app on, e.g. auto (default: $RAY_ADDRESS, set in KubeRay "
-                             "pods and job drivers; else a local loopback head for as long as the command runs)")
+    parser.add_argument("--config", metavar="YAML",
+                        help="serve settings: a run config (its serve section) or a mapping of serve keys")
+    add_ray_address(parser, default_help="$RAY_ADDRESS, set in KubeRay pods and job drivers, where the app is "
+                                         "deployed and the command exits; else a local loopback head for as "
+                                         "long as the command runs")
     parser.add_argument("overrides", nargs="*",
-                        help="serve settings key=value (dotted keys nest), e.g. resident_models=3")
+                        help="serve settings key=value, the keys of the config's serve section without "
+                             "the serve. prefix (dotted keys nest), e.g. resident_models=3")
 
 
 def settings_from_cli(args: argparse.Namespace):

@@ -10,16 +10,20 @@ from imm_ray.generate.settings import EngineSettings
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class AutoscalingSettings(_Strict):
     """Ray Serve autoscaling of the model replicas (used when ``enabled``)."""
 
     enabled: bool = False
+    """Let Ray Serve add and remove replicas with the load (num_replicas is then ignored)."""
     min_replicas: int = Field(1, ge=0)
+    """Fewest replicas."""
     max_replicas: int = Field(2, ge=1)
+    """Most replicas."""
     target_ongoing_requests: float = Field(8.0, gt=0)
+    """Requests in flight per replica that autoscaling aims at."""
 
     @model_validator(mode="after")
     def _order(self) -> "AutoscalingSettings":
@@ -32,10 +36,15 @@ class LimitSettings(_Strict):
     """Bounds on what one request may ask for."""
 
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    """Largest request body in bytes (larger: 413)."""
     max_prompt_tokens: int = Field(1536, ge=1)
-    max_tokens: int = Field(512, ge=1, description="upper bound of a request's max_tokens (also its default)")
+    """Longest prompt in tokens."""
+    max_tokens: int = Field(512, ge=1)
+    """Upper bound of a request's max_tokens (also its default)."""
     max_n: int = Field(4, ge=1)
+    """Most completions per request (n)."""
     max_stop: int = Field(4, ge=0)
+    """Most stop strings per request."""
 
 
 _SERVE_ENGINE = {"kv_cache_gb": 1.0, "gpu_memory_utilization": 0.4, "batch_size": 8}
@@ -44,34 +53,52 @@ _SERVE_ENGINE = {"kv_cache_gb": 1.0, "gpu_memory_utilization": 0.4, "batch_size"
 class ServeSettings(_Strict):
     """Everything ``imm serve`` / ``serve run services.app:app`` / the driver need to serve a run."""
 
-    enabled: bool = False  # the driver starts the app itself when True
-    run_dir: str | None = None  # default: the driver's run directory
-    run_name: str | None = None  # model-id prefix; default: the run directory's name
-    arm: Literal["imm", "si", "rest"] = "imm"  # whose rounds are ``<run>/round-N``
+    enabled: bool = False
+    """The driver starts the serving app itself and serves every round as it finishes."""
+    run_dir: str | None = None
+    """Run directory whose rounds are served (default: the driver's run directory)."""
+    run_name: str | None = None
+    """Model-id prefix (<run_name>/round-N); default: the run directory's name."""
+    arm: Literal["imm", "si", "rest"] = "imm"
+    """The arm whose rounds are served (as <run_name>/round-N)."""
     host: str = "127.0.0.1"
+    """Listen address of the HTTP API."""
     port: int = Field(8000, ge=1, le=65535)
+    """Listen port of the HTTP API."""
     app_name: str = "imm"
+    """Name of the Ray Serve application."""
     route_prefix: str = "/"
-    # engines: the one engine-settings model; ``engine: hf`` and flat engine keys (``dtype: float32``)
-    # are accepted as shorthand, over serving's defaults (a smaller KV cache and GPU share)
+    """URL prefix of the API (the routes are <prefix>v1/...)."""
     engine: EngineSettings = EngineSettings(**_SERVE_ENGINE)
-    resident_models: int = Field(2, ge=1, description="engines kept loaded per replica (latest included)")
-    spare_engines: int = Field(1, ge=0, description="idle engines kept warm: a new round is swapped into one "
-                                                     "in well under a second instead of starting an engine "
-                                                     "(GPU; vLLM on CPU restarts the spare)")
-    load_on_demand: bool = True  # a non-resident round is loaded on request; else 404
+    """Inference engine of the replicas, over serving's defaults (a smaller KV cache and GPU share); engine: hf
+    and flat engine keys (dtype: float32) are accepted as shorthand."""
+    resident_models: int = Field(2, ge=1)
+    """Engines kept loaded per replica (the latest round included)."""
+    spare_engines: int = Field(1, ge=0)
+    """Idle engines kept warm: a new round is swapped into one in well under a second instead of starting an
+    engine (GPU; vLLM on CPU restarts the spare)."""
+    load_on_demand: bool = True
+    """Load a round that is not resident when a request asks for it (False: 404)."""
     poll_interval_s: float = Field(2.0, gt=0)
-    # scaling
+    """How often the replicas look for new rounds in the run directory."""
     num_replicas: int = Field(1, ge=1)
+    """Model replicas (each with its own engines) when autoscaling is off."""
     autoscaling: AutoscalingSettings = AutoscalingSettings()
+    """Ray Serve autoscaling of the replicas."""
     num_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves for each replica."""
     num_gpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1, description="concurrent requests per replica")
-    max_queued_requests: int = Field(64, ge=-1, description="waiting requests per caller before 429; -1 = unbounded")
+    """GPUs (fractions allowed) Ray reserves for each replica."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Concurrent requests per replica."""
+    max_queued_requests: int = Field(64, ge=-1)
+    """Waiting requests per caller before 429 (-1: unbounded)."""
     retry_after_s: int = Field(1, ge=0)
-    # safety
-    api_keys_file: str | None = None  # one key per line; IMM_API_KEYS (comma-separated) is added
+    """Retry-After seconds sent with 429 and 503 answers."""
+    api_keys_file: str | None = None
+    """File of API keys, one per line (IMM_API_KEYS, comma-separated, adds more); none: no authentication."""
     limits: LimitSettings = LimitSettings()
+    """Bounds on what one request may ask for."""
 
     @model_validator(mode="before")
     @classmethod

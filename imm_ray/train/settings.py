@@ -16,38 +16,56 @@ class SFTError(RuntimeError):
 class SFTSettings(BaseModel):
     """Full fine-tune settings; defaults follow the authors' scripts (see docs/method.md)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     epochs: int = Field(3, ge=1)
+    """Passes over the round's accepted answers."""
     lr: float = Field(2e-5, gt=0)
+    """Peak learning rate (AdamW)."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of the optimizer steps spent warming the learning rate up from 0."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after the warm-up."""
     micro_batch_size: int = Field(4, ge=1)
+    """Examples (with packing: packed rows) per forward/backward pass on each worker."""
     effective_batch_size: int = Field(64, ge=1)
+    """Examples per optimizer step over all workers (gradient accumulation makes up the difference)."""
     max_length: int = Field(512, ge=2)
+    """Longest training example in tokens (prompt + answer); longer ones are truncated."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Training precision (auto: bf16 where the hardware supports it, else fp32)."""
     num_workers: int = Field(1, ge=1)
+    """Ray Train workers (data-parallel)."""
     use_gpu: bool = False
+    """Give each worker one GPU."""
     cpus_per_worker: int = Field(1, ge=1)
-    # Custom Ray resources per worker, e.g. {node_2: 0.01} to pin the workers to that node.
+    """CPUs Ray reserves for each worker."""
     resources: dict[str, float] = {}
+    """Custom Ray resources per worker, e.g. {node_2: 0.01} to pin the workers to that node (flat here,
+    unlike the actor stages' <stage>.resources.resources, because CPUs and GPUs have their own keys above)."""
     seed: int = 0
-    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    """Seed of the example order and of torch's random numbers."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the gradient norm to this (0: no clipping)."""
     save_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the saved checkpoint (auto: the original model's)."""
     log_every_steps: int = Field(10, ge=1)
-    # Pack examples into rows of up to max_length tokens (attention and positions restart per
-    # example); False pads each micro-batch of micro_batch_size examples to its longest one.
+    """Log the loss every n optimizer steps."""
     packing: bool = True
-    # Worker failures Ray Train recovers from by restarting the workers from the last resume
-    # checkpoint (from the start without one); 0 fails at once and writes no resume checkpoints.
+    """Pack a step's examples into rows no longer than its longest example (attention and positions restart
+    per example); False pads each micro-batch of micro_batch_size examples to its longest one."""
     max_failures: int = Field(1, ge=0)
-    # Resume checkpoints every N optimizer steps; 0: at the end of an epoch (not the last), once
-    # checkpoint_min_interval_s of training passed since the last checkpoint. A checkpoint is the
-    # weights plus optimizer state (1.6 GB for SmolLM2-135M, 7-10 s on 2 CPU cores): a short
-    # stage restarted from its start after a failure costs less than writing one every epoch.
+    """Worker failures Ray Train recovers from by restarting the workers from the last resume checkpoint
+    (from the start without one); 0 fails at once and writes no resume checkpoints."""
     checkpoint_every_steps: int = Field(0, ge=0)
+    """Resume checkpoints every n optimizer steps; 0: at the end of an epoch (not the last), once
+    checkpoint_min_interval_s of training passed since the last one (a checkpoint is the weights plus
+    optimizer state: 1.6 GB for SmolLM2-135M, 7-10 s on 2 CPU cores)."""
     checkpoint_min_interval_s: float = Field(120.0, ge=0)
+    """With checkpoint_every_steps 0: least seconds of training between two end-of-epoch checkpoints (a short
+    stage restarted from its start after a failure costs less than writing one every epoch)."""
 
     @field_validator("resources")
     @classmethod

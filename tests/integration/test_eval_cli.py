@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from imm_ray.data import DataError
+from imm_ray.errors import UsageError
 from imm_ray.evaluate.cli import add_eval_arguments, run_eval_cli
+from imm_ray.models import ModelError
 from tiny_model import TINY_PROBLEMS
 
 pytestmark = pytest.mark.slow
@@ -54,8 +57,13 @@ def test_imm_eval_hf_engine_preset_and_mapped_file(tiny_model_dir: Path, tiny_da
     assert {r["kind"] for r in lines} == {"greedy", "sample"}
 
 
-def test_imm_eval_bad_dataset_returns_2(tmp_path: Path) -> None:
-    args = _parse(["--model", str(tmp_path), "--dataset", str(tmp_path / "missing.jsonl:q:a")])
-    assert run_eval_cli(args) == 2
+def test_imm_eval_bad_input_is_a_user_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    args = _parse(["--model", str(tiny_model_dir), "--dataset", str(tmp_path / "missing.jsonl:q:a")])
+    with pytest.raises(DataError):
+        run_eval_cli(args)
+    args = _parse(["--model", str(tmp_path / "absent"), "--dataset", str(tmp_path / "missing.jsonl:q:a")])
+    with pytest.raises(ModelError, match="does not exist"):  # the model is checked first
+        run_eval_cli(args)
     args = _parse(["--model", str(tmp_path), "--dataset", "gsm8k", "--samples", "3"])
-    assert run_eval_cli(args) == 2  # k > 1 samples need temperature > 0
+    with pytest.raises(UsageError, match="needs temperature > 0"):
+        run_eval_cli(args)

@@ -136,6 +136,7 @@ def test_analyze_cli_explicit_checkpoints(tiny_model_dir, tmp_path):
     import json
 
     from imm_ray.analysis.cli import add_analyze_arguments, run_analyze_cli
+    from imm_ray.errors import UsageError
 
     tuned = _perturbed_copy(tiny_model_dir, tmp_path / "tuned", 0.01)
     parser = argparse.ArgumentParser()
@@ -147,8 +148,10 @@ def test_analyze_cli_explicit_checkpoints(tiny_model_dir, tmp_path):
     assert result["importance"] is None
     assert (result["models"][0]["arm"], result["models"][0]["kind"]) == ("mine", "model")
     assert result["models"][0]["change"]["per_layer"][1] > 0
-    assert run_analyze_cli(parser.parse_args(args)) == 2  # importance without a probe
-    assert run_analyze_cli(parser.parse_args(args[:2] + ["--no-ray"])) == 2  # no --out
+    with pytest.raises(UsageError, match="needs a probe"):
+        run_analyze_cli(parser.parse_args(args))
+    with pytest.raises(UsageError, match="--out FILE"):
+        run_analyze_cli(parser.parse_args(args[:2] + ["--no-ray"]))
 
 
 def test_references_one_per_problem_from_accepted_rows(tmp_path: Path):

@@ -173,8 +173,8 @@ def test_imm_merge_crafted_header_and_os_error_are_one_line(tmp_path):
 def test_imm_serve_eval_analyze_failures_are_one_line(tmp_path):
     one_line_failure(imm("serve", "--run-dir", str(tmp_path), "not-a-key-value"), "imm serve: error: ", "key=value")
     proc = imm("eval", "--model", str(tmp_path / "absent"), "--dataset", "gsm8k", "--max-model-len", "5")
-    one_line_failure(proc, "imm eval failed: invalid EngineSettings: max_model_len: ", "greater than or equal to 16")
-    one_line_failure(imm("analyze", "--measures", "bogus"), "bogus")
+    one_line_failure(proc, "imm eval: error: invalid EngineSettings: max_model_len: ", "greater than or equal to 16")
+    one_line_failure(imm("analyze", "--measures", "bogus"), "imm analyze: error: ", "bogus")
 
 
 @pytest.mark.parametrize("before", [True, False])
@@ -193,3 +193,59 @@ def test_merge_yaml_unknown_key_suggests_the_nearest(tmp_path):
     cfg.write_text("methd: imm\nbase: a\nmodels: [b]\n")
     with pytest.raises(MergeError, match=r"unknown merge config key 'methd' \(did you mean 'method'\?\)"):
         load_merge_config(cfg)
+
+
+# --- one CLI language: the run directory, a missing --config -----------------------------------------------
+
+def test_imm_run_without_config_refuses_naming_the_shipped_configs():
+    line = one_line_failure(imm("run"), "imm run: error: no --config given")
+    for config in sorted((REPO / "jobs/configs").glob("*.yaml")):
+        assert f"jobs/configs/{config.name}" in line
+    # at once: before the config tree, Ray or torch is imported
+    code = ("import sys; from imm_ray.cli import main; rc = main(['run']); "
+            "print(rc, *(m in sys.modules for m in ('ray', 'torch', 'imm_ray.config')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.stdout.split() == ["2", "False", "False", "False"], proc.stderr
+
+
+def _missing_run_args(tmp_path: Path) -> dict[str, list[str]]:
+    data = tmp_path / "mini.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    missing = str(tmp_path / "no-such-run")
+    return {
+        "report": ["report", "--run-dir", missing],
+        "analyze": ["analyze", "--run-dir", missing, "--no-ray"],
+        "eval": ["eval", "--model", f"{missing}/imm/round-001/merged", "--dataset", f"{data}:question:answer",
+                 "--engine", "hf"],
+    }
+
+
+@pytest.mark.parametrize("command", ["report", "analyze", "eval"])
+def test_a_missing_run_directory_is_one_line(tmp_path, command):
+    one_line_failure(imm(*_missing_run_args(tmp_path)[command]), f"imm {command}: error: ", "no-such-run")
+
+
+def test_debug_adds_the_traceback_to_imm_eval(tmp_path):
+    proc = imm(*_missing_run_args(tmp_path)["eval"], "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "ModelError" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("imm eval: error: model folder")
+
+
+def test_the_positional_run_directory_still_works_and_may_not_contradict_the_flag(tmp_path):
+    one_line_failure(imm("report", str(tmp_path / "a")), "imm report: error: ", "a is not a run directory")
+    one_line_failure(imm("report", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")),
+                     "imm report: error: two run directories given")
+
+
+def test_every_subcommand_has_a_description_an_example_and_help_on_every_flag():
+    import argparse
+
+    from imm_ray.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {c.name for c in COMMANDS}
+    for name, sub in subparsers.choices.items():
+        assert sub.description and "examples:" in sub.epilog and f"imm {name} " in sub.epilog, name
+        no_help = [a.dest for a in sub._actions if not a.help]
+        assert not no_help, f"imm {name}: flags without help: {no_help}"

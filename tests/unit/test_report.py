@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imm_ray.errors import UsageError
 from imm_ray.report import flatten_row, load_run_metrics, publish_rows, write_report
 from imm_ray.report.cli import add_report_arguments, run_report_cli
 from imm_ray.report.sinks import TensorBoardSink, make_sink
@@ -165,7 +166,8 @@ def test_report_cli(full_run, tmp_path):
     add_report_arguments(parser)
     assert run_report_cli(parser.parse_args([str(full_run), "--sink", "tensorboard"])) == 0
     assert (full_run / "report.md").is_file() and (full_run / "tensorboard").is_dir()
-    assert run_report_cli(parser.parse_args([str(tmp_path / "missing")])) == 2
+    with pytest.raises(UsageError, match="is not a run directory"):
+        run_report_cli(parser.parse_args(["--run-dir", str(tmp_path / "missing")]))
 
 
 def _write_eval_samples(run: Path, arm: str, t: int, right: dict[str, set[int]],
