@@ -94,7 +94,8 @@ class DataConfig(_Strict):
     """Problem sets: the ID training pool and the evaluation sets (first = in-domain)."""
 
     dir: str | None = None
-    """Data root the presets look in first (<dir>/<dataset>/<split>.jsonl); default $IMM_DATA_DIR."""
+    """Data root the presets look in first (<dir>/<dataset>/<split>.jsonl; a path or s3:// / gs:// URI); then
+    $IMM_DATA_DIR, the sets bundled with the package (when the rows asked for lie inside them), the hub."""
     train: DatasetSpec = DatasetSpec(name="gsm8k-train", preset="gsm8k", split="train")
     """The in-domain training pool the model samples answers for every round."""
     eval: list[DatasetSpec] = Field(
