@@ -142,3 +142,21 @@ def test_a_cluster_yaml_without_usable_node_types_says_what_to_fix(tmp_path, tex
         declared_node_types({}, str(path))
     with pytest.raises(PlacementError, match="cannot be read"):
         declared_node_types({}, str(tmp_path / "missing.yaml"))
+
+
+def test_autoscaler_requests_merge_the_owners_wishes_and_release_them(monkeypatch):
+    import ray.autoscaler.sdk
+
+    from imm_ray.placement import AutoscalerRequests
+
+    sent = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: sent.append(bundles))
+    AutoscalerRequests(enabled=False).want("imm", [{"GPU": 1}])  # no declared node types: no autoscaler to ask
+    assert sent == []
+    ahead = AutoscalerRequests(enabled=True)
+    ahead.want("imm", [{"GPU": 1}, {"CPU": 2}])
+    ahead.want("si", [{"GPU": 1}])
+    ahead.want("imm", [{"CPU": 2}])  # replaces imm's earlier wish; si's stays
+    ahead.release()
+    ahead.release()  # nothing left to withdraw
+    assert sent == [[{"GPU": 1}, {"CPU": 2}], [{"GPU": 1}, {"CPU": 2}, {"GPU": 1}], [{"CPU": 2}, {"GPU": 1}], []]
