@@ -15,11 +15,16 @@ for _ in $(seq 1 30); do
   kill -0 "$sid" 2>/dev/null || break
   sleep 1
 done
+# The worker nodes' processes are the autoscaler's children, not the head's: they outlive it.
 left=$(members)
 if [ -n "$left" ]; then
   echo "killing $(echo "$left" | wc -w) leftover process(es) of the cluster's session $sid" >&2
   kill -KILL $left 2>/dev/null || true
 fi
 kill -KILL "$sid" 2>/dev/null || true
+for _ in $(seq 1 30); do
+  [ -z "$(members)" ] && break
+  sleep 1
+done
 rm -f "$state/head.pid"
 echo "autoscaling cluster in $state stopped"

@@ -255,8 +255,8 @@ class RoundDriver:
             self.node_types = declared_node_types(self.cfg.ray.node_types, self.cfg.ray.cluster_yaml)
             init_ray(self.cfg)
             self.ahead = AutoscalerRequests(enabled=bool(self.node_types.types))
-            logger.info("cluster: %d alive node(s); %s", len(cluster_view().nodes),
-                        describe(cluster_view(self.node_types)))
+            view = cluster_view(self.node_types)
+            logger.info("cluster: %d alive node(s); node types: %s", len(view.nodes), describe(view))
             self._nodes.changes()
             for request in self._requests().values():  # a request the cluster can never hold fails now
                 check_on_cluster(request, self.node_types)
@@ -424,13 +424,14 @@ class RoundDriver:
         """Fail at once if ``request`` can never be placed; release the generator pools if they block it.
 
         A single-GPU node cannot hold the generator pool and the SFT worker at once: the pools shut
-        down here and start again on their next generation or evaluation. Only ``owner``'s pools
-        are released (a concurrent arm leaves the other arms' pools alone).
+        down here and start again on their next generation or evaluation; they stay when the request
+        fits beside them, now or on a node the autoscaler may still add. Only ``owner``'s pools are
+        released (a concurrent arm leaves the other arms' pools alone).
         """
         check_on_cluster(request, self.node_types)
         with self._lock:
             busy = [key for key, pool in self._pools.items() if pool.actors and key[1] == owner]
-        if busy and not fits_now(request):
+        if busy and not fits_now(request, self.node_types):
             logger.info("the %s (%s, %s) cannot be placed beside the %s generator pool: releasing the pool "
                         "before the stage; it starts again for the next generation or evaluation",
                         request.what, ", ".join(f"{k}: {v:g}" for k, v in request.needs().items()),

@@ -12,9 +12,10 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
-from imm_ray.placement.core import ClusterView, PlacementError, ResourceRequest, check_request, describe, fits
+from imm_ray.placement.core import ClusterView, PlacementError, ResourceRequest, check_request, describe, fits, packs
 from imm_ray.placement.node_types import NO_NODE_TYPES, NodeTypes
 
 __all__ = ["AutoscalerRequests", "NodeWatch", "check_on_cluster", "cluster_view", "fits_now", "reserved",
@@ -31,18 +32,23 @@ def cluster_view(declared: NodeTypes = NO_NODE_TYPES) -> ClusterView:
     return ClusterView(nodes=nodes, node_types=list(declared.types), declared_by=declared.declared_by)
 
 
-def fits_now(request: ResourceRequest) -> bool:
-    """Whether the connected cluster's free resources, node by node, hold ``request`` right now."""
+def fits_now(request: ResourceRequest, declared: NodeTypes = NO_NODE_TYPES) -> bool:
+    """Whether ``request`` fits, node by node, in the connected cluster's free resources plus the nodes
+    the autoscaler may still add (each declared type up to its max_workers, less its alive nodes)."""
+    import ray
+
     # Private: no public Ray API gives the free resources of each node (ray.available_resources()
     # sums them over the cluster, which would say a 2-CPU bundle fits on two 1-CPU nodes).
     from ray._private.state import available_resources_per_node
 
     free = [dict(n) for n in available_resources_per_node().values()]
-    try:
-        check_request(request, ClusterView(nodes=free))
-    except PlacementError:
-        return False
-    return True
+    _, types = cluster_view(declared).capacity()
+    totals = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    left = []  # what each type may still add
+    for t, n in types:
+        more = -1 if n < 0 else n - sum(t.matches(node) for node in totals)
+        left += [replace(t, max_count=more)] if more != 0 else []
+    return packs(request.bundles(), ClusterView(nodes=free, node_types=left))
 
 
 def check_on_cluster(request: ResourceRequest, declared: NodeTypes = NO_NODE_TYPES) -> None:
