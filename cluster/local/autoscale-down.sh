@@ -11,7 +11,7 @@ fi
 sid=$(cat "$state/head.pid")  # setsid made the head's process the leader of a new session
 members() { ps -e -o pid= -o sid= | awk -v sid="$sid" '$2 == sid && $1 != sid {print $1}'; }
 kill -TERM "$sid" 2>/dev/null || true  # `ray start --block` stops its node's processes on SIGTERM
-for _ in $(seq 1 30); do
+for _ in $(seq 1 10); do
   kill -0 "$sid" 2>/dev/null || break
   sleep 1
 done
