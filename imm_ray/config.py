@@ -267,6 +267,22 @@ class StorageConfig(_Strict):
     """Seconds after which the run lease of a driver that died without releasing it expires."""
 
 
+class NodeTypeConfig(_Strict):
+    """One worker node type an autoscaler may add (``ray.node_types``)."""
+
+    resources: dict[str, float]
+    """What one node of the type offers Ray, e.g. {CPU: 8, GPU: 1} (custom resources too)."""
+    max_workers: int = Field(ge=0)
+    """The most nodes of this type the autoscaler runs at once."""
+
+    @field_validator("resources")
+    @classmethod
+    def _offers_something(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(amount < 0 for amount in v.values()):
+            raise ValueError(f"a node type offers some resources, each >= 0, e.g. {{CPU: 8, GPU: 1}}; got {v}")
+        return v
+
+
 class RayConfig(_Strict):
     """How the driver reaches Ray (an address, or a local head started in-process) and waits for resources."""
 
@@ -276,10 +292,22 @@ class RayConfig(_Strict):
     """CPUs of the local head (default: all of this machine's); ignored when joining a cluster."""
     include_dashboard: bool = False
     """Start the Ray dashboard with the local head."""
+    node_types: dict[str, NodeTypeConfig] = {}
+    """Worker node types an autoscaler may add (e.g. a KubeRay cluster's worker groups): stages wait for them."""
+    cluster_yaml: str | None = None
+    """The cluster YAML launched with `ray up` (on its head: ~/ray_bootstrap_config.yaml); its node types count."""
     placement_log_s: float = Field(60.0, gt=0)
-    """While actors wait for resources (e.g. for the autoscaler to add a node), log what is pending this often."""
-    placement_timeout_s: float | None = Field(None, gt=0)
-    """Give up waiting for resources after this many seconds (unset: wait for ever)."""
+    """While stages wait for resources (e.g. for the autoscaler to add a node), log what is pending this often."""
+    placement_timeout_s: float = Field(900.0, gt=0)
+    """Give up waiting for resources after this many seconds (a GPU node's cold start fits; Ray Train's worker
+    start waits as long)."""
+
+    @model_validator(mode="after")
+    def _one_source_of_node_types(self) -> "RayConfig":
+        if self.node_types and self.cluster_yaml:
+            raise ValueError("set ray.node_types or ray.cluster_yaml, not both (the YAML's node types are the ones "
+                             "its autoscaler starts)")
+        return self
 
 
 class RunSettings(_Strict):

@@ -144,6 +144,9 @@ def up(workers: int, state_dir: Path, head_cpus: int, worker_cpus: int, dashboar
     os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the token file
     os.environ.pop("RAY_ADDRESS", None)
 
+    # Private: only ray._common.utils names the "current cluster" file Ray's Cluster utility writes;
+    # ray.cluster_utils.Cluster is Ray's own multi-node test utility (`ray start` refuses a second
+    # node while Ray is bound to loopback).
     import ray._common.utils as ray_utils
     from ray.cluster_utils import Cluster
 

@@ -65,6 +65,8 @@ def use_loopback_ray() -> bool:
 
 def ray_binds_loopback() -> bool:
     """Whether the imported Ray will bind a local head to 127.0.0.1."""
+    # Private: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; only this constant says
+    # what it read (no public API does).
     from ray._private import ray_constants
 
     return not ray_constants.ENABLE_RAY_CLUSTER
@@ -125,7 +127,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None, incl
         import ray
 
         if not ray.is_initialized():
-            from ray._raylet import Config
+            from ray._raylet import Config  # private: no public call re-reads Ray's settings after import
 
             Config.initialize("")  # re-read RAY_AUTH_MODE, as Ray does when it turns tokens on itself
             if not ray_binds_loopback():

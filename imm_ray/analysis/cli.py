@@ -33,6 +33,7 @@ from imm_ray.analysis.probes import (
 from imm_ray.cli_flags import add_data_dir, add_ray_address, add_run_dir, run_dir_of
 from imm_ray.config import load_run_config
 from imm_ray.errors import UsageError
+from imm_ray.placement import NodeTypes, declared_node_types
 from imm_ray.storage import Location, exists, is_published, layout, resolve
 
 __all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
@@ -171,13 +172,21 @@ def analyze(plan: AnalysisPlan, out: str | Path | Location, use_ray: bool = True
         from imm_ray.analysis.remote import default_num_tasks, ray_runner
 
         runner = ray_runner(cpus_per_task, gpus_per_task)
-        plan.num_tasks = num_tasks or default_num_tasks(cpus_per_task)
+        plan.num_tasks = num_tasks or default_num_tasks(cpus_per_task, gpus_per_task, _run_node_types(plan.run_dir))
     elif num_tasks:
         plan.num_tasks = num_tasks
     result = run_analysis(plan, runner) if runner is not None else run_analysis(plan)
     write_json(out, result)
     logger.info("layer analysis written to %s (%.0f s)", out, result["seconds"])
     return result
+
+
+def _run_node_types(run_dir: Location | None) -> NodeTypes:
+    """The node types the run declared (its run.yaml's ray.node_types / ray.cluster_yaml), if any."""
+    if run_dir is None or not exists(run_dir / layout.CONFIG):
+        return declared_node_types({}, None)
+    ray_cfg = load_run_config(run_dir).ray
+    return declared_node_types(ray_cfg.node_types, ray_cfg.cluster_yaml)
 
 
 def analyze_run(run_dir: str | Path | Location, *flags: str) -> Location:

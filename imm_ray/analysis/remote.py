@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from imm_ray.analysis.pipeline import Call, Runner
+from imm_ray.placement import NO_NODE_TYPES, NodeTypes, at_once, cluster_view, describe
 from imm_ray.ray_env import actor_runtime_env
 
 __all__ = ["default_num_tasks", "ray_runner"]
@@ -36,7 +37,17 @@ def ray_runner(num_cpus: float = 1.0, num_gpus: float = 0.0) -> Runner:
     return run
 
 
-def default_num_tasks(num_cpus: float = 1.0) -> int:
-    """How many tasks the cluster runs at once with num_cpus each (at least 1)."""
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, int(cpus // max(num_cpus, 1e-9)))
+# More tasks than a model has layers gain nothing; the largest models here have fewer.
+_MOST_TASKS = 64
+
+
+def default_num_tasks(num_cpus: float = 1.0, num_gpus: float = 0.0, node_types: NodeTypes = NO_NODE_TYPES) -> int:
+    """How many tasks of ``num_cpus`` / ``num_gpus`` each the cluster holds at once, node by node, with
+    the node types an autoscaler may add (the run's ``ray.node_types`` / ``ray.cluster_yaml``); at
+    least 1, logged with why."""
+    bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0}
+    cluster = cluster_view(node_types)
+    n = at_once([[bundle]], cluster, _MOST_TASKS)
+    logger.info("layer analysis: %d task(s) at once of %s each: what the cluster (%d alive node(s); node types: %s) "
+                "holds", n, bundle or "nothing", len(cluster.nodes), describe(cluster))
+    return n

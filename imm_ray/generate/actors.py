@@ -20,7 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from imm_ray.generate.engine import Completion, EngineOptions, Finished, SamplingSpec, create_engine, entropy_mask
-from imm_ray.placement import ResourceRequest, check_on_cluster, wait_placed
+from imm_ray.placement import NodeTypes, ResourceRequest, check_on_cluster, wait_placed
 from imm_ray.ray_env import actor_runtime_env
 from imm_ray.storage import materialize
 
@@ -75,7 +75,8 @@ class PoolSpec:
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {"node_1": 1}
     max_retries: int = 3  # actor replacements per generate call before it gives up
     placement_log_s: float = 60.0  # while the actors wait for resources, say what is pending this often
-    placement_timeout_s: float | None = None  # give up waiting for resources after this long (None: never)
+    placement_timeout_s: float = 900.0  # give up waiting for resources after this long
+    node_types: NodeTypes = field(default_factory=NodeTypes)  # what an autoscaler may add, to wait for
     config_key: str = "generate.resources"  # where the resources came from, for error messages
 
 
@@ -121,11 +122,12 @@ class GeneratorPool:
         from ray.util.placement_group import placement_group
 
         request = self._request()
-        check_on_cluster(request)
+        check_on_cluster(request, self.spec.node_types)
         bundle = request.needs()
         if bundle:
             self._pg = placement_group([bundle] * self.spec.num_actors, strategy="SPREAD")
-            wait_placed([self._pg.ready()], request, self.spec.placement_log_s, self.spec.placement_timeout_s)
+            wait_placed([self._pg.ready()], request, self.spec.placement_log_s, self.spec.placement_timeout_s,
+                        self.spec.node_types)
 
     def _start_actor(self, slot: int, model_path: str):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

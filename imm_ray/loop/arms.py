@@ -9,10 +9,11 @@ round's model is. File names and stage keys come from :mod:`imm_ray.storage.layo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
+from imm_ray.placement.core import ClusterView, at_once, describe
 from imm_ray.registry import Registry
 from imm_ray.storage import layout
 
@@ -119,24 +120,28 @@ def plan_round(
     return RoundPlan(remaining, sft_init, sft_skipped, model)
 
 
-def arms_at_once(arms: int, limit: int, pool: Mapping[str, float], stages: list[Mapping[str, float]],
-                 cluster: Mapping[str, float]) -> tuple[int, str]:
-    """How many arms may run concurrently, and why: each arm holds its own generator ``pool`` and,
-    beside it, the largest of its other ``stages`` (SFT workers, merge task); ``cluster`` is what
-    the cluster has in all. ``limit`` caps it (``run.concurrent_arms``; 0: as many as fit)."""
+def arms_at_once(arms: int, limit: int, stages: Mapping[str, Sequence[Mapping[str, float]]],
+                 cluster: ClusterView) -> tuple[int, str]:
+    """How many arms may run concurrently, and why. ``stages`` are the bundles each stage of an arm holds
+    (generator pool, SFT workers, merge task: the pool is released before a stage that does not fit
+    beside it), ``cluster`` the alive nodes and the node types an autoscaler may add; any arms may be
+    in any stages at once. ``limit`` caps it (``run.concurrent_arms``; 0: as many as fit)."""
     want = arms if limit == 0 else min(arms, limit)
     if want <= 1:
-        return 1, "one arm at a time (run.concurrent_arms)" if arms > 1 else "one arm"
-    per_arm = {key: pool.get(key, 0.0) + max((s.get(key, 0.0) for s in stages), default=0.0)
-               for key in {*pool, *(k for s in stages for k in s)}}
-    fits = {key: int(cluster.get(key, 0.0) // need) for key, need in per_arm.items() if need > 0}
-    width = min([want, *fits.values()])
+        return 1, "one arm at a time (run.concurrent_arms: 1)" if arms > 1 else "one arm"
+    width = at_once(list(stages.values()), cluster, want)
+    each = "; ".join(f"{name}: {_brief(bs)}" for name, bs in stages.items() if bs)
+    holds = (f"the cluster ({len(cluster.nodes)} alive node(s); node types: {describe(cluster)}) holds any "
+             f"{width} arm(s) in any of their stages ({each})")
     if width >= want:
-        return want, f"{want} arms at once (each: {_brief(per_arm)})"
-    short = min(fits, key=lambda k: fits[k])
-    return max(width, 1), (f"{max(width, 1)} arm(s) at once: each needs {_brief(per_arm)} and the cluster "
-                           f"has {cluster.get(short, 0.0):g} {short}")
+        return want, f"{want} arms at once: {holds}"
+    return width, f"{width} arm(s) at once of {want}: only {holds}"
 
 
-def _brief(resources: Mapping[str, float]) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if v > 0)
+def _brief(bundles: Sequence[Mapping[str, float]]) -> str:
+    """``2 x CPU 1, GPU 1`` for two equal bundles."""
+    if not bundles:
+        return "nothing"
+    shapes = {tuple(sorted((k, v) for k, v in b.items() if v > 0)) for b in bundles}
+    text = " + ".join(", ".join(f"{k} {v:g}" for k, v in shape) for shape in sorted(shapes))
+    return f"{len(bundles)} x {text}" if len(shapes) == 1 and len(bundles) > 1 else text

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,7 +43,18 @@ from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
 from imm_ray.loop.remote import merge_remote, verify_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
-from imm_ray.placement import ResourceRequest, check_on_cluster, fits_now
+from imm_ray.placement import (
+    AutoscalerRequests,
+    NodeTypes,
+    NodeWatch,
+    ResourceRequest,
+    check_on_cluster,
+    cluster_view,
+    declared_node_types,
+    describe,
+    fits_now,
+    reserved,
+)
 from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
 from imm_ray.serve.cli import serve_command
@@ -97,6 +108,9 @@ class RoundDriver:
         self.original: str | None = None  # model locations: a local path or a URI
         self.teacher: str | None = None
         self.tokenizer = None
+        self.node_types = NodeTypes()  # what an autoscaler may add (ray.node_types / ray.cluster_yaml)
+        self.ahead = AutoscalerRequests(enabled=False)  # the next stages' resources, asked for ahead
+        self._nodes = NodeWatch()
 
     # --- set-up -----------------------------------------------------------------------------
     def _save_config(self) -> None:
@@ -166,6 +180,7 @@ class RoundDriver:
             engine=g.engine.name, options=options, num_actors=g.num_actors, num_cpus=g.resources.num_cpus,
             num_gpus=g.resources.num_gpus, resources=dict(g.resources.resources),
             placement_log_s=self.cfg.ray.placement_log_s, placement_timeout_s=self.cfg.ray.placement_timeout_s,
+            node_types=self.node_types,
         )
         return GeneratorPool(spec, progress=self.cfg.run.progress)
 
@@ -200,7 +215,8 @@ class RoundDriver:
             clear_output(loc)
         with self._lock:
             self.rd.mark_started(key)
-        logger.info("[%s] started", key)
+            nodes = self._nodes.changes()
+        logger.info("[%s] started%s", key, f" (cluster nodes since the last stage: {nodes})" if nodes else "")
         info: dict[str, Any] = {}
         t0 = time.perf_counter()
         yield info
@@ -236,9 +252,14 @@ class RoundDriver:
                 teacher = resolve_model(self.cfg.model.teacher, self.cfg.model.cache_dir)
                 self.teacher = self._publish_original(teacher, "teacher")
             self._pin_inputs()
+            self.node_types = declared_node_types(self.cfg.ray.node_types, self.cfg.ray.cluster_yaml)
             init_ray(self.cfg)
+            self.ahead = AutoscalerRequests(enabled=bool(self.node_types.types))
+            view = cluster_view(self.node_types)
+            logger.info("cluster: %d alive node(s); node types: %s", len(view.nodes), describe(view))
+            self._nodes.changes()
             for request in self._requests().values():  # a request the cluster can never hold fails now
-                check_on_cluster(request)
+                check_on_cluster(request, self.node_types)
             if self.cfg.serve.enabled:
                 # The app follows state.json: every finished round becomes servable by itself.
                 start_serving(self.cfg.serve.run_dir or str(self.rd.root), self.cfg.serve)
@@ -254,6 +275,7 @@ class RoundDriver:
         finally:
             for pool in self._pools.values():
                 pool.shutdown(graceful=finished)
+            self.ahead.release()
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
             if log_file is not None:  # object storage: the log is kept locally and uploaded
@@ -295,14 +317,15 @@ class RoundDriver:
         holds them (``run.concurrent_arms``), each with its own generator pool."""
         arms = self.cfg.run.arms
         req = self._requests()
-        total = {name: {k: v * r.count for k, v in r.needs().items()} for name, r in req.items()}
-        width, why = arms_at_once(len(arms), self.cfg.run.concurrent_arms, total["generate"],
-                                  [total["sft"], total["merge"]], _cluster_resources())
+        stages = {"generator pool": req["generate"].bundles(), "SFT": req["sft"].bundles()}
+        if any(get_arm(arm).merges for arm in arms):
+            stages["merge"] = req["merge"].bundles()
+        width, why = arms_at_once(len(arms), self.cfg.run.concurrent_arms, stages, cluster_view(self.node_types))
+        logger.info("arms %s: %s", ", ".join(arms), why)
         if width == 1:
             for arm in arms:
                 self._run_arm(arm, owner=None)
             return
-        logger.info("arms %s: %s", ", ".join(arms), why)
         for key in [k for k in self._pools if k[1] is None]:  # the baseline's pool: arms bring their own
             self._pools.pop(key).shutdown()
         with ThreadPoolExecutor(width, thread_name_prefix="arm") as workers:
@@ -318,6 +341,7 @@ class RoundDriver:
                 current = self._round(arm, t, current, owner)
                 logger.info("after %s round %d:\n%s", arm, t, format_table(self._write_metrics()))
         finally:
+            self.ahead.want(arm, [])
             if owner is not None:
                 with self._lock:
                     own = [self._pools.pop(k) for k in list(self._pools) if k[1] == owner]
@@ -343,6 +367,7 @@ class RoundDriver:
             stage = plan.next
             if stage is None:
                 return plan.model
+            self._want_ahead(arm.name, plan, owner)
             key = layout.stage_key(arm.name, t, stage.name)
             if stage.name == "evaluate":
                 self._evaluate(key, plan.model, rdir, owner)
@@ -380,23 +405,44 @@ class RoundDriver:
                                      {"CPU": m.num_cpus, "GPU": m.num_gpus, **m.resources}),
         }
 
+    def _want_ahead(self, arm: str, plan: RoundPlan, owner: str | None) -> None:
+        """Ask the autoscaler for room for this stage, the next one (verification aside: it is short) and
+        the arm's live generator pool, so that the next stage's nodes boot while this one runs (only when
+        node types are declared). The pool counts once: generation and evaluation share it."""
+        if not self.ahead.enabled:
+            return
+        req = self._requests()
+        names = [s.name for s in plan.remaining if s.name != "verify"][:2]
+        with self._lock:
+            live = any(p.actors for (_, o), p in self._pools.items() if o == owner)
+        bundles = req["generate"].bundles() if live or {"generate", "evaluate"} & set(names) else []
+        for name in ("sft", "merge"):
+            bundles += req[name].bundles() if name in names else []
+        self.ahead.want(arm, bundles)
+
     def _make_room(self, request: ResourceRequest, owner: str | None) -> None:
         """Fail at once if ``request`` can never be placed; release the generator pools if they block it.
 
         A single-GPU node cannot hold the generator pool and the SFT worker at once: the pools shut
-        down here and start again on their next generation or evaluation. Only ``owner``'s pools
-        are released (a concurrent arm leaves the other arms' pools alone).
+        down here and start again on their next generation or evaluation; they stay when the request
+        fits beside them, now or on a node the autoscaler may still add. Only ``owner``'s pools are
+        released (a concurrent arm leaves the other arms' pools alone).
         """
-        check_on_cluster(request)
+        check_on_cluster(request, self.node_types)
         with self._lock:
             busy = [key for key, pool in self._pools.items() if pool.actors and key[1] == owner]
-        if busy and not fits_now(request):
+        if busy and not fits_now(request, self.node_types):
             logger.info("the %s (%s, %s) cannot be placed beside the %s generator pool: releasing the pool "
                         "before the stage; it starts again for the next generation or evaluation",
                         request.what, ", ".join(f"{k}: {v:g}" for k, v in request.needs().items()),
                         request.config_key, " and ".join(role for role, _ in busy))
             for key in busy:
                 self._pools[key].shutdown()
+
+    def _reserved(self, request: ResourceRequest) -> AbstractContextManager[Any]:
+        """A placement group for ``request``, waited for within ray.placement_timeout_s (logged)."""
+        ray_cfg = self.cfg.ray
+        return reserved(request, ray_cfg.placement_log_s, ray_cfg.placement_timeout_s, self.node_types)
 
     def _load(self, role: str, model: str, owner: str | None) -> GeneratorPool:
         """``owner``'s pool of ``role`` serving ``model`` (each actor materializes it on its own node)."""
@@ -472,8 +518,11 @@ class RoundDriver:
             logger.warning("no sample was accepted this round: SFT skipped, the model stays %s", model)
             return {"skipped": True, "reason": "no accepted samples", "examples": 0}
         # The SFT workers (on any node) materialize the model and publish `out` themselves.
-        self._make_room(self._requests()["sft"], owner)
-        res = run_sft(model, accepted, out, self.cfg.train)
+        request = self._requests()["sft"]
+        self._make_room(request, owner)
+        with self._reserved(request):
+            pass  # room for the workers found (a bounded, logged wait); Ray Train places them there now
+        res = run_sft(model, accepted, out, self.cfg.train, start_timeout_s=self.cfg.ray.placement_timeout_s)
         return {
             "skipped": False, "init_model": model, "examples": res.examples, "dropped": res.dropped,
             "steps": res.steps, "final_loss": res.final_loss, "checkpoint": out.uri,
@@ -486,10 +535,13 @@ class RoundDriver:
         anchor = self.original if m.anchor == "original" else m.anchor
         if anchor != self.original and "://" not in anchor:
             anchor = str(resolve_model(anchor, self.cfg.model.cache_dir))
-        self._make_room(self._requests()["merge"], owner)
+        request = self._requests()["merge"]
+        self._make_room(request, owner)
         r = m.resources
         resources = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": dict(r.resources)}
-        merged = merge_remote(m.method, anchor, [sft], out.uri, dict(m.params), m.seed, self.options, resources)
+        with self._reserved(request) as group:  # the task runs in it: its wait for a node is bounded and logged
+            merged = merge_remote(m.method, anchor, [sft], out.uri, dict(m.params), m.seed, self.options, resources,
+                                  placement_group=group)
         return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": anchor, "checkpoint": merged}
 
     def _evaluate(self, key: str, model: str, folder: Location, owner: str | None) -> None:
@@ -528,13 +580,6 @@ class RoundDriver:
             info.update({"model": model, "datasets": results, "tokens": tokens,
                          "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
                          "actor_retries": sum(st.retries for st in stats)})
-
-
-def _cluster_resources() -> dict[str, float]:
-    """What the cluster's alive nodes have in all."""
-    import ray
-
-    return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
 def _brief(info: dict[str, Any]) -> str:

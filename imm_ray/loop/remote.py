@@ -57,9 +57,15 @@ def merge_task(method: str, anchor: str, models: list[str], out: str, params: di
 
 
 def merge_remote(method: str, anchor: str, models: list[str], out: str, params: dict[str, Any], seed: int,
-                 options: StorageOptions, resources: dict[str, float]) -> str:
-    """Run a merge as a Ray task with its own resource request; returns the published checkpoint's URI."""
+                 options: StorageOptions, resources: dict[str, float], placement_group: Any = None) -> str:
+    """Run a merge as a Ray task with its own resource request (in ``placement_group``'s first bundle
+    when given: room already found); returns the published checkpoint's URI."""
     runtime_env = actor_runtime_env()  # the AWS variables among them
-    task = merge_task.options(**resources, **({"runtime_env": runtime_env} if runtime_env else {}))
+    extra: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        extra["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
+    task = merge_task.options(**resources, **extra)
     ref = task.remote(method, anchor, models, out, params, seed, options)
     return ray.get(ref)

@@ -64,13 +64,18 @@ class SFTResult:
 # Ray Train's controller polls its workers every 2 s by default, which adds up to 2 s at the
 # start and at the end of every run. Defaults for the run (values set in the environment win).
 _RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# How long Ray Train waits for room for its workers before it tears the worker group down and
+# starts again (Ray's default: 60 s, shorter than an autoscaler's GPU node takes to boot).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 @contextmanager
-def _ray_train_env() -> Iterator[None]:
-    """Set `_RAY_TRAIN_ENV` defaults while a trainer runs (Ray Train copies them to its actors)."""
-    added = [key for key in _RAY_TRAIN_ENV if key not in os.environ]
-    os.environ.update({key: _RAY_TRAIN_ENV[key] for key in added})
+def _ray_train_env(start_timeout_s: float | None = None) -> Iterator[None]:
+    """Set `_RAY_TRAIN_ENV` defaults (and the worker start timeout) while a trainer runs; Ray Train
+    copies them from the driver to its controller and workers."""
+    defaults = {**_RAY_TRAIN_ENV, **({START_TIMEOUT_ENV: str(start_timeout_s)} if start_timeout_s else {})}
+    added = [key for key in defaults if key not in os.environ]
+    os.environ.update({key: defaults[key] for key in added})
     try:
         yield
     finally:
@@ -115,7 +120,8 @@ def _crash_hook() -> str | None:
 
 
 def run_sft(model: str | Path | Location, data: str | Path | Location, out: str | Path | Location,
-            settings: SFTSettings, storage_dir: str | Path | None = None) -> SFTResult:
+            settings: SFTSettings, storage_dir: str | Path | None = None,
+            start_timeout_s: float | None = None) -> SFTResult:
     """Fully fine-tune the HF model at ``model`` on the JSONL prompt/completion pairs at ``data``
     and publish the result as the checkpoint ``out`` (which must not exist yet).
 
@@ -124,7 +130,8 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
     run folder (resume checkpoints) lives beside ``out`` on the same storage (``storage_dir``
     overrides that for a local run) and is deleted after success. Works inside an existing Ray
     session (otherwise Ray auto-starts a local one). Raises SFTError for bad inputs and, with
-    the workers' root cause, for failed training.
+    the workers' root cause, for failed training. ``start_timeout_s``: how long Ray Train waits for
+    room for its workers (e.g. for an autoscaler's node) before it gives up, instead of its 60 s.
     """
     start = time.perf_counter()
     model_loc, out_loc = resolve(model), resolve(out)
@@ -182,7 +189,7 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
     logger.info("SFT: %s on %d examples (%d dropped) -> %s", model_loc, len(examples), dropped,
                 out_loc)
     try:
-        with _ray_train_env():
+        with _ray_train_env(start_timeout_s):
             trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise SFTError(f"SFT training failed: {_root_cause(exc)}") from exc

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from imm_ray.loop.arms import ARMS, ROUND_STAGES, arms_at_once, get_arm, plan_round, round_stages
+from imm_ray.placement import ClusterView, NodeType
 from imm_ray.storage import layout
 from imm_ray.storage.layout import stage_key
 
@@ -90,14 +91,26 @@ def test_plans_work_on_uris_as_well_as_paths():
     assert plan.sft_init == original and plan.model == "s3://bucket/run/rest/round-002/sft"
 
 
-def test_arms_at_once_is_sized_from_the_resource_requests():
-    pool, sft, merge = {"CPU": 1.0}, {"CPU": 1.0, "node_2": 0.01}, {"CPU": 2.0}
-    # Each arm holds its pool and, beside it, the larger of SFT and merge: 3 CPUs.
-    assert arms_at_once(3, 0, pool, [sft, merge], {"CPU": 9.0, "node_2": 1.0})[0] == 3
-    width, why = arms_at_once(3, 0, pool, [sft, merge], {"CPU": 6.0, "node_2": 1.0})
-    assert width == 2 and "has 6 CPU" in why
-    assert arms_at_once(3, 2, pool, [sft, merge], {"CPU": 99.0, "node_2": 1.0})[0] == 2  # the config's cap
-    assert arms_at_once(3, 1, pool, [sft, merge], {"CPU": 99.0})[0] == 1  # the default: one after another
-    assert arms_at_once(1, 0, pool, [sft, merge], {"CPU": 99.0})[0] == 1
-    width, why = arms_at_once(2, 0, {"CPU": 1.0, "GPU": 1.0}, [{"CPU": 1.0, "GPU": 1.0}], {"CPU": 16.0, "GPU": 1.0})
-    assert width == 1 and "GPU" in why  # a single GPU: the arms take turns
+def test_arms_at_once_is_sized_from_the_stages_each_arm_holds_in_turn():
+    stages = {"generator pool": [{"CPU": 1.0}], "SFT": [{"CPU": 1.0, "node_2": 0.01}], "merge": [{"CPU": 2.0}]}
+    # The pool is released before a stage that does not fit beside it: an arm holds one stage at a time.
+    assert arms_at_once(3, 0, stages, ClusterView(nodes=[{"CPU": 6.0, "node_2": 1.0}]))[0] == 3
+    width, why = arms_at_once(3, 0, stages, ClusterView(nodes=[{"CPU": 4.0, "node_2": 1.0}]))
+    assert width == 2 and "2 arm(s) at once of 3" in why and "merge: CPU 2" in why
+    assert arms_at_once(3, 2, stages, ClusterView(nodes=[{"CPU": 99.0, "node_2": 1.0}]))[0] == 2  # the config's cap
+    assert arms_at_once(3, 1, stages, ClusterView(nodes=[{"CPU": 99.0}])) == (1, "one arm at a time "
+                                                                               "(run.concurrent_arms: 1)")
+    assert arms_at_once(1, 0, stages, ClusterView(nodes=[{"CPU": 99.0}]))[0] == 1
+    gpu = {"generator pool": [{"CPU": 1.0, "GPU": 1.0}], "SFT": [{"CPU": 1.0, "GPU": 1.0}]}
+    width, why = arms_at_once(2, 0, gpu, ClusterView(nodes=[{"CPU": 16.0, "GPU": 1.0}]))
+    assert width == 1 and "GPU 1" in why  # a single GPU: the arms take turns
+
+
+def test_a_cold_autoscaling_cluster_is_sized_from_its_node_types():
+    stages = {"generator pool": [{"CPU": 1.0, "GPU": 1.0}], "SFT": [{"CPU": 1.0, "gpu_node": 1.0}],
+              "merge": [{"CPU": 2.0}]}
+    cold = ClusterView(nodes=[{"memory": 1e9}], declared_by="ray.node_types",
+                       node_types=[NodeType("gpu", {"CPU": 1, "GPU": 1, "gpu_node": 1}, 2),
+                                   NodeType("cpu", {"CPU": 2}, 2)])
+    width, why = arms_at_once(2, 0, stages, cold)
+    assert width == 2 and "gpu x2 (CPU: 1, GPU: 1, gpu_node: 1)" in why and "(ray.node_types)" in why

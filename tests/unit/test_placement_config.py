@@ -38,3 +38,16 @@ def test_sft_request_the_cluster_never_holds_names_the_train_key():
     with pytest.raises(PlacementError, match=r"accel: 2 \(train\.resources\)"):
         check_request(request, ClusterView(nodes=[{"CPU": 2, "accel": 1}]))
     check_request(request, ClusterView(nodes=[{"CPU": 2, "accel": 2}]))
+
+
+def test_declared_node_types_load_and_are_checked():
+    cfg = config_from_dict({"ray": {"node_types": {"gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 4}}}})
+    assert cfg.ray.node_types["gpu"].max_workers == 4 and cfg.ray.placement_timeout_s == 900
+    for tree, words in [
+        ({"node_types": {"gpu": {"resources": {}, "max_workers": 1}}}, "ray.node_types.gpu.resources"),
+        ({"node_types": {"gpu": {"resources": {"GPU": 1}}}}, "ray.node_types.gpu.max_workers"),
+        ({"node_types": {"gpu": {"resources": {"GPU": 1}, "max_workers": 1}}, "cluster_yaml": "c.yaml"},
+         "not both"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            config_from_dict({"ray": tree})
