@@ -19,8 +19,10 @@ from pydantic_core import PydanticUndefined, to_jsonable_python
 
 __all__ = ["ConfigKey", "config_keys", "config_markdown", "config_text"]
 
-# Index placeholder of a list of models (``data.eval.N.limit``; an override names the index: data.eval.0.limit=10).
+# Placeholders of a list of models (``data.eval.N.limit``; an override names the index: data.eval.0.limit=10)
+# and of a mapping of names to models (``ray.node_types.NAME.max_workers``).
 LIST_INDEX = "N"
+MAPPING_KEY = "NAME"
 REGENERATE = "make docs (or: python -m imm_ray.cli config show --markdown > docs/config.md)"
 
 
@@ -47,10 +49,15 @@ def _model(annotation: Any) -> type[BaseModel] | None:
     return candidate if isinstance(candidate, type) and issubclass(candidate, BaseModel) else None
 
 
-def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+def _item_model(annotation: Any) -> tuple[type[BaseModel] | None, str]:
+    """The model of a ``list[X]`` or ``dict[str, X]`` field's items, and the placeholder its keys use."""
     candidate = _non_none(annotation)
-    args = typing.get_args(candidate)
-    return _model(args[0]) if typing.get_origin(candidate) is list and args else None
+    origin, args = typing.get_origin(candidate), typing.get_args(candidate)
+    if origin is list and args:
+        return _model(args[0]), LIST_INDEX
+    if origin is dict and len(args) == 2:
+        return _model(args[1]), MAPPING_KEY
+    return None, ""
 
 
 def type_name(annotation: Any) -> str:
@@ -77,6 +84,8 @@ def _value_text(value: Any) -> str:
         return "(required)"
     if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
         value = [v.model_dump(mode="json", exclude_defaults=True) for v in value]
+    if isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+        value = {k: v.model_dump(mode="json", exclude_defaults=True) for k, v in value.items()}
     return json.dumps(to_jsonable_python(value))
 
 
@@ -91,14 +100,14 @@ def config_keys(model: type[BaseModel] | None = None, values: BaseModel | None =
     for name, field in model.model_fields.items():
         key, description = f"{prefix}{name}", _one_line(field.description)
         value = getattr(values, name) if values is not None else field.get_default(call_default_factory=True)
-        section, items = _model(field.annotation), _list_item_model(field.annotation)
+        section, (items, placeholder) = _model(field.annotation), _item_model(field.annotation)
         if section is not None and (value is None or isinstance(value, BaseModel)):
             keys.append(ConfigKey(key, type_name(field.annotation), None, description))
             keys.extend(config_keys(section, value, f"{key}."))
             continue
         keys.append(ConfigKey(key, type_name(field.annotation), _value_text(value), description))
         if items is not None:
-            keys.extend(config_keys(items, None, f"{key}.{LIST_INDEX}."))
+            keys.extend(config_keys(items, None, f"{key}.{placeholder}."))
     return keys
 
 

@@ -25,14 +25,16 @@ def _models_in(annotation: object) -> list[type[BaseModel]]:
 
 
 def model_keys(model: type[BaseModel], prefix: str = "") -> dict[str, str | None]:
-    """Every dotted key of the models (list items as N) with its description, walked independently."""
+    """Every dotted key of the models (list items as N, mapping values as NAME) with its description, walked
+    independently."""
     keys: dict[str, str | None] = {}
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         keys[key] = field.description
-        is_list = typing.get_origin(field.annotation) is list
+        origin = typing.get_origin(field.annotation)
+        item = {list: ".N.", dict: ".NAME."}.get(origin, ".")
         for sub in _models_in(field.annotation):
-            keys.update(model_keys(sub, f"{key}.N." if is_list else f"{key}."))
+            keys.update(model_keys(sub, f"{key}{item}"))
     return keys
 
 
