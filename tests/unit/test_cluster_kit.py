@@ -119,6 +119,35 @@ def operator_errors(doc: dict) -> list[str]:
 
 # ---- what this project adds: entrypoint, runtime env, Serve config ---------------------------
 
+def _entrypoint_config_errors(argv: list[str], doc: dict) -> list[str]:
+    """The entrypoint's run config (file and overrides, parsed as `imm run` parses them) loads, and its
+    ray.node_types are the cluster's worker groups: what a cold cluster's first stage waits for."""
+    from imm_ray.cli import build_parser, run_config
+
+    try:
+        args = build_parser().parse_args(["run", *argv[3:]])
+        args.config = str(REPO / args.config)
+        node_types = run_config(args).ray.node_types
+    except Exception as exc:  # noqa: BLE001 - any failure is the finding
+        return [f"entrypoint config does not load: {exc}"]
+    errors = []
+    groups = (doc["spec"].get("rayClusterSpec") or {}).get("workerGroupSpecs") or []  # missing: found elsewhere
+    if groups and set(node_types) != {g["groupName"] for g in groups}:
+        errors.append(f"entrypoint ray.node_types {sorted(node_types)} are not the worker groups "
+                      f"{sorted(g['groupName'] for g in groups)}")
+    for group in groups:
+        declared = node_types.get(group["groupName"])
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        offered = {"CPU": float(limits["cpu"]), "GPU": float(limits.get("nvidia.com/gpu", 0))}
+        if declared is not None and ({k: v for k, v in offered.items() if v}
+                                     != {k: declared.resources.get(k, 0) for k, v in offered.items() if v}
+                                     or declared.max_workers != group["maxReplicas"]):
+            errors.append(f"entrypoint ray.node_types.{group['groupName']} ({declared.resources}, "
+                          f"max_workers {declared.max_workers}) differs from its worker group ({offered}, "
+                          f"maxReplicas {group['maxReplicas']})")
+    return errors
+
+
 def rayjob_errors(doc: dict) -> list[str]:
     from ray.runtime_env import RuntimeEnv
 
@@ -134,12 +163,7 @@ def rayjob_errors(doc: dict) -> list[str]:
         if not config.is_file():
             errors.append(f"entrypoint config {config} does not exist")
         else:
-            from imm_ray.config import load_config
-
-            try:
-                load_config(config)
-            except Exception as exc:  # noqa: BLE001 - any failure is the finding
-                errors.append(f"entrypoint config {config} does not load: {exc}")
+            errors += _entrypoint_config_errors(argv, doc)
     runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}") or {}
     unknown = set(runtime_env) - RuntimeEnv.known_fields
     if unknown:
@@ -376,6 +400,8 @@ BROKEN = {
     # this project: entrypoint, runtime env, Serve config
     "job: entrypoint module": ("RayJob", lambda d: _replace(d, "entrypoint", "jobs.imm_run", "jobs.imm_runs")),
     "job: entrypoint config": ("RayJob", lambda d: _replace(d, "entrypoint", ".yaml", ".yml")),
+    "job: node types not the worker groups": ("RayJob", lambda d: _replace(d, "entrypoint", "max_workers: 4}, cpu",
+                                                                           "max_workers: 2}, cpu")),
     "job: runtimeEnvYAML env_var": ("RayJob", lambda d: _replace(d, "runtimeEnvYAML", "env_vars", "env_var")),
     "service: import_paths": ("RayService", lambda d: _serve_edit(d, lambda c: _rename(
         c, ("applications", 0, "import_path"), "import_paths"))),
