@@ -109,6 +109,10 @@ def _remove_dead_work_dirs(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _files_checksum(files: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def folder_checksum(folder: str | Path) -> str:
     """One sha256 for the files of a local folder (from its manifest when it has one)."""
     folder = Path(folder)
@@ -116,7 +120,19 @@ def folder_checksum(folder: str | Path) -> str:
         files = json.loads((folder / MANIFEST_NAME).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         files = build_manifest(folder)["files"]
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return _files_checksum(files)
+
+
+def checkpoint_checksum(target: str | Path | Location) -> str:
+    """:func:`folder_checksum` of a checkpoint, wherever it is: a published one's comes from its
+    manifest, so nothing but the manifest is downloaded."""
+    loc = resolve(target)
+    if loc.is_local:
+        return folder_checksum(loc.local_path())
+    manifest = published_manifest(loc)
+    if manifest is None:
+        raise CheckpointError(f"{loc} is not a published checkpoint (no complete {MANIFEST_NAME})")
+    return _files_checksum(manifest["files"])
 
 
 def sha256_file(path: Path) -> str:

@@ -306,6 +306,17 @@ def upload_file(src: Path, loc: Location) -> None:
         shutil.copyfileobj(fin, fout, 8 << 20)
 
 
+_downloaded: dict[str, int] = {}  # bytes this process copied off object storage, by file name
+_downloaded_lock = threading.Lock()
+
+
+def downloaded_bytes() -> dict[str, int]:
+    """Bytes this process has copied from object storage with :func:`download_file`, by file name
+    (what a node pays in transfer: the driver should fetch tokenizer and config files only)."""
+    with _downloaded_lock:
+        return dict(_downloaded)
+
+
 def download_file(loc: Location, dst: Path) -> None:
     """Copy the file at ``loc`` to the local path ``dst``; FileNotFoundError when it is missing."""
     if not is_file(loc):
@@ -313,6 +324,10 @@ def download_file(loc: Location, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with loc.fs.open_input_stream(loc.path) as fin, open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 8 << 20)
+        size = fout.tell()
+    if not loc.is_local:
+        with _downloaded_lock:
+            _downloaded[loc.name] = _downloaded.get(loc.name, 0) + size
 
 
 def delete(loc: Location) -> None:
