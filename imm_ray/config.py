@@ -220,6 +220,8 @@ class StorageConfig(_Strict):
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, moto, ...)
     region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
     lease_ttl_s: float = Field(60.0, ge=3)  # a SIGKILLed driver's run lease expires after this
+    node_cache_gb: float = Field(200.0, gt=0)
+    """Bound of each node's cache of checkpoints (GB); the least recently used ones no process holds go first."""
 
 
 class RayConfig(_Strict):

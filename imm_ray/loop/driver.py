@@ -83,7 +83,8 @@ class RoundDriver:
 
     def __init__(self, cfg: ImmConfig, run_dir: str | Path, force_unlock: bool = False) -> None:
         self.cfg = cfg
-        self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
+                                      node_cache_gb=cfg.storage.node_cache_gb)
         set_default_options(self.options)
         self.rd = RunDir(run_dir, self.options, lease_ttl_s=cfg.storage.lease_ttl_s)
         self.force_unlock = force_unlock

@@ -41,6 +41,7 @@ class StorageOptions:
 
     endpoint_url: str | None = None
     region: str | None = None
+    node_cache_gb: float = 200.0  # the bound of a node's cache of materialized checkpoints
 
 
 def _env(*names: str) -> str | None:
@@ -90,6 +91,11 @@ def set_default_options(options: StorageOptions) -> None:
     """Use ``options`` wherever a location is resolved without its own (the driver calls this once)."""
     global _default_options
     _default_options = options
+
+
+def default_options() -> StorageOptions:
+    """What :func:`set_default_options` set (else the defaults)."""
+    return _default_options
 
 
 @dataclass(frozen=True)
