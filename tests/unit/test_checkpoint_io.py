@@ -73,3 +73,14 @@ def test_node_cache_evicts_least_recently_used_entries_no_process_holds(s3_bucke
     child("c")  # a hit: c is now more recent than b
     child("a")
     assert _entries(cache) == {key["a"], key["b"]}  # b was older, but held: c went
+
+
+def test_a_large_file_downloads_in_parallel_ranges_byte_for_byte(s3_bucket, tmp_path, monkeypatch):
+    payload = os.urandom((1 << 20) + 123)  # 17 parts of 64 KiB, the last one short
+    loc = resolve(s3_bucket) / "big.bin"
+    fs.write_bytes(loc, payload)
+    reads: list[int] = []
+    parts = fs._download_parts
+    monkeypatch.setattr(fs, "_download_parts", lambda *a: reads.append(a[3]) or parts(*a))
+    fs.download_file(loc, tmp_path / "big.bin", part_bytes=64 << 10)
+    assert reads == [64 << 10] and (tmp_path / "big.bin").read_bytes() == payload
