@@ -4,7 +4,8 @@ Everything goes through :mod:`pyarrow.fs`. S3 credentials, region and endpoint c
 standard AWS environment variables, as the AWS CLI reads them (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
 ``AWS_ENDPOINT_URL_S3`` then ``AWS_ENDPOINT_URL``); :class:`StorageOptions` (the config's
-``storage`` section) overrides the endpoint and region.
+``storage`` section) overrides the endpoint and region. GCS uses Google's default credentials, or
+the emulator that ``STORAGE_EMULATOR_HOST`` names.
 
 Writes are atomic for readers: a local file is written to a temporary sibling and renamed (with
 the permissions the process umask gives, like any other tool); an object is one PUT, visible
@@ -74,17 +75,27 @@ def s3_arguments(options: StorageOptions | None = None) -> dict[str, Any]:
     return kwargs
 
 
+def gcs_arguments() -> dict[str, Any]:
+    """Keyword arguments of :class:`pyarrow.fs.GcsFileSystem`: Google's default credentials, or an
+    emulator without credentials where ``STORAGE_EMULATOR_HOST`` names one (as Google's clients do)."""
+    emulator = _env("STORAGE_EMULATOR_HOST")
+    if not emulator:
+        return {}
+    parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+    return {"anonymous": True, "endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(scheme: str, options: StorageOptions, env_key: tuple[str | None, ...]) -> pafs.FileSystem:
     if scheme == "s3":
         return pafs.S3FileSystem(**s3_arguments(options))
     if scheme == "gs":
-        return pafs.GcsFileSystem()
+        return pafs.GcsFileSystem(**gcs_arguments())
     return pafs.LocalFileSystem()
 
 
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST")
 _default_options = StorageOptions()
 
 

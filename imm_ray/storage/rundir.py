@@ -131,7 +131,11 @@ class RunDir:
         self._lease = Lease(self.root / layout.LEASE, ttl_s=self.lease_ttl_s)
         self._lease.acquire(min_generation=int(self.state.get("lease_generation", 0)))
         if self._lease.conditional:
-            self._fence(self._lease.generation)
+            try:
+                self._fence(self._lease.generation)
+            except BaseException:
+                self.unlock()
+                raise
 
     def _fence(self, generation: int) -> None:
         """Stamp ``state.json`` with this lease's ``generation``; from then on it is replaced only if
