@@ -146,7 +146,7 @@ def test_checkpoint_without_manifest_or_with_wrong_bytes_does_not_exist(s3_bucke
     assert is_published(resolve(s3_bucket) / "ck3")
     with pytest.raises(CheckpointError, match="do not match"):
         materialize(resolve(s3_bucket) / "ck3", cache_dir=tmp_path / "cache")
-    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith((".lock", ".hold"))]
 
 
 def test_cache_refills_after_corruption(s3_bucket, tmp_path):
