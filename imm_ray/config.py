@@ -265,6 +265,8 @@ class StorageConfig(_Strict):
     """S3 region; default $AWS_REGION, else $AWS_DEFAULT_REGION."""
     lease_ttl_s: float = Field(60.0, ge=3)
     """Seconds after which the run lease of a driver that died without releasing it expires."""
+    node_cache_gb: float = Field(200.0, gt=0)
+    """Bound of each node's cache of checkpoints (GB); the least recently used ones no process holds go first."""
 
 
 class NodeTypeConfig(_Strict):

@@ -40,7 +40,7 @@ from imm_ray.evaluate import (
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
 from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
-from imm_ray.loop.remote import merge_remote, verify_remote
+from imm_ray.loop.remote import merge_remote, publish_model_remote, verify_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.models import resolve_model
 from imm_ray.placement import (
@@ -63,8 +63,8 @@ from imm_ray.storage import (
     Location,
     RunDir,
     StorageOptions,
+    checkpoint_checksum,
     clear_output,
-    folder_checksum,
     is_published,
     layout,
     materialize,
@@ -95,7 +95,8 @@ class RoundDriver:
 
     def __init__(self, cfg: ImmConfig, run_dir: str | Path, force_unlock: bool = False) -> None:
         self.cfg = cfg
-        self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
+                                      node_cache_gb=cfg.storage.node_cache_gb)
         set_default_options(self.options)
         self.rd = RunDir(run_dir, self.options, lease_ttl_s=cfg.storage.lease_ttl_s)
         self.force_unlock = force_unlock
@@ -107,6 +108,7 @@ class RoundDriver:
         self._lock = threading.RLock()  # state.json and metrics.jsonl, shared by concurrent arms
         self.original: str | None = None  # model locations: a local path or a URI
         self.teacher: str | None = None
+        self.anchor: str | None = None  # the merge's anchor (None: the original)
         self.tokenizer = None
         self.node_types = NodeTypes()  # what an autoscaler may add (ray.node_types / ray.cluster_yaml)
         self.ahead = AutoscalerRequests(enabled=False)  # the next stages' resources, asked for ahead
@@ -132,24 +134,33 @@ class RoundDriver:
 
     def _pin_inputs(self) -> None:
         """Record the original model's and the data sets' checksums; a resume must see the same ones."""
-        inputs = {"model": folder_checksum(materialize(self.original))}
+        inputs = {"model": checkpoint_checksum(self.original)}  # from the manifest: nothing downloaded
         if self.teacher is not None:
-            inputs["teacher"] = folder_checksum(materialize(self.teacher))
+            inputs["teacher"] = checkpoint_checksum(self.teacher)
         for spec in [self.cfg.data.train, *self.cfg.data.eval]:
             rows = [[p.id, p.question, p.answer] for p in self.problems(spec)]
             inputs[f"data:{spec.name}"] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
         self.rd.pin_inputs(inputs)
 
-    def _publish_original(self, local: Path, name: str) -> str:
-        """The original model's location for every stage: its folder, or a copy in an object-store run."""
+    def _publish_model(self, ref: str, name: str) -> str:
+        """A model's location for every stage: its local folder for a local run directory, else a copy
+        published once as ``RUN/name``. A folder on this node is uploaded from here; anything else
+        (hub id, embedded model, URI) is copied by a Ray task, so the driver's node never downloads
+        the weights."""
         if self.rd.root.is_local:
-            return str(local)
+            return str(resolve_model(ref, self.cfg.model.cache_dir))
         dest = self.rd.root / name
-        if not is_published(dest):
-            logger.info("publishing %s to %s so that every node can load it", local, dest)
-            clear_output(dest)
-            publish_dir(local, dest)
-        return dest.uri
+        if is_published(dest):
+            return dest.uri
+        clear_output(dest)
+        folder = Path(ref).expanduser()
+        if "://" not in ref and folder.is_dir():
+            logger.info("publishing %s to %s so that every node can load it", folder, dest)
+            publish_dir(resolve_model(ref, self.cfg.model.cache_dir), dest)
+            return dest.uri
+        logger.info("copying %s to %s in a Ray task so that every node can load it", ref, dest)
+        init_ray(self.cfg)
+        return publish_model_remote(ref, dest.uri, self.cfg.model.cache_dir, self.options)
 
     def problems(self, spec: DatasetSpec) -> list[Problem]:
         """Load (once) the problems of a data set."""
@@ -245,12 +256,12 @@ class RoundDriver:
             done = self.rd.done_keys()
             if done:
                 logger.info("resuming: %d stages already done and kept (last: %s)", len(done), done[-1])
-            original = resolve_model(self.cfg.model.ref, self.cfg.model.cache_dir)
-            self.tokenizer = AutoTokenizer.from_pretrained(original)
-            self.original = self._publish_original(original, "original")
+            self.original = self._publish_model(self.cfg.model.ref, layout.ORIGINAL)
+            self.tokenizer = AutoTokenizer.from_pretrained(materialize(self.original, weights=False))
             if self.cfg.model.teacher:
-                teacher = resolve_model(self.cfg.model.teacher, self.cfg.model.cache_dir)
-                self.teacher = self._publish_original(teacher, "teacher")
+                self.teacher = self._publish_model(self.cfg.model.teacher, layout.TEACHER)
+            if self.cfg.merge.anchor != "original":
+                self.anchor = self._publish_model(self.cfg.merge.anchor, layout.ANCHOR)
             self._pin_inputs()
             self.node_types = declared_node_types(self.cfg.ray.node_types, self.cfg.ray.cluster_yaml)
             init_ray(self.cfg)
@@ -532,9 +543,7 @@ class RoundDriver:
 
     def _merge(self, sft: str, out: Location, owner: str | None) -> dict[str, Any]:
         m = self.cfg.merge
-        anchor = self.original if m.anchor == "original" else m.anchor
-        if anchor != self.original and "://" not in anchor:
-            anchor = str(resolve_model(anchor, self.cfg.model.cache_dir))
+        anchor = self.anchor or self.original
         request = self._requests()["merge"]
         self._make_room(request, owner)
         r = m.resources

@@ -9,6 +9,7 @@ import ray
 
 from imm_ray.merge import merge_checkpoints
 from imm_ray.merge.engine import output_sha256
+from imm_ray.models import resolve_model
 from imm_ray.ray_env import actor_runtime_env
 from imm_ray.storage import (
     StorageOptions,
@@ -56,16 +57,34 @@ def merge_task(method: str, anchor: str, models: list[str], out: str, params: di
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _with_env(task: Any, **options: Any) -> Any:
+    """``task`` with ``options`` and the runtime environment that storage access needs."""
+    runtime_env = actor_runtime_env()
+    return task.options(**options, **({"runtime_env": runtime_env} if runtime_env else {}))
+
+
 def merge_remote(method: str, anchor: str, models: list[str], out: str, params: dict[str, Any], seed: int,
                  options: StorageOptions, resources: dict[str, float], placement_group: Any = None) -> str:
     """Run a merge as a Ray task with its own resource request (in ``placement_group``'s first bundle
     when given: room already found); returns the published checkpoint's URI."""
-    runtime_env = actor_runtime_env()  # the AWS variables among them
-    extra: dict[str, Any] = {"runtime_env": runtime_env} if runtime_env else {}
+    extra: dict[str, Any] = {}
     if placement_group is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         extra["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0)
-    task = merge_task.options(**resources, **extra)
-    ref = task.remote(method, anchor, models, out, params, seed, options)
+    ref = _with_env(merge_task, **resources, **extra).remote(method, anchor, models, out, params, seed, options)
     return ray.get(ref)
+
+
+@ray.remote
+def publish_model_task(model_ref: str, out: str, cache_dir: str | None, options: StorageOptions) -> str:
+    """On whichever node runs it: resolve a model reference (hub id, embedded model, URI) into that
+    node's cache and publish it to ``out``."""
+    set_default_options(options)
+    return publish_dir(resolve_model(model_ref, cache_dir), resolve(out)).uri
+
+
+def publish_model_remote(model_ref: str, out: str, cache_dir: str | None, options: StorageOptions) -> str:
+    """Copy a model into the run directory once, in a Ray task (one CPU), so that the driver's node
+    never downloads its weights; returns the published checkpoint's URI."""
+    return ray.get(_with_env(publish_model_task, num_cpus=1).remote(model_ref, out, cache_dir, options))

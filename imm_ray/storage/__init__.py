@@ -8,6 +8,7 @@ See :mod:`imm_ray.storage.fs` (locations, atomic writes), :mod:`imm_ray.storage.
 from imm_ray.storage.checkpoints import (
     MANIFEST_NAME,
     CheckpointError,
+    checkpoint_checksum,
     clear_output,
     default_cache_dir,
     folder_checksum,
@@ -45,7 +46,8 @@ from imm_ray.storage.rundir import RunDir, RunStateError
 
 __all__ = [
     "CheckpointError", "Location", "MANIFEST_NAME", "RunDir", "RunLockedError", "RunStateError", "StorageError",
-    "StorageOptions", "clear_output", "default_cache_dir", "default_mode", "delete", "exists", "folder_checksum",
+    "StorageOptions", "checkpoint_checksum", "clear_output", "default_cache_dir", "default_mode", "delete", "exists",
+    "folder_checksum",
     "is_published", "is_remote", "make_temp_dir", "materialize", "materialize_verified", "parse_jsonl",
     "publish_dir", "published_manifest", "read_json",
     "read_jsonl", "read_text", "resolve", "scratch_dir", "set_default_options", "verify_manifest", "work_dir_for",

@@ -23,12 +23,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 from imm_ray.storage.fs import (
     Location,
     StorageError,
     default_mode,
+    default_options,
     delete,
     download_file,
     exists,
@@ -109,6 +110,10 @@ def _remove_dead_work_dirs(root: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _files_checksum(files: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def folder_checksum(folder: str | Path) -> str:
     """One sha256 for the files of a local folder (from its manifest when it has one)."""
     folder = Path(folder)
@@ -116,7 +121,19 @@ def folder_checksum(folder: str | Path) -> str:
         files = json.loads((folder / MANIFEST_NAME).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         files = build_manifest(folder)["files"]
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return _files_checksum(files)
+
+
+def checkpoint_checksum(target: str | Path | Location) -> str:
+    """:func:`folder_checksum` of a checkpoint, wherever it is: a published one's comes from its
+    manifest, so nothing but the manifest is downloaded."""
+    loc = resolve(target)
+    if loc.is_local:
+        return folder_checksum(loc.local_path())
+    manifest = published_manifest(loc)
+    if manifest is None:
+        raise CheckpointError(f"{loc} is not a published checkpoint (no complete {MANIFEST_NAME})")
+    return _files_checksum(manifest["files"])
 
 
 def sha256_file(path: Path) -> str:
@@ -278,6 +295,62 @@ def _stamp_matches(stamp: Path, folder: Path) -> bool:
         return False
 
 
+_held: dict[Path, IO[bytes]] = {}  # cache entries this process holds (a shared flock each, until it exits)
+
+
+def _hold(root: Path, key: str) -> None:
+    """Hold the cache entry ``key`` for the rest of this process (the kernel drops the lock when it
+    exits, killed or not): :func:`evict` leaves an entry alone while any process holds it."""
+    path = root / f".{key}.hold"
+    if path not in _held:
+        handle = open(path, "a+b")
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _held[path] = handle
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def evict(root: Path, max_bytes: int, keep: str, incoming: int = 0) -> list[str]:
+    """Remove the least recently used entries of the node cache ``root`` (by their last hit) that no
+    process holds, until they and ``incoming`` more bytes fit in ``max_bytes``; ``keep`` is never
+    removed. Returns the keys removed."""
+    entries = [(_last_used(root, d.name), d.name, _folder_bytes(d)) for d in root.iterdir()
+               if d.is_dir() and not d.name.startswith(".")]
+    total = incoming + sum(size for _, _, size in entries)
+    removed = []
+    for _, key, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        if key == keep:
+            continue
+        with open(root / f".{key}.hold", "a+b") as hold, open(root / f".{key}.lock", "a+b") as fill:
+            try:
+                fcntl.flock(hold, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fill, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use, or being filled or verified
+            shutil.rmtree(root / key)
+            (root / f".{key}.verified").unlink(missing_ok=True)
+        total -= size
+        removed.append(key)
+    if removed:
+        logger.info("node cache %s: evicted %s (least recently used, over %.1f GB)", root, removed, max_bytes / 1e9)
+    if total > max_bytes:
+        logger.warning("node cache %s needs %.1f GB, over its bound of %.1f GB (storage.node_cache_gb): the rest is "
+                       "in use", root, total / 1e9, max_bytes / 1e9)
+    return removed
+
+
+def _last_used(root: Path, key: str) -> float:
+    """When the entry ``key`` was last materialized (its stamp's modification time; 0 if none)."""
+    try:
+        return (root / f".{key}.verified").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 # Weight files by suffix: what ``materialize(..., weights=False)`` leaves out.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
@@ -328,14 +401,18 @@ def materialize_verified(target: str | Path | Location, cache_dir: str | Path | 
     verified = {target_dir / rel: entry["sha256"] for rel, entry in listed.items()}
     stamp = root / f".{key}.verified"
     with file_lock(root / f".{key}.lock"):
+        _hold(root, key)
         if target_dir.is_dir():
             if _stamp_matches(stamp, target_dir):
+                os.utime(stamp)  # a hit: most recently used
                 return target_dir, verified
             if verify_manifest(target_dir, manifest):
                 _write_stamp(stamp, target_dir)
                 return target_dir, verified
             logger.warning("cached copy %s of %s is corrupt: fetching it again", target_dir, loc)
             shutil.rmtree(target_dir)
+        evict(root, int(default_options().node_cache_gb * 1e9), keep=key,
+              incoming=sum(int(entry["size"]) for entry in listed.values()))
         tmp = make_temp_dir(root, f".{key}.tmp-")
         try:
             for rel in listed:

@@ -4,7 +4,8 @@ Everything goes through :mod:`pyarrow.fs`. S3 credentials, region and endpoint c
 standard AWS environment variables, as the AWS CLI reads them (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
 ``AWS_ENDPOINT_URL_S3`` then ``AWS_ENDPOINT_URL``); :class:`StorageOptions` (the config's
-``storage`` section) overrides the endpoint and region.
+``storage`` section) overrides the endpoint and region. GCS uses Google's default credentials, or
+the emulator that ``STORAGE_EMULATOR_HOST`` names.
 
 Writes are atomic for readers: a local file is written to a temporary sibling and renamed (with
 the permissions the process umask gives, like any other tool); an object is one PUT, visible
@@ -19,6 +20,7 @@ import os
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -41,6 +43,7 @@ class StorageOptions:
 
     endpoint_url: str | None = None
     region: str | None = None
+    node_cache_gb: float = 200.0  # the bound of a node's cache of materialized checkpoints
 
 
 def _env(*names: str) -> str | None:
@@ -72,17 +75,27 @@ def s3_arguments(options: StorageOptions | None = None) -> dict[str, Any]:
     return kwargs
 
 
+def gcs_arguments() -> dict[str, Any]:
+    """Keyword arguments of :class:`pyarrow.fs.GcsFileSystem`: Google's default credentials, or an
+    emulator without credentials where ``STORAGE_EMULATOR_HOST`` names one (as Google's clients do)."""
+    emulator = _env("STORAGE_EMULATOR_HOST")
+    if not emulator:
+        return {}
+    parsed = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+    return {"anonymous": True, "endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(scheme: str, options: StorageOptions, env_key: tuple[str | None, ...]) -> pafs.FileSystem:
     if scheme == "s3":
         return pafs.S3FileSystem(**s3_arguments(options))
     if scheme == "gs":
-        return pafs.GcsFileSystem()
+        return pafs.GcsFileSystem(**gcs_arguments())
     return pafs.LocalFileSystem()
 
 
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "STORAGE_EMULATOR_HOST")
 _default_options = StorageOptions()
 
 
@@ -90,6 +103,11 @@ def set_default_options(options: StorageOptions) -> None:
     """Use ``options`` wherever a location is resolved without its own (the driver calls this once)."""
     global _default_options
     _default_options = options
+
+
+def default_options() -> StorageOptions:
+    """What :func:`set_default_options` set (else the defaults)."""
+    return _default_options
 
 
 @dataclass(frozen=True)
@@ -306,13 +324,54 @@ def upload_file(src: Path, loc: Location) -> None:
         shutil.copyfileobj(fin, fout, 8 << 20)
 
 
-def download_file(loc: Location, dst: Path) -> None:
-    """Copy the file at ``loc`` to the local path ``dst``; FileNotFoundError when it is missing."""
-    if not is_file(loc):
+_downloaded: dict[str, int] = {}  # bytes this process copied off object storage, by file name
+_downloaded_lock = threading.Lock()
+
+
+def downloaded_bytes() -> dict[str, int]:
+    """Bytes this process has copied from object storage with :func:`download_file`, by file name
+    (what a node pays in transfer: the driver should fetch tokenizer and config files only)."""
+    with _downloaded_lock:
+        return dict(_downloaded)
+
+
+PART_BYTES = 32 << 20  # a remote file of two parts or more downloads in ranged GETs of this size
+_PARALLEL_PARTS = 8
+
+
+def download_file(loc: Location, dst: Path, part_bytes: int = PART_BYTES) -> None:
+    """Copy the file at ``loc`` to the local path ``dst``; FileNotFoundError when it is missing.
+
+    A remote file of at least two ``part_bytes`` comes in parallel ranged reads (one stream per
+    file is far below what a node's network and the store can carry)."""
+    info = loc.fs.get_file_info(loc.path)
+    if info.type != pafs.FileType.File:
         raise FileNotFoundError(loc.uri)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with loc.fs.open_input_stream(loc.path) as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 8 << 20)
+    if loc.is_local or info.size < 2 * part_bytes:
+        with loc.fs.open_input_stream(loc.path) as fin, open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 8 << 20)
+    else:
+        _download_parts(loc, dst, info.size, part_bytes)
+    size = info.size
+    if not loc.is_local:
+        with _downloaded_lock:
+            _downloaded[loc.name] = _downloaded.get(loc.name, 0) + size
+
+
+def _download_parts(loc: Location, dst: Path, size: int, part_bytes: int) -> None:
+    """Ranged reads of ``part_bytes`` each, up to eight at once, written in place into ``dst``."""
+    with loc.fs.open_input_file(loc.path) as fin, open(dst, "wb") as fout:
+        fout.truncate(size)
+
+        def copy_part(offset: int) -> None:
+            data = fin.read_at(min(part_bytes, size - offset), offset)
+            if len(data) != min(part_bytes, size - offset):
+                raise OSError(f"{loc}: short read at byte {offset}")
+            os.pwrite(fout.fileno(), data, offset)
+
+        with ThreadPoolExecutor(_PARALLEL_PARTS, thread_name_prefix="download") as pool:
+            list(pool.map(copy_part, range(0, size, part_bytes)))
 
 
 def delete(loc: Location) -> None:

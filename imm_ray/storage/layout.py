@@ -8,6 +8,7 @@
     RUN/driver.log                    the driver's log, appended across resumes
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
+    RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
     RUN/<arm>/round-NNN/samples.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
 """
 
@@ -25,6 +26,8 @@ LOCAL_LOCK = ".lock"
 LEASE = ".lease.json"
 BASELINE = "baseline"
 ORIGINAL = "original"
+TEACHER = "teacher"
+ANCHOR = "anchor"
 SAMPLES = "samples.jsonl"
 ACCEPTED = "accepted.jsonl"
 SFT = "sft"

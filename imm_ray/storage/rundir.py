@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from imm_ray.storage import layout
+from imm_ray.storage import conditional, layout
 from imm_ray.storage.checkpoints import is_published
 from imm_ray.storage.fs import (
     Location,
@@ -52,6 +52,8 @@ class RunDir:
         self.lease_ttl_s = lease_ttl_s
         self._lock_fh: IO[str] | None = None
         self._lease: Lease | None = None
+        self._state_version: str | None = None  # the ETag of state.json as last seen, once fenced
+        self._fenced = False
         self.state: dict[str, Any] = self._load_state()
 
     # --- layout -----------------------------------------------------------------------------
@@ -116,7 +118,32 @@ class RunDir:
             self._lock_fh = fh
             return
         self._lease = Lease(self.root / layout.LEASE, ttl_s=self.lease_ttl_s)
-        self._lease.acquire()
+        self._lease.acquire(min_generation=int(self.state.get("lease_generation", 0)))
+        if self._lease.conditional:
+            try:
+                self._fence(self._lease.generation)
+            except BaseException:
+                self.unlock()
+                raise
+
+    def _fence(self, generation: int) -> None:
+        """Stamp ``state.json`` with this lease's ``generation``; from then on it is replaced only if
+        it is still the version this driver wrote, so a stale driver's write fails instead of landing."""
+        for _ in range(3):  # a stale holder's last write may land between the read and the stamp
+            found = conditional.get(self.state_path)
+            self.state = self._parse_state(found.data) if found else {"stages": {}}
+            self._state_version = found.etag if found else None
+            if int(self.state.get("lease_generation", 0)) >= generation:
+                raise RunLockedError(f"{self.state_path} was written by a newer driver (generation "
+                                     f"{self.state['lease_generation']}): this driver stops")
+            self.state["lease_generation"] = generation
+            self._fenced = True
+            try:
+                self._save_state()
+                return
+            except RunLockedError:
+                continue
+        raise RunLockedError(f"{self.state_path} keeps changing under this driver: another driver writes it")
 
     def check_lock(self) -> None:
         """Raise when the lease was lost (expired or broken by --force-unlock while we ran)."""
@@ -132,6 +159,7 @@ class RunDir:
         if self._lease is not None:
             self._lease.release()
             self._lease = None
+        self._fenced = False
 
     def force_unlock(self) -> str | None:
         """Break the lease of another driver (object storage); return whom it broke."""
@@ -145,6 +173,9 @@ class RunDir:
             raw = read_bytes(self.state_path)
         except FileNotFoundError:
             return {"stages": {}}
+        return self._parse_state(raw)
+
+    def _parse_state(self, raw: bytes) -> dict[str, Any]:
         try:
             state = json.loads(raw)
             if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
@@ -157,7 +188,14 @@ class RunDir:
 
     def _save_state(self) -> None:
         data = (json.dumps(self.state, indent=2) + "\n").encode("utf-8")
-        write_bytes(self.state_path, data)
+        if self._fenced:
+            try:
+                self._state_version = conditional.put(self.state_path, data, self._state_version)
+            except conditional.PreconditionFailed:
+                raise RunLockedError(f"{self.state_path} was changed by another driver since this one wrote it: "
+                                     "this driver lost the run and stops") from None
+        else:
+            write_bytes(self.state_path, data)
         write_bytes(self.backup_path, data)
 
     def done_keys(self) -> list[str]:

@@ -29,6 +29,7 @@ from imm_ray.storage import (
     resolve,
     write_json,
 )
+from imm_ray.storage.conditional import CLOCK_RESOLUTION_S
 from imm_ray.storage.fs import list_files, write_bytes
 
 pytestmark = pytest.mark.slow
@@ -209,12 +210,12 @@ def test_s3_resume_never_loads_a_half_uploaded_merge(s3_round, tiny_model_dir, t
     delete(merged / "manifest.json")  # the upload stopped before its manifest
     write_bytes(merged / "model.safetensors", b"half")
     write_json(root / ".lease.json", {"holder": "dead-driver", "host": "elsewhere", "pid": 1,
-                                      "expires_at": time.time() + 3, "ttl_s": 60})
+                                      "expires_at": time.time() + 1, "ttl_s": 1})  # live 1 s by the store's clock
     assert not is_published(merged)
     cfg = config_from_dict(tiny_config(tiny_model_dir, tiny_data_dir, run={"arms": ["imm"]}))
     with pytest.raises(RunLockedError, match="pid 1 on elsewhere"):
         RoundDriver(cfg, uri).run()
-    time.sleep(3.5)
+    time.sleep(1 + 2 * CLOCK_RESOLUTION_S + 0.5)
     again = RoundDriver(cfg, uri).run()
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
     assert checkpoint_files(materialize(merged)) == good

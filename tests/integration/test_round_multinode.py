@@ -23,7 +23,8 @@ from imm_ray.config import config_from_dict
 from imm_ray.loop.driver import RoundDriver
 from imm_ray.ray_env import connect_ray, ray_binds_loopback
 from imm_ray.storage import is_published, materialize, read_text, resolve
-from imm_ray.storage.fs import list_files
+from imm_ray.storage.checkpoints import WEIGHT_SUFFIXES
+from imm_ray.storage.fs import downloaded_bytes, list_files
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +83,12 @@ def rounds(s3_endpoint, tiny_model_dir, tiny_data_dir, tmp_path_factory):
             NodesGoAway.nodes, NodesGoAway.seen = nodes, []
             uri = f"{bucket}/runs/tiny"
             cfg = config_from_dict(tiny_run_config(tiny_model_dir, tiny_data_dir, **PINNED))
+            before = downloaded_bytes()
             remote = NodesGoAway(cfg, uri).run()
-            yield {"local_dir": local_dir, "local": local, "uri": uri, "rows": remote, "seen": NodesGoAway.seen}
+            fetched = {name: n - before.get(name, 0) for name, n in downloaded_bytes().items()
+                       if n > before.get(name, 0)}
+            yield {"local_dir": local_dir, "local": local, "uri": uri, "rows": remote, "seen": NodesGoAway.seen,
+                   "driver_downloads": fetched}
         finally:
             ray.shutdown()
             cluster.shutdown()
@@ -118,3 +123,11 @@ def test_each_stage_ran_on_its_node_from_its_own_copy(rounds):
     evaluate = seen["imm/round-001/evaluate"]
     assert len(evaluate["cache_1"]) == 1 and evaluate["cache_2"] == []  # the merged model, on worker 1
     assert all(r["scratch_1"] == [] and r["scratch_2"] == [] for r in rounds["seen"])
+
+
+def test_the_driver_downloads_no_weights(rounds, record_property):
+    """The head coordinates: checksums come from manifests, the driver fetches config and tokenizer
+    files only (the bytes its process copied off S3 in the round, by file name)."""
+    fetched = rounds["driver_downloads"]
+    record_property("driver_downloaded_bytes", sum(fetched.values()))
+    assert not [name for name in fetched if name.endswith(WEIGHT_SUFFIXES)], fetched

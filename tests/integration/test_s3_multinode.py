@@ -12,10 +12,11 @@ import pytest
 import ray
 from checkpoint_files import checkpoint_files
 
-from imm_ray.loop.remote import merge_remote
+from imm_ray.loop.remote import merge_remote, publish_model_remote
 from imm_ray.merge import merge_checkpoints
 from imm_ray.ray_env import ray_binds_loopback
-from imm_ray.storage import StorageOptions, is_published, materialize, publish_dir, resolve
+from imm_ray.storage import StorageOptions, checkpoint_checksum, is_published, materialize, publish_dir, resolve
+from imm_ray.storage.fs import downloaded_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -63,3 +64,13 @@ def test_merge_on_another_node_through_s3(three_nodes, s3_bucket, tiny_model_dir
     local = merge_checkpoints("imm", str(tiny_model_dir), [str(scrambled_model)], str(tmp_path / "local"),
                               params=PARAMS, seed=0)
     assert checkpoint_files(materialize(out, cache_dir=tmp_path / "driver-cache")) == checkpoint_files(Path(local))
+
+
+def test_a_model_is_copied_into_the_run_by_a_task(three_nodes, s3_bucket, tiny_model_dir):
+    """The one-time copy of a start model that is not a folder on the driver's node (hub id, embedded
+    model, URI: here a URI) runs in a Ray task: the driver's process downloads nothing."""
+    src = publish_dir(tiny_model_dir, resolve(s3_bucket) / "models/tiny")
+    before = downloaded_bytes()
+    uri = publish_model_remote(src.uri, (resolve(s3_bucket) / "run/original").uri, None, StorageOptions())
+    assert downloaded_bytes() == before
+    assert uri.endswith("/run/original") and checkpoint_checksum(uri) == checkpoint_checksum(tiny_model_dir)
