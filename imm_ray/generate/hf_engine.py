@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
+from imm_ray.devices import engine_dtype
 from imm_ray.evaluate.diversity import token_entropy
 from imm_ray.generate.engine import (
     Completion,
@@ -39,7 +40,8 @@ class HFEngine:
     def _load_model(self, path: Path) -> torch.nn.Module:
         if self.options.dtype not in _DTYPES:
             raise ValueError(f"hf engine: unknown dtype {self.options.dtype!r}; use one of {sorted(_DTYPES)}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[self.options.dtype])
+        dtype = engine_dtype(self.options.dtype, gpu=self.device == "cuda")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
         return model.to(self.device).eval()
 
     def load(self, model_path: Path) -> None:

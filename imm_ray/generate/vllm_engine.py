@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imm_ray.devices import engine_dtype
 from imm_ray.generate.engine import (
     Completion,
     EngineOptions,
@@ -76,7 +77,7 @@ def prepare_engine(path: Path, options: EngineOptions, **more) -> EngineStart:
     if not gpu:
         for key, value in cpu_engine_env(options.kv_cache_gb).items():
             os.environ.setdefault(key, value)
-    kwargs = dict(model=str(path), dtype=options.dtype, max_model_len=options.max_model_len,
+    kwargs = dict(model=str(path), dtype=engine_dtype(options.dtype, gpu), max_model_len=options.max_model_len,
                   enforce_eager=options.enforce_eager, seed=options.seed, **more)
     block = kv_block_size(options, gpu)
     if block:

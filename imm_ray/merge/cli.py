@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from imm_ray.errors import unknown_name
+from imm_ray.errors import add_common_arguments, dispatch, unknown_name
 
 from .engine import DEFAULT_MAX_SHARD_SIZE, merge_checkpoints
 from .errors import MergeError
@@ -160,10 +159,14 @@ def run_merge_cli(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m imm_ray.merge.cli``: the same as ``imm merge``."""
-    from imm_ray.cli import main as imm_main
-
-    return imm_main(["merge", *(sys.argv[1:] if argv is None else argv)])
+    """``python -m imm_ray.merge.cli``: ``imm merge`` without the rest of the package (the merge package
+    imports nothing of imm_ray above it); failures are reported as ``imm merge`` reports them."""
+    parser = argparse.ArgumentParser(prog="imm merge", description="Merge Hugging Face checkpoints (IMM and others).")
+    add_common_arguments(parser)
+    add_merge_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return dispatch(run_merge_cli, args, "imm merge")
 
 
 if __name__ == "__main__":

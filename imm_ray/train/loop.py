@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from imm_ray.devices import cpu_has_bf16
 from imm_ray.storage import is_published, materialize, publish_dir, work_dir_for
 from imm_ray.train.batches import Batch, micro_batches, plan_epoch, steps_per_epoch
 from imm_ray.train.schedule import lr_factor, warmup_steps
@@ -58,10 +59,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return device.type == "cpu" and cpu_has_bf16()
 
 
 def batch_loss_sum(model: torch.nn.Module, batch: Batch, bf16: bool) -> torch.Tensor:

@@ -38,9 +38,14 @@ def test_repack_gives_a_head_whose_weight_changed_in_place_its_new_weights():
     with torch.no_grad():
         model.head.weight.copy_(new)  # what reload_weights does to a tied head's weight
     stale = model.head(x)
-    assert torch.allclose(stale.float(), (x @ old.T).float(), rtol=2e-2, atol=2e-2)  # the fault
-    assert not torch.allclose(stale.float(), (x @ new.T).float(), rtol=2e-2, atol=2e-2)
+    # The fault: where the dispatch packs weights (AVX-512 / AMX CPUs) the head still computes with the
+    # old ones; a CPU whose dispatch reads the weight tensor itself (AVX2) has no fault to repair.
+    if not torch.allclose(stale.float(), (x @ new.T).float(), rtol=2e-2, atol=2e-2):
+        assert torch.allclose(stale.float(), (x @ old.T).float(), rtol=2e-2, atol=2e-2)
 
-    assert repack_cpu_gemms(model) == ["head"]
+    # A weightless (packed-only) layer is skipped; where the dispatch packs nothing (AVX2) every layer
+    # keeps its weight and is re-dispatched, which changes nothing.
+    weightless = model.proj.weight.numel() == 0
+    assert repack_cpu_gemms(model) == (["head"] if weightless else ["head", "proj"])
     torch.testing.assert_close(model.head(x).float(), (x @ new.T).float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(model.proj(x), proj_before)  # a weightless layer is left as it was
