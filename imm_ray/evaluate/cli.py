@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from imm_ray.errors import describe_error
 from imm_ray.evaluate.harness import EvalSettings, evaluate_model
 from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
+from imm_ray.storage import write_json
 
 __all__ = ["add_eval_arguments", "run_eval_cli", "settings_from_args", "format_results"]
 
@@ -95,13 +94,6 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Run ``imm eval``; 0 on success, 2 on bad input (dataset, model or option errors)."""
     from imm_ray.data import DataError
@@ -116,7 +108,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         logger.error("imm eval failed: %s", describe_error(exc))  # one line, pydantic errors included
         return 2
     if args.out:
-        _write_json(Path(args.out), results)
+        write_json(args.out, results)
         logger.info("wrote %s", args.out)
     else:
         print(json.dumps(results, indent=2))
