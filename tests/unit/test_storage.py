@@ -319,18 +319,28 @@ def test_local_lock_refuses_a_second_driver(tmp_path):
     b.unlock()
 
 
+def _until(cond, timeout: float = 60.0) -> None:
+    """Return once ``cond()`` holds; fail after ``timeout`` s (a hang, never a slow step)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
 def test_lease_refuses_a_second_driver_and_expires(s3_bucket):
     root = s3_bucket + "/run"
     a = RunDir(root, lease_ttl_s=3.0)
     a.lock()
     a._lease.settle_s = 0.1
-    time.sleep(4.0)  # longer than the ttl: the heartbeat keeps it alive
+    lease_loc = resolve(root) / layout.LEASE
+    first = json.loads(read_bytes(lease_loc))["expires_at"]
+    _until(lambda: json.loads(read_bytes(lease_loc))["expires_at"] > first)  # the heartbeat renewed it
     b = RunDir(root, lease_ttl_s=3.0)
     with pytest.raises(RunLockedError, match="in use by driver pid"):
         b.lock()
     a._lease._stop.set()  # as if SIGKILLed: no more heartbeats, no release
     a._lease._thread.join()
-    time.sleep(3.5)
+    time.sleep(max(0.0, json.loads(read_bytes(lease_loc))["expires_at"] - time.time()) + 0.1)
     b.lock()  # the lease expired: taken over
     assert b._lease.holder in read_bytes(resolve(root) / layout.LEASE).decode()
     b.unlock()
@@ -345,8 +355,7 @@ def test_force_unlock_breaks_a_live_lease(s3_bucket):
     assert broken and f"pid {os.getpid()}" in broken
     b = RunDir(root, lease_ttl_s=30)
     b.lock()
-    time.sleep(1.0)  # a's heartbeat sees b's lease and gives up
-    assert a._lease.lost
+    _until(lambda: a._lease.lost)  # a's heartbeat sees b's lease and gives up
     with pytest.raises(RunLockedError, match="lost the lease"):
         a.mark_started("baseline/evaluate")
     a.unlock()
