@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from imm_ray.errors import UserError
-from imm_ray.storage import MANIFEST_NAME, default_cache_dir, is_remote, make_temp_dir, materialize, write_manifest
+from imm_ray.storage import (
+    MANIFEST_NAME,
+    default_cache_dir,
+    is_remote,
+    make_temp_dir,
+    materialize,
+    temp_prefix,
+    write_manifest,
+)
 from imm_ray.storage.checkpoints import file_lock, verify_manifest
 
 __all__ = ["EMBEDDED_MODELS", "EmbeddedModel", "ModelError", "default_cache_dir", "resolve_model", "save_checkpoint",
@@ -211,7 +219,7 @@ def save_checkpoint(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tied = _check_tied(model)
-    staging = make_temp_dir(out.parent, f".{out.name}.tmp-")
+    staging = make_temp_dir(out.parent, temp_prefix(out.name))
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))

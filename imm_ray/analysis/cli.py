@@ -162,7 +162,7 @@ def analyze(plan: AnalysisPlan, out: str | Path | Location, use_ray: bool = True
             cpus_per_task: float = 1.0, gpus_per_task: float = 0.0,
             num_tasks: int | None = None) -> dict[str, Any]:
     """Run the plan (as Ray tasks unless use_ray is False) and write the JSON to ``out``."""
-    from imm_ray.storage import write_json
+    from imm_ray.storage import remove_temp_siblings, resolve, write_json
 
     runner = None
     if use_ray:
@@ -177,6 +177,8 @@ def analyze(plan: AnalysisPlan, out: str | Path | Location, use_ray: bool = True
         plan.num_tasks = num_tasks
     result = run_analysis(plan, runner) if runner is not None else run_analysis(plan)
     write_json(out, result)
+    out_loc = resolve(out)
+    remove_temp_siblings(out_loc.parent, [out_loc.name])  # what a killed earlier analysis left
     logger.info("layer analysis written to %s (%.0f s)", out, result["seconds"])
     return result
 

@@ -27,7 +27,6 @@ family name) in memory without files.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from imm_ray.data.problems import DataError, LoadResult, Problem
 from imm_ray.data.spec import DatasetSpec
+from imm_ray.storage import write_jsonl
 
 __all__ = [
     "FAMILIES",
@@ -384,9 +384,7 @@ def write_synthetic_dataset(root: str | Path, splits: Iterable[str] | None = Non
                  "solution": it.solution, "family": SPLITS[split].family, "template": it.template}
                 for it in split_items(split)]
         path = folder / f"{split}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+        write_jsonl(path, rows)
         logger.info("wrote %d problems to %s", len(rows), path)
     return folder
 

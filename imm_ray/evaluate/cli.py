@@ -6,15 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from imm_ray.cli_flags import add_data_dir, add_ray_address
 from imm_ray.evaluate.harness import EvalSettings, evaluate_model
 from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
+from imm_ray.storage import write_json
 
 __all__ = ["add_eval_arguments", "run_eval_cli", "settings_from_args", "format_results"]
 
@@ -94,13 +93,6 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_eval_cli(args: argparse.Namespace) -> int:
     """Run ``imm eval``; bad input (data set, model or option) raises a UserError before a model is loaded."""
     results = evaluate_model(
@@ -108,7 +100,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, samples_path=args.save_samples,
     )
     if args.out:
-        _write_json(Path(args.out), results)
+        write_json(args.out, results)
         logger.info("wrote %s", args.out)
     else:
         print(json.dumps(results, indent=2))

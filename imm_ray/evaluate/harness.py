@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from imm_ray.evaluate.ledger import sample_rows
 from imm_ray.evaluate.scoring import evaluate_completions, pick_verifier
 from imm_ray.evaluate.specs import parse_dataset_arg
 from imm_ray.generate.engine import EngineOptions, SamplingSpec
+from imm_ray.storage import write_jsonl
 from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier
 
 __all__ = ["EvalSettings", "evaluate_model"]
@@ -98,11 +97,6 @@ def _load(specs: Sequence[DatasetSpec], data_dir: str | Path | None) -> list[tup
     return loaded
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate_model(
@@ -179,6 +173,6 @@ def evaluate_model(
         if generator is not None:
             generator.close()
     if samples_path is not None:
-        _write_jsonl(Path(samples_path), rows)
+        write_jsonl(samples_path, rows)
     return results
 

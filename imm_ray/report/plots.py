@@ -3,6 +3,7 @@ layer heat map of relative parameter change beside layer importance."""
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from imm_ray.report.metrics import RunMetrics
+from imm_ray.storage.fs import write_bytes
 
 __all__ = ["arm_colours", "plot_accuracy", "plot_accuracy_by_dataset", "plot_diversity",
            "plot_layer_analysis", "plot_module_changes", "write_plots"]
@@ -36,11 +38,10 @@ def arm_colours(arms: list[str]) -> dict[str, Any]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -15,7 +15,7 @@ from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.report.plots import write_plots
 from imm_ray.report.sinks import TENSORBOARD_DIR, make_sink, publish_rows
 from imm_ray.report.tables import analysis_table, rounds_table, summary_lines
-from imm_ray.storage import Location, delete, write_text
+from imm_ray.storage import Location, delete, remove_temp_siblings, write_text
 from imm_ray.storage.fs import upload_file
 
 __all__ = ["REPORT_FILE", "render_report", "write_report"]
@@ -110,6 +110,10 @@ def write_report(run_dir: str | Path | Location, sinks: Sequence[str] = (), **si
         plots = write_plots(run, local / PLOTS_DIR)
         path = root / REPORT_FILE
         write_text(path, render_report(run, [p.name for p in plots], load_ledgers(run)))
+        # What a killed earlier report left (this writer owns these files; object storage has none).
+        remove_temp_siblings(root, [REPORT_FILE])
+        if root.is_local:
+            remove_temp_siblings(root / PLOTS_DIR, [p.name for p in plots])
         if sinks:
             publish_rows(run.rows, [make_sink(kind, local, **sink_options) for kind in sinks])
         if not root.is_local:

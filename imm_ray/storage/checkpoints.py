@@ -33,11 +33,12 @@ from imm_ray.storage.fs import (
     delete,
     download_file,
     exists,
-    iter_temp_siblings,
     list_files,
     make_temp_dir,
     read_bytes,
+    remove_temp_siblings,
     resolve,
+    temp_prefix,
     upload_file,
     write_bytes,
 )
@@ -83,7 +84,7 @@ def work_dir_for(target: str | Path | Location) -> Path:
     """
     loc = resolve(target)
     if loc.is_local:
-        return make_temp_dir(loc.parent.local_path(), f".{loc.name}.tmp-")
+        return make_temp_dir(loc.parent.local_path(), temp_prefix(loc.name))
     root = scratch_dir()
     _remove_dead_work_dirs(root)
     return make_temp_dir(root, f"{loc.name}.tmp-{os.getpid()}-")
@@ -216,9 +217,7 @@ def clear_output(target: str | Path | Location) -> None:
     """Remove an output and the temporary siblings a killed writer of it left behind."""
     loc = resolve(target)
     if exists(loc.parent):
-        for tmp in iter_temp_siblings(loc):
-            logger.warning("removing %s left by an interrupted writer", tmp)
-            delete(tmp)
+        remove_temp_siblings(loc.parent, [loc.name])
     delete(loc)
 
 
@@ -238,7 +237,7 @@ def publish_dir(src: str | Path, dest: str | Path | Location, move: bool = False
     manifest = build_manifest(src, known_sha256)
     if loc.is_local:
         dst = loc.local_path()
-        staging = src if move else make_temp_dir(dst.parent, f".{dst.name}.tmp-")
+        staging = src if move else make_temp_dir(dst.parent, temp_prefix(dst.name))
         try:
             if not move:
                 shutil.copytree(src, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST_NAME))
@@ -413,7 +412,7 @@ def materialize_verified(target: str | Path | Location, cache_dir: str | Path | 
             shutil.rmtree(target_dir)
         evict(root, int(default_options().node_cache_gb * 1e9), keep=key,
               incoming=sum(int(entry["size"]) for entry in listed.values()))
-        tmp = make_temp_dir(root, f".{key}.tmp-")
+        tmp = make_temp_dir(root, temp_prefix(key))
         try:
             for rel in listed:
                 download_file(loc / rel, tmp / rel)

@@ -8,27 +8,34 @@ standard AWS environment variables, as the AWS CLI reads them (``AWS_ACCESS_KEY_
 the emulator that ``STORAGE_EMULATOR_HOST`` names.
 
 Writes are atomic for readers: a local file is written to a temporary sibling and renamed (with
-the permissions the process umask gives, like any other tool); an object is one PUT, visible
-only once complete.
+the permissions the process umask gives, like any other tool); an object is one PUT (a multipart
+upload for large ones), visible only once complete, so object storage never holds a temporary
+object. A temporary sibling of a local ``NAME`` is named ``.NAME.tmp-<pid>-<random>`` (a file),
+``.NAME.tmp-<anything>`` (a folder being filled) or ``.NAME.old-<anything>`` (a folder moved
+aside): whoever owns ``NAME`` removes what a killed writer left with :func:`remove_temp_siblings`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from imm_ray.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 REMOTE_SCHEMES = ("s3", "gs")
 
@@ -272,6 +279,27 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def temp_prefix(name: str) -> str:
+    """How every temporary sibling of the file or folder ``name`` starts: ``.NAME.tmp-``."""
+    return f".{name}.tmp-"
+
+
+def _write_local(path: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary sibling ``.NAME.tmp-<pid>-<random>``: fill, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{temp_prefix(path.name)}{os.getpid()}-")
+    try:
+        os.fchmod(fd, default_mode())
+        with os.fdopen(fd, "wb") as fh:
+            fill(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(loc: str | Path | Location, data: bytes) -> None:
     """Write a file atomically (temp sibling + fsync + rename locally; one PUT on object storage)."""
     loc = resolve(loc)
@@ -279,19 +307,7 @@ def write_bytes(loc: str | Path | Location, data: bytes) -> None:
         with loc.fs.open_output_stream(loc.path) as fh:
             fh.write(data)
         return
-    path = loc.local_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_mode())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_local(loc.local_path(), lambda fh: fh.write(data))
 
 
 def write_text(loc: str | Path | Location, text: str) -> None:
@@ -312,16 +328,13 @@ def write_jsonl(loc: str | Path | Location, rows: Iterable[dict[str, Any]]) -> i
 
 
 def upload_file(src: Path, loc: Location) -> None:
-    """Copy a local file to ``loc`` (a local copy is renamed into place)."""
-    if loc.is_local:
-        dst = loc.local_path()
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        return
-    with open(src, "rb") as fin, loc.fs.open_output_stream(loc.path) as fout:
-        shutil.copyfileobj(fin, fout, 8 << 20)
+    """Copy a local file to ``loc``, atomically as :func:`write_bytes` does."""
+    with open(src, "rb") as fin:
+        if loc.is_local:
+            _write_local(loc.local_path(), lambda fout: shutil.copyfileobj(fin, fout, 8 << 20))
+            return
+        with loc.fs.open_output_stream(loc.path) as fout:
+            shutil.copyfileobj(fin, fout, 8 << 20)
 
 
 _downloaded: dict[str, int] = {}  # bytes this process copied off object storage, by file name
@@ -391,9 +404,25 @@ def delete(loc: Location) -> None:
             loc.fs.delete_file(f"{loc.path.rstrip('/')}/{rel}")
 
 
-def iter_temp_siblings(loc: Location) -> Iterator[Location]:
-    """Temporary siblings a killed writer of ``loc`` may have left (``.NAME.tmp-*``, ``.NAME.*.tmp``)."""
-    prefix = f".{loc.name}."
-    for name in list_names(loc.parent):
-        if name.startswith(prefix) and (".tmp" in name[len(prefix) - 1:] or ".old-" in name):
-            yield loc.parent / name
+# What follows ``.NAME.`` in a temporary sibling: ``tmp-...`` or ``old-...``, or the ``RANDOM.tmp``
+# and ``tmp`` endings that run directories written by earlier versions may hold.
+_TEMP_TAIL = re.compile(r"(?:tmp-|old-).*|(?:[^.]+\.)?tmp")
+
+
+def is_temp_sibling(name: str, of: str) -> bool:
+    """Whether the entry ``name`` is a temporary sibling of the file or folder ``of``."""
+    prefix = f".{of}."
+    return name.startswith(prefix) and _TEMP_TAIL.fullmatch(name[len(prefix):]) is not None
+
+
+def remove_temp_siblings(folder: Location, names: Iterable[str]) -> None:
+    """Remove what killed writers of the entries ``names`` of ``folder`` left (one listing).
+
+    Only their owner may call this (the run's lock holder for the run's files): a live writer's
+    temporary sibling looks the same as a dead one's.
+    """
+    owned = list(names)
+    for name in list_names(folder):
+        if any(is_temp_sibling(name, of) for of in owned):
+            logger.warning("removing %s left by an interrupted writer", folder / name)
+            delete(folder / name)

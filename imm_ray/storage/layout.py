@@ -34,6 +34,9 @@ SFT = "sft"
 MERGED = "merged"
 EVAL = "eval.json"
 EVAL_SAMPLES = "eval_samples.jsonl"
+# The files of the run's root that only the holder of its lock writes, each atomically: taking the
+# lock clears what a killed holder's writes of them left (a stage's outputs are cleared when it reruns).
+LOCK_HOLDER_FILES = (CONFIG, STATE, STATE_BACKUP, METRICS, LEASE)
 
 STAGES = ("generate", "verify", "sft", "merge", "evaluate")
 BASELINE_ROUND = 0

@@ -19,6 +19,7 @@ from imm_ray.storage.fs import (
     list_names,
     read_bytes,
     read_text,
+    remove_temp_siblings,
     resolve,
     write_bytes,
     write_jsonl,
@@ -105,7 +106,14 @@ class RunDir:
 
     # --- locking ----------------------------------------------------------------------------
     def lock(self) -> None:
-        """Take the run: an fcntl lock on a local disk, a heartbeat lease on object storage."""
+        """Take the run, then remove the temporary files a killed holder's writes left beside its files.
+
+        The lock makes this safe: no live writer of those files can exist while it is held."""
+        self._take_lock()
+        remove_temp_siblings(self.root, layout.LOCK_HOLDER_FILES)
+
+    def _take_lock(self) -> None:
+        """An fcntl lock on a local disk, a heartbeat lease on object storage."""
         if self.root.is_local:
             fh = open(self.root.local_path() / layout.LOCAL_LOCK, "w")
             try:

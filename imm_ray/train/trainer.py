@@ -29,6 +29,7 @@ from imm_ray.storage import (
     materialize,
     read_json,
     resolve,
+    temp_prefix,
 )
 from imm_ray.train.loop import CRASH_ENV, STATE_FILE, train_loop_per_worker
 from imm_ray.train.settings import SFTError, SFTSettings
@@ -159,7 +160,7 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
 
     clear_output(out_loc)  # temp siblings (work folders, Ray Train's run folder) of a killed attempt
     run_root = (resolve(storage_dir) if storage_dir is not None
-                else out_loc.parent / f".{out_loc.name}.tmp-ray-train")
+                else out_loc.parent / f"{temp_prefix(out_loc.name)}ray-train")
     run_name = f"sft-{out_loc.name}-{uuid.uuid4().hex[:8]}"
     resources = settings.worker_resources()
     prepared = time.perf_counter()

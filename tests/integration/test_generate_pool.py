@@ -129,10 +129,9 @@ def test_killed_actor_and_engine_are_replaced_and_only_unfinished_prompts_redone
 
 def test_an_impossible_request_fails_in_seconds_naming_the_key(ray_local, tiny_model_dir):
     pool = GeneratorPool(PoolSpec(engine="vllm", options=EngineOptions(), num_actors=1, num_gpus=1), progress=False)
-    t0 = time.monotonic()
-    with pytest.raises(PlacementError, match=r"GPU: 1 \(generate.resources.num_gpus\)"):
+    # The up-front refusal ("but none of ... offers"), not the placement timeout's message.
+    with pytest.raises(PlacementError, match=r"GPU: 1 \(generate.resources.num_gpus\), but none of"):
         pool.load(tiny_model_dir)
-    assert time.monotonic() - t0 < 10
     assert pool.actors == []
 
 

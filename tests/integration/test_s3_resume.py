@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 MERGE_KEY = "imm/round-001/merge"
 LEASE_TTL_S = 60.0  # outlives the start of the refused second driver (25 s seen on a loaded 2-core machine)
+HANG_S = 900  # a driver that takes longer hangs (a bound, not a timing)
 
 
 def _config(model_dir: Path, data_dir: Path) -> dict:
@@ -58,6 +59,9 @@ class _Bucket:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
         return {o["Key"][len(prefix):]: o["LastModified"] for page in pages for o in page.get("Contents", [])}
 
+    def put_json(self, name: str, obj: dict) -> None:
+        self.client.put_object(Bucket=self.name, Key=f"{self.prefix}/{name}", Body=json.dumps(obj).encode())
+
     def json(self, name: str) -> dict:
         try:
             return json.loads(self.client.get_object(Bucket=self.name, Key=f"{self.prefix}/{name}")["Body"].read())
@@ -74,15 +78,15 @@ def _imm_run(config: Path, run_dir: str, log: Path, **env: str) -> subprocess.Po
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
-    rc = proc.wait(timeout=timeout)
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    rc = proc.wait(timeout=HANG_S)
     assert rc == 0, f"imm run exited {rc}:\n{log.read_text()[-4000:]}"
 
 
 def _kill_during_merge_upload(proc: subprocess.Popen, bucket: _Bucket, log: Path) -> dict[str, datetime]:
     """SIGKILL the driver's process group, and every process it started, once ``merged/`` has some
     files on S3 but no manifest; return what was uploaded by then."""
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + HANG_S
     while True:
         assert proc.poll() is None, f"imm run exited {proc.returncode} early:\n{log.read_text()[-4000:]}"
         assert time.monotonic() < deadline, "the merge upload never started"

@@ -8,7 +8,6 @@ for the evaluation; a request for more than the cluster has fails before any sta
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import ray
@@ -53,8 +52,7 @@ def test_generator_and_sft_share_the_one_accelerator(one_accelerator, tiny_model
 def test_a_request_the_cluster_never_holds_fails_in_seconds(one_accelerator, tiny_model_dir, tiny_data_dir,
                                                             tmp_path, over, key):
     cfg = config_from_dict(tiny_config(tiny_model_dir, tiny_data_dir, run={"arms": ["imm"]}, **over))
-    start = time.monotonic()
     with pytest.raises(PlacementError) as err:
         RoundDriver(cfg, tmp_path / "run").run()
-    assert time.monotonic() - start < 30
+    # The up-front refusal ("the most is"), not the placement timeout's message.
     assert f"accel: 2 ({key})" in str(err.value) and "the most is 1" in str(err.value)

@@ -16,7 +16,7 @@ from imm_ray.verify import MathVerifier, TimeoutPool, Verdict
 def slow_on_hang(completion: str, gold: str) -> tuple[bool, str | None]:
     """A verify function that hangs on completions containing "HANG"."""
     if "HANG" in completion:
-        time.sleep(60)
+        time.sleep(600)
     return completion.strip() == gold, completion.strip()
 
 
@@ -27,13 +27,11 @@ def fail_on_boom(completion: str, gold: str) -> tuple[bool, str | None]:
 
 
 def test_timeout_pool_kills_hung_tasks_and_keeps_order() -> None:
-    with TimeoutPool(time.sleep, workers=2, timeout_s=0.5) as pool:
-        start = time.monotonic()
-        outcomes = pool.map([(0.0,), (30,), (0.0,), (30,), (0.0,)])
-        elapsed = time.monotonic() - start
-        assert [o.status for o in outcomes] == ["ok", "timeout", "ok", "timeout", "ok"]
+    # 2 s: room for an instant task on a loaded machine; 600 s: a task that cannot end in time.
+    with TimeoutPool(time.sleep, workers=2, timeout_s=2.0) as pool:
+        outcomes = pool.map([(0.0,), (600,), (0.0,), (600,), (0.0,)])
+        assert [o.status for o in outcomes] == ["ok", "timeout", "ok", "timeout", "ok"]  # cut off
         assert (pool.timeouts, pool.restarts) == (2, 2)
-        assert elapsed < 20  # the 30 s sleeps were cut off (worker start-up included)
         assert [o.status for o in pool.map([(0.0,)])] == ["ok"]  # replaced workers serve on
     assert pool.map([]) == []
 
@@ -50,7 +48,7 @@ def test_timeout_pool_reports_errors() -> None:
 def test_math_verifier_flags_timeouts_instead_of_silently_failing() -> None:
     from imm_ray.evaluate import DatasetScore, score_verdicts
 
-    with MathVerifier(timeout_s=0.5, workers=2, verify_fn=slow_on_hang) as verifier:
+    with MathVerifier(timeout_s=2.0, workers=2, verify_fn=slow_on_hang) as verifier:
         verdicts = verifier.verify_many([("7", "7"), ("HANG 7", "7"), ("8", "7")])
     assert verdicts == [Verdict(True, "7"), Verdict(False, None, timed_out=True), Verdict(False, "8")]
     score = score_verdicts("d", verdicts)

@@ -88,6 +88,15 @@ def test_report_and_plots(full_run):
         assert f"plots/{name}.png" in text
 
 
+def test_a_report_clears_what_a_killed_report_left(full_run):
+    left = [full_run / ".report.md.tmp-123-ab", full_run / "plots" / ".accuracy.png.tmp-123-cd"]
+    for path in left:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+    write_report(full_run)
+    assert not [p for p in left if p.exists()] and (full_run / "report.md").is_file()
+
+
 def test_report_without_optional_parts(tmp_path):
     rows = [_row("base", 0, 0.3, 0.2), _row("imm", 1, 0.35, 0.22)]
     run = _write_run(tmp_path / "plain", rows)

@@ -210,6 +210,16 @@ def make_client(app, key: str = "none") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url="http://t/v1", api_key=key, http_client=http, max_retries=0)
 
 
+async def wait_for(cond, timeout: float = 60.0) -> None:
+    """Return once ``cond()`` holds (polled every 20 ms); fail after ``timeout`` seconds, a bound
+    far above any wait on a loaded machine: it catches a hang, never a slow step."""
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
 async def started(tmp_path: Path, rounds: list[int], **kw) -> tuple[OpenAIServer, FakeLoader, Path]:
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
@@ -296,26 +306,22 @@ def test_latest_moves_only_once_loaded_and_in_flight_finish_on_old(tmp_path):
         old.gate.clear()  # a request in flight on round 1
         msg = [{"role": "user", "content": "x"}]
         in_flight = asyncio.ensure_future(client.chat.completions.create(model="run/latest", messages=msg))
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: hasattr(old, "last_params"))  # it waits at the gate
 
         loader.release.clear()  # round 2 appears but its engine is still loading
         write_state(run, [1, 2])
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: "run/round-2" in server.model_ids())
         assert server.latest[0] == 1
-        assert "run/round-2" in [m.id async for m in client.models.list()]
 
         loader.release.set()
-        for _ in range(50):
-            if server.latest[0] == 2:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: server.latest[0] == 2)
         new = await client.chat.completions.create(model="run/latest", messages=msg)
         assert new.model == "run/round-2"
         assert not old.closed  # evicted (capacity 1) but still serving its request
         old.gate.set()
         assert (await in_flight).choices[0].message.content == "round-001 says hi"
-        await asyncio.sleep(0.01)
-        assert old.closed and server.pool.resident() == [run / "imm/round-002/merged"]
+        await wait_for(lambda: old.closed)
+        assert server.pool.resident() == [run / "imm/round-002/merged"]
         # load on demand of an evicted round
         again = await client.chat.completions.create(model="run/round-1", messages=msg)
         assert again.model == "run/round-1"
@@ -342,21 +348,20 @@ def test_a_round_that_fails_to_load_leaves_latest_where_it_was(tmp_path):
         broken = run / "imm/round-002/merged"
         real_load = server.pool._load
 
+        tried = []
+
         async def load(path):
+            tried.append(path)
             if path == broken:
                 raise OSError("corrupt checkpoint")
             return await real_load(path)
 
         server.pool._load = load
         write_state(run, [1, 2])
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: broken in tried)
         assert server.latest[0] == 1 and server.following
         write_state(run, [1, 2, 3])
-        for _ in range(40):
-            if server.latest[0] == 3:
-                break
-            await asyncio.sleep(0.05)
-        assert server.latest[0] == 3
+        await wait_for(lambda: server.latest[0] == 3)
         await server.stop()
 
     asyncio.run(main())
@@ -365,19 +370,12 @@ def test_a_round_that_fails_to_load_leaves_latest_where_it_was(tmp_path):
 def test_new_rounds_are_swapped_into_warm_spare_engines(tmp_path):
     async def main():
         server, loader, run = await started(tmp_path, [1], resident_models=1, spare_engines=1)
-        for _ in range(40):
-            if server.pool.spares:
-                break
-            await asyncio.sleep(0.05)
-        assert server.pool.spares == 1 and len(loader.backends) == 1  # same path loaded twice
+        await wait_for(lambda: server.pool.spares == 1)
+        assert len(loader.backends) == 1  # same path loaded twice
         loads = 2
         for n in (2, 3):
             write_state(run, list(range(1, n + 1)))
-            for _ in range(40):
-                if server.latest[0] == n and server.pool.spares == 1:
-                    break
-                await asyncio.sleep(0.05)
-            assert server.latest[0] == n and server.pool.spares == 1
+            await wait_for(lambda n=n: server.latest[0] == n and server.pool.spares == 1)
         # every swap reused an engine: the old latest became the spare, nothing was started anew
         backends = [server.pool._entries[p].backend for p in server.pool.resident()] + server.pool._spares
         assert len({id(b) for b in backends}) == loads and sum(getattr(b, "reloads", 0) for b in backends) == 2
@@ -392,11 +390,8 @@ def test_a_full_pool_reuses_the_engine_it_would_evict(tmp_path):
         server, loader, run = await started(tmp_path, [1, 2], resident_models=2)
         await server.pool.ensure(run / "imm/round-001/merged")  # round 1 and 2 resident
         write_state(run, [1, 2, 3])
-        for _ in range(40):
-            if server.latest[0] == 3:
-                break
-            await asyncio.sleep(0.05)
-        assert server.latest[0] == 3 and len(loader.backends) == 2  # no new engine was started
+        await wait_for(lambda: server.latest[0] == 3)
+        assert len(loader.backends) == 2  # no new engine was started
         assert server.pool.resident() == [run / "imm/round-002/merged", run / "imm/round-003/merged"]
         await server.stop()
 

@@ -9,13 +9,12 @@ import asyncio
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from test_serve import FakeBackend, FakeLoader, make_client, started, write_checkpoint, write_state
+from test_serve import FakeBackend, FakeLoader, make_client, started, wait_for, write_checkpoint, write_state
 
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.http_app import create_app
@@ -55,14 +54,6 @@ async def with_loader(tmp_path: Path, rounds: list[int], loader: FakeLoader, **k
     server = OpenAIServer(server.settings, run, loader=loader)
     await server.start()
     return server, run
-
-
-async def wait_for(cond, timeout: float = 3.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture
@@ -164,8 +155,9 @@ def test_garbage_state_json_keeps_the_rounds_it_listed(tmp_path):
         client = make_client(server_app(server))
         raw = raw_client(server_app(server))
         for garbage in ("\x00garbage{", "[1, 2]", '{"stages": {"imm/round-003/evaluate": "done", "x": [1]}}'):
+            server.follower.problem = None
             (run / "state.json").write_text(garbage)
-            await asyncio.sleep(0.15)
+            await wait_for(lambda: server.follower.problem is not None)  # the follower read it
             for model in ("run/round-1", "run/latest"):
                 assert (await client.chat.completions.create(model=model, messages=MSG)).choices
             health = (await raw.get("/health")).json()
@@ -271,23 +263,25 @@ def test_big_prompts_are_refused_untokenized_and_tokenizing_never_blocks_the_loo
         server, loader, run = await started(tmp_path, [1])  # max_prompt_tokens=200
         raw = raw_client(server_app(server))
         tok = loader.backends[run / "imm/round-001/merged"].tokenizer
-        calls = []
+        calls, events, done = [], [], threading.Event()
         plain = type(tok).__call__
 
         def slow_call(text, add_special_tokens=False):
             calls.append(len(text))
-            time.sleep(0.5)  # a tokenizer busy with a long text
+            done.wait(timeout=30)  # a tokenizer busy with a long text, until /health was answered
+            events.append("tokenized")
             return plain(tok, text, add_special_tokens)
 
         tok.__class__ = type("SlowTokenizer", (type(tok),), {"__call__": lambda self, *a, **k: slow_call(*a, **k)})
         r = await raw.post("/v1/completions", json={"model": "run/latest", "prompt": "x" * 500_000})
         assert r.status_code == 400 and "characters" in r.json()["error"]["message"] and calls == []
         slow = asyncio.ensure_future(raw.post("/v1/completions", json={"model": "run/latest", "prompt": "y" * 150}))
-        await asyncio.sleep(0.1)
-        t0 = time.monotonic()
+        await wait_for(lambda: calls == [150])
         assert (await raw.get("/health")).status_code == 200
-        assert time.monotonic() - t0 < 0.3  # answered while the tokenizer works
-        assert (await slow).status_code == 200 and calls == [150]
+        events.append("health")
+        done.set()
+        assert (await slow).status_code == 200
+        assert events == ["health", "tokenized"]  # answered while the tokenizer worked
         await server.stop()
 
     asyncio.run(main())
@@ -323,10 +317,10 @@ def test_cancelled_request_on_a_blocking_engine_never_overlaps_the_next(tmp_path
             return "".join([d.text async for d in backend.stream(params)])
 
         first = asyncio.ensure_future(run())
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: engine.running == 1)
         first.cancel()  # the client went away while the engine generates
         second = asyncio.ensure_future(run())
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # time for the second to overlap the first, were it free to
         assert engine.running == 1  # the second waits for the first's generation
         engine.release.set()
         assert await second == "ok" and engine.max_running == 1
@@ -364,7 +358,8 @@ def test_an_engine_dying_mid_stream_fails_only_its_own_streams(tmp_path):
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
         streams = [asyncio.ensure_future(read(m)) for m in ["run/round-1", "run/latest"] * 3]
-        await asyncio.sleep(0.1)
+        entries = [server.pool._entries[run / f"imm/round-00{n}/merged"] for n in (1, 2)]
+        await wait_for(lambda: [e.leases for e in entries] == [3, 3])  # every stream is at its gate
         dying.closed = True  # its engine died: the next step of each of its generations fails
         dying.gate.set()
         healthy.gate.set()
