@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from checkpoint_files import checkpoint_files
+from processes import kill_driver_tree
 from tiny_run import tiny_run_config
 
 from imm_ray.storage import CheckpointError, is_published, materialize, resolve
@@ -94,16 +93,8 @@ def _kill_during_merge_upload(proc: subprocess.Popen, bucket: _Bucket, log: Path
         if uploaded and bucket.json("state.json").get("stages", {}).get(MERGE_KEY, {}).get("status") == "started":
             break
         time.sleep(0.05)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in children:  # Ray's processes may sit in their own sessions
-        try:
-            child.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(children, timeout=30)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"still running: {alive}"
+    alive = kill_driver_tree(proc)
+    assert not alive, f"still running: {alive}"
     assert "manifest.json" not in uploaded, "the merge upload finished before the kill landed"
     return uploaded
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+from processes import kill_driver_tree
 from tiny_run import tiny_run_config
 
 from imm_ray.storage import resolve
@@ -23,19 +22,6 @@ from imm_ray.storage.fs import read_bytes
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a driver started in its own session and every process it started."""
-    children = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for child in children:  # Ray's processes may sit in their own sessions
-        try:
-            child.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(children, timeout=30)
 
 
 def test_two_drivers_started_together_one_runs_one_exits_2_naming_it(s3_bucket, tiny_model_dir, tiny_data_dir,
@@ -65,6 +51,6 @@ def test_two_drivers_started_together_one_runs_one_exits_2_naming_it(s3_bucket, 
     finally:
         for proc in procs:
             if proc.poll() is None:
-                _kill_tree(proc)
+                kill_driver_tree(proc)
         for out in outs:
             out.close()
