@@ -480,13 +480,7 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (check the path given to --config)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        file_tree = _specs_as_given(loaded or {})  # a run.yaml is a config file too
+        file_tree = _specs_as_given(_yaml_mapping(p.read_text(), f"config file {p}", empty_ok=True))  # run.yaml too
     for override in overrides or []:
         apply_override(file_tree, override)
     preset_name = preset or file_tree.get("preset")
@@ -602,14 +596,23 @@ def _specs_as_given(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def config_from_run_yaml(text: str, source: str = layout.CONFIG) -> ImmConfig:
-    """The config saved as a run's ``run.yaml`` (this version's form or the full form of earlier ones)."""
+def _yaml_mapping(text: str, source: str, empty_ok: bool) -> dict[str, Any]:
+    """The mapping a YAML config text holds (an empty text: {} when ``empty_ok``); ConfigError naming
+    ``source`` otherwise."""
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source} is not valid YAML: {exc}") from exc
+    if tree is None and empty_ok:
+        return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{source} must hold a mapping at the top level")
+    return tree
+
+
+def config_from_run_yaml(text: str, source: str = layout.CONFIG) -> ImmConfig:
+    """The config saved as a run's ``run.yaml`` (this version's form or the full form of earlier ones)."""
+    tree = _yaml_mapping(text, source, empty_ok=False)
     try:
         return config_from_dict(_specs_as_given(tree))
     except ConfigError as exc:
