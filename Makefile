@@ -33,8 +33,9 @@ docs: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# --durations: the slowest tests in every CI log, so that whoever trims CI time sees where it goes.
 test: setup lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=30 $(PYTEST_ARGS)
 
 test-quick: setup lint
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
