@@ -123,41 +123,33 @@ def test_a_request_no_node_type_holds_fails_at_once_naming_the_types(autoscaling
     assert _monitor_events(state) == (set(), set())  # nothing was started for it
 
 
-def test_a_round_on_a_cold_cluster_adds_nodes_and_they_go_when_idle(autoscaling, tiny_model_dir, tiny_data_dir,
-                                                                    tmp_path):
-    state, env = autoscaling
-    run = tmp_path / "run"
-    out = _imm_run(_config(state, tiny_model_dir, tiny_data_dir, tmp_path), run, env)
-    assert out.returncode == 0, out.stderr[-5000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["arm"], r["round"]) for r in rows] == [("imm", 1)] and rows[0]["sft"]["steps"] >= 1
-
-    log = (run / "driver.log").read_text()
-    assert "arms imm: one arm" in log
-    assert "+1 node (CPU: 1, GPU: 1, gpu_node: 1)" in log  # the pool's and SFT's type
-    assert "+1 node (CPU: 2)" in log  # the merge's
-    assert "withdrew the resource requests to the autoscaler" in log
-    added, _ = _monitor_events(state)
-    assert added == {"gpu", "cpu"}
-
-    left = subprocess.run([sys.executable, "-c", ONLY_THE_HEAD_LEFT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert left.stdout.split()[-1:] == ["1"], left.stderr[-2000:]  # the head alone
-    assert _monitor_events(state)[1] == {"gpu", "cpu"}  # removed as idle
-
-
-def test_concurrent_arms_are_sized_from_the_node_types_and_overlap(autoscaling, tiny_model_dir, tiny_data_dir,
-                                                                    tmp_path):
+def test_two_arms_on_a_cold_cluster_add_nodes_overlap_and_the_nodes_go_when_idle(autoscaling, tiny_model_dir,
+                                                                                 tiny_data_dir, tmp_path):
+    """One run of two concurrent arms (one round each) covers the cold start, the sizing from node types
+    and the scale-down: a second run for one arm alone would cost CI another cold cluster's minutes."""
     state, env = autoscaling
     run = tmp_path / "run"
     config = _config(state, tiny_model_dir, tiny_data_dir, tmp_path, run={"report": False, "arms": ["imm", "si"],
                                                                           "concurrent_arms": 0})
     out = _imm_run(config, run, env)
     assert out.returncode == 0, out.stderr[-5000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((r["arm"], r["round"]) for r in rows) == [("imm", 1), ("si", 1)]
+    assert all(r["sft"]["steps"] >= 1 for r in rows)
+
     log = (run / "driver.log").read_text()
     # A cold cluster: sized from the node types, not from the alive nodes (the head, 0 CPUs).
     assert "arms imm, si: 2 arms at once: the cluster (1 alive node(s); node types: cpu x2 (CPU: 2), gpu x2" in log
+    assert "+1 node (CPU: 1, GPU: 1, gpu_node: 1)" in log  # the pools' and SFT's type
+    assert "+1 node (CPU: 2)" in log  # the merges'
+    assert "withdrew the resource requests to the autoscaler" in log
     stages = json.loads((run / "state.json").read_text())["stages"]
     started = {key: s["finished_at"] - s["seconds"] for key, s in stages.items()}
     assert started["si/round-001/generate"] < stages["imm/round-001/evaluate"]["finished_at"]
     assert started["imm/round-001/generate"] < stages["si/round-001/evaluate"]["finished_at"]
+    assert _monitor_events(state)[0] == {"gpu", "cpu"}
+
+    left = subprocess.run([sys.executable, "-c", ONLY_THE_HEAD_LEFT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert left.stdout.split()[-1:] == ["1"], left.stderr[-2000:]  # the head alone
+    assert _monitor_events(state)[1] == {"gpu", "cpu"}  # removed as idle
