@@ -148,7 +148,7 @@ def run_pool(args, evaluation: bool) -> dict:
     from imm_ray.generate.actors import GeneratorPool, PoolSpec
 
     model, ids = prompt_ids(args, "test" if evaluation else "train", args.eval_prompts if evaluation else args.prompts)
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     pool = GeneratorPool(PoolSpec(engine="vllm", options=engine(args), num_actors=1, num_cpus=2),
                          progress=False)
     try:
@@ -171,7 +171,7 @@ def run_ray_data(args) -> dict:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     model, ids = prompt_ids(args, "train", args.prompts)
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     spec = sampling(args, False)
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", *cpu_engine_env(2)) if k in os.environ}
     config = vLLMEngineProcessorConfig(

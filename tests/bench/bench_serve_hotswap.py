@@ -211,7 +211,7 @@ def main() -> int:
 
         from imm_ray.serve.deploy import start_serving
 
-        ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
         try:
             t0 = time.monotonic()
             start_serving(run, settings(args))

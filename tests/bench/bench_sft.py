@@ -100,7 +100,7 @@ def main() -> int:
     base = dict(epochs=args.epochs, micro_batch_size=args.micro_batch_size,
                 effective_batch_size=args.effective_batch_size, max_length=args.max_length,
                 cpus_per_worker=args.cpus, precision=args.precision)
-    ray.init(num_cpus=max(4, args.cpus), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(4, args.cpus), include_dashboard=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
             root = Path(tmp)

@@ -15,9 +15,12 @@ from imm_ray.ray_env import ray_binds_loopback
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray cluster (4 logical CPUs) listening on 127.0.0.1 only."""
+    """A real local Ray cluster (4 logical CPUs) listening on 127.0.0.1 only.
+
+    ``address="local"``: a new head even when another cluster on the machine (a ``ray start`` head, a
+    stale ``/tmp/ray/ray_current_cluster``) would otherwise be joined by a plain ``ray.init()``."""
     assert ray_binds_loopback(), "ray was imported before imm_ray.ray_env.use_loopback_ray() ran"
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -64,7 +64,7 @@ def served(tiny_model_dir, tmp_path_factory):
     os.environ["IMM_API_KEYS"] = KEY
     # Ray runs workers at niceness 15: on a busy shared box a replica starting vLLM then starves.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
     common = dict(port=port, dtype="float32", max_model_len=256, kv_cache_gb=1, poll_interval_s=0.5,
                   resident_models=2, limits=LimitSettings(max_tokens=64, max_prompt_tokens=128))
     try:

@@ -39,7 +39,7 @@ def app_url(tiny_model_dir, scrambled_model, tmp_path_factory):
     publish(run, rounds)
     port = free_port()
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
     config = ServeDeploySchema.model_validate({
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},

@@ -27,7 +27,7 @@ ONE_ACCEL = {"resources": {"num_cpus": 1, "resources": {"accel": 1}}}
 def one_accelerator():
     """A local Ray head on loopback with 4 CPUs and one ``accel``, no autoscaler."""
     assert ray_binds_loopback(), "ray was imported before imm_ray.ray_env.use_loopback_ray() ran"
-    ray.init(num_cpus=4, resources={"accel": 1}, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, resources={"accel": 1}, include_dashboard=False)
     yield
     ray.shutdown()
 
