@@ -6,6 +6,7 @@
     RUN/state.json (+ state.json.bak) which stage of which round is done (+ its summary)
     RUN/metrics.jsonl                 one line per round and arm (derived from state.json)
     RUN/driver.log                    the driver's log, appended across resumes
+    RUN/votes.jsonl                   the web page's side-by-side preferences, one line per vote
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
     RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
@@ -22,6 +23,7 @@ STATE = "state.json"
 STATE_BACKUP = "state.json.bak"
 METRICS = "metrics.jsonl"
 DRIVER_LOG = "driver.log"
+VOTES = "votes.jsonl"
 LOCAL_LOCK = ".lock"
 LEASE = ".lease.json"
 BASELINE = "baseline"
