@@ -65,6 +65,9 @@ def write_finished_round(run_dir: Path, arm: str, n: int, model: Path, wrong_eva
         accepted = select_accepted(samples, verdicts)
         write_jsonl(folder / layout.SAMPLES, samples)
         write_jsonl(folder / layout.ACCEPTED, accepted)
+        write_jsonl(folder / layout.VERDICTS, [{"problem_id": s["problem_id"], "sample": s["sample"],
+                                                "extracted": v.extracted, "correct": v.correct,
+                                                "timed_out": v.timed_out} for s, v in zip(samples, verdicts)])
         infos = {"generate": {"generated": len(samples), "questions": len(TINY_PROBLEMS), "tokens": 192},
                  "verify": {"generated": len(samples), "accepted": len(accepted),
                             "correct": sum(v.correct for v in verdicts),

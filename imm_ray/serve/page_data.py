@@ -102,19 +102,24 @@ class PageData:
             return None
 
     def _judged(self, arm: str, n: int) -> dict[str, list[dict[str, Any]]]:
-        """Question id -> its samples (generation order), each marked accepted with the verifier's
-        extracted answer where the verify stage recorded one."""
+        """Question id -> its samples (generation order), each with the verifier's verdict: correct,
+        the extracted answer, and accepted (correct and not a duplicate). Rounds verified before
+        verdicts.jsonl existed have verdicts for the accepted samples only."""
         samples = self._round_file(arm, n, layout.SAMPLES)
         if samples is None:
             raise PageInputError(f"{arm} round {n} has no {layout.SAMPLES} (not generated yet)")
-        accepted = {(r["problem_id"], r.get("sample")): r for r in self._round_file(arm, n, layout.ACCEPTED) or []}
+        accepted = {(r["problem_id"], r.get("sample")) for r in self._round_file(arm, n, layout.ACCEPTED) or []}
+        verdicts = {(v["problem_id"], v.get("sample")): v for v in self._round_file(arm, n, layout.VERDICTS)
+                    or self._round_file(arm, n, layout.ACCEPTED) or []}
         by_q: dict[str, list[dict[str, Any]]] = {}
         for r in samples:
-            kept = accepted.get((r["problem_id"], r.get("sample")))
+            key = (r["problem_id"], r.get("sample"))
+            verdict = verdicts.get(key, {})
             by_q.setdefault(str(r["problem_id"]), []).append({
                 "sample": r.get("sample"), "completion": r.get("completion", ""), "question": r.get("question"),
-                "gold": r.get("gold"), "finish_reason": r.get("finish_reason"), "accepted": kept is not None,
-                "extracted": kept.get("extracted") if kept else None})
+                "gold": r.get("gold"), "finish_reason": r.get("finish_reason"), "accepted": key in accepted,
+                "correct": verdict.get("correct", True if key in accepted else None),
+                "extracted": verdict.get("extracted")})
         return by_q
 
     def samples(self, arm: str, n: int, which: str = "all", other: int | None = None,

@@ -10,7 +10,7 @@
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
     RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
-    RUN/<arm>/round-NNN/samples.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
+    RUN/<arm>/round-NNN/samples.jsonl, verdicts.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ TEACHER = "teacher"
 ANCHOR = "anchor"
 SAMPLES = "samples.jsonl"
 ACCEPTED = "accepted.jsonl"
+VERDICTS = "verdicts.jsonl"  # the verifier's verdict on every sample (problem_id, sample, extracted, correct)
 SFT = "sft"
 MERGED = "merged"
 EVAL = "eval.json"

@@ -53,7 +53,10 @@ def test_samples_filters_and_evaluation_changes(run):
     assert every["questions_total"] == len(TINY_PROBLEMS) and every["samples_total"] == 2 * len(TINY_PROBLEMS)
     kept = [s for q in data.samples("imm", 1, "accepted")["questions"] for s in q["samples"]]
     assert len(kept) == every["accepted_total"] and all(s["accepted"] and s["extracted"] == s["gold"] for s in kept)
-    assert all(not s["accepted"] for q in data.samples("imm", 1, "rejected")["questions"] for s in q["samples"])
+    rejected = [s for q in data.samples("imm", 1, "rejected")["questions"] for s in q["samples"]]
+    assert rejected and not any(s["accepted"] for s in rejected)
+    assert {s["correct"] for s in rejected} == {True, False}  # duplicates of a right answer, and wrong ones
+    assert all(s["extracted"] != s["gold"] for s in rejected if not s["correct"])
     ev = data.evaluation("imm", 1)
     assert ev["changes"] == {"tiny-test": {"gained": ["test-1"], "lost": [], "n": 4}}
     assert [a["problem_id"] for a in data.evaluation("imm", 1, "wrong")["answers"]] == ["test-0"]

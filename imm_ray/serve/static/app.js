@@ -254,11 +254,11 @@ function openSamples(arm, round) {
 }
 
 function sampleCard(s) {
-  const verdict = s.accepted ? "accepted" : "rejected";
+  const verdict = s.accepted ? "accepted" : s.correct ? "rejected (a duplicate)" : "rejected";
+  const extracted = s.correct === null ? "(not recorded)" : s.extracted ?? "(none)";
   return el("div", { class: "sample", "data-testid": "sample", "data-accepted": String(s.accepted) },
     el("p", {}, el("strong", { class: s.accepted ? "good" : "bad", text: `sample ${s.sample}: ${verdict}` }),
-      ` · extracted ${s.extracted ?? (s.accepted ? "–" : "(not recorded)")} · gold ${s.gold}`,
-      s.finish_reason === "length" ? " · truncated" : ""),
+      ` · extracted ${extracted} · gold ${s.gold}`, s.finish_reason === "length" ? " · truncated" : ""),
     el("pre", { text: s.completion }));
 }
 
