@@ -36,7 +36,8 @@ def write_finished_round(run_dir: Path, arm: str, n: int, model: Path, wrong_eva
     """Publish round ``n`` of ``arm`` (round 0: the baseline) into ``run_dir`` as the driver does:
     its stage files (samples verified by the numeric verifier, the per-question evaluation ledger),
     its stage records in state.json (evaluate last: that publishes the round) and metrics.jsonl.
-    ``model`` is the round's checkpoint; the first ``wrong_eval`` test questions are answered wrong."""
+    ``model`` is the round's checkpoint; the first ``wrong_eval`` test questions are answered wrong; the
+    training questions i with (i + n) % 4 == 0 get no right sample."""
     from imm_ray.evaluate.metrics import bootstrap_ci
     from imm_ray.loop.summary import metrics_rows
     from imm_ray.storage import layout, write_jsonl
@@ -58,7 +59,8 @@ def write_finished_round(run_dir: Path, arm: str, n: int, model: Path, wrong_eva
                               "accuracy_ci95": list(bootstrap_ci([float(r["correct"]) for r in ledger]))}}
     if n > 0:
         samples = [{"problem_id": f"train-{i}", "dataset": "tiny-train", "question": q, "gold": gold,
-                    "sample": j, "completion": solution if (i + j + n) % 3 else f"I think it is {int(gold) + 1}.",
+                    "sample": j, "completion": f"I think it is {int(gold) + 1}."
+                    if (i + n) % 4 == 0 or (i + j + n) % 3 == 0 else solution,
                     "finish_reason": "stop", "num_tokens": 12}
                    for i, (q, solution, gold) in enumerate(TINY_PROBLEMS) for j in range(2)]
         verdicts = verify_batch([(s["completion"], s["gold"]) for s in samples])

@@ -114,7 +114,6 @@ def test_sign_in_shows_every_arm_and_round_and_curves(browser):
     assert len(chart.find_elements(By.CSS_SELECTOR, '[data-testid="chart-point"]')) == 2  # baseline + round 1
     assert chart.find_elements(By.CSS_SELECTOR, '[data-testid="chart-line"]')
     assert by_id(browser, "chart-diversity")[0].get_attribute("data-points") == "1"
-    shot(browser, "overview")
 
 
 def test_samples_of_a_round_accepted_and_rejected(browser):
@@ -164,3 +163,4 @@ def test_a_new_round_appears_without_a_reload(browser, page_run, scrambled_model
     wait(browser, lambda d: ("imm", "2") in rounds_shown(d), timeout=10)
     wait(browser, lambda d: len(d.find_elements(
         By.CSS_SELECTOR, '[data-testid="chart-accuracy"] [data-testid="chart-point"]')) == 3, timeout=10)
+    shot(browser, "overview")

@@ -57,6 +57,10 @@ def test_samples_filters_and_evaluation_changes(run):
     assert rejected and not any(s["accepted"] for s in rejected)
     assert {s["correct"] for s in rejected} == {True, False}  # duplicates of a right answer, and wrong ones
     assert all(s["extracted"] != s["gold"] for s in rejected if not s["correct"])
+    write_finished_round(run, "imm", 2, run.parent / "ckpt")  # unsolved: train-2, train-6 (round 1: 3, 7)
+    differ = data.samples("imm", 2, "disagree", other=1)["questions"]
+    assert {(q["problem_id"], q["solved_other"]) for q in differ} == {
+        ("train-2", True), ("train-6", True), ("train-3", False), ("train-7", False)}
     ev = data.evaluation("imm", 1)
     assert ev["changes"] == {"tiny-test": {"gained": ["test-1"], "lost": [], "n": 4}}
     assert [a["problem_id"] for a in data.evaluation("imm", 1, "wrong")["answers"]] == ["test-0"]
@@ -65,7 +69,7 @@ def test_samples_filters_and_evaluation_changes(run):
     with pytest.raises(PageInputError, match="not one of"):
         data.evaluation("imm", 1, "odd")
     with pytest.raises(PageInputError, match="not generated yet"):
-        data.samples("imm", 2)
+        data.samples("imm", 3)
 
 
 def test_votes_are_appended_and_counted(run):

@@ -111,14 +111,14 @@ function allRounds(data) {
 function renderRounds(data) {
   const table = byTestId("rounds-table");
   const head = ["arm", "round", ...data.stages, "generated", "accepted",
-    ...data.datasets.map((d) => `${d} accuracy`), "merge", "wall time"];
+    ...data.datasets.map((d) => `${d} accuracy`), "merge params", "wall time"];
   table.tHead.replaceChildren(el("tr", {}, ...head.map((h) => el("th", { scope: "col", text: h }))));
   const rows = allRounds(data).map(([arm, r]) => {
     const stages = data.stages.map((s) => {
       const st = r.status[s] || "–";
       const secs = r.seconds[s];
       return el("td", { class: `st-${st}`, "data-stage": s, "data-status": st,
-        text: st === "done" && secs !== undefined ? `done ${secs.toFixed(0)} s` : st });
+        title: st, text: st === "done" && secs !== undefined ? `✓ ${secs.toFixed(0)} s` : st });
     });
     const acc = data.datasets.map((d) => {
       const a = (r.accuracy || {})[d];
@@ -146,16 +146,17 @@ function series(data, value) {
   })).filter((s) => s.points.length);
 }
 
-function lineChart(title, testid, lines, format) {
-  const W = 420, H = 220, L = 48, R = 10, T = 10, B = 28;
+// An SVG line chart against the round (x from 0, the baseline); ``domain`` fixes the y range.
+function lineChart(title, testid, lines, format, domain = null) {
+  const W = 420, H = 220, L = 58, R = 12, T = 10, B = 28;
   const pts = lines.flatMap((s) => s.points);
   const fig = el("figure", { "data-testid": testid, "data-points": String(pts.length) }, el("figcaption", { text: title }));
   if (!pts.length) { fig.append(el("p", { class: "muted", text: "no finished round yet" })); return fig; }
   const xs = pts.map((p) => p.x), ys = pts.flatMap((p) => [p.y, p.lo ?? p.y, p.hi ?? p.y]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
-  let y0 = Math.min(...ys), y1 = Math.max(...ys);
-  if (y1 - y0 < 1e-9) { y0 -= 0.05; y1 += 0.05; }
-  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const x0 = Math.min(0, ...xs), x1 = Math.max(...xs, 1);
+  let [y0, y1] = domain || [Math.min(...ys), Math.max(...ys)];
+  if (y1 - y0 < 1e-9) { const pad = Math.abs(y0) * 0.1 || 0.05; y0 -= pad; y1 += pad; }
+  const sx = (x) => L + 10 + ((x - x0) / (x1 - x0)) * (W - L - R - 20);  // off the axis
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
     "aria-label": `${title}: ${lines.map((s) => `${s.name} ${s.points.map((p) => `round ${p.x} ${format(p.y)}`).join(", ")}`).join("; ")}` });
@@ -199,7 +200,7 @@ function renderCharts(data) {
     series(data, (r) => {
       const a = (r.accuracy || {})[d];
       return a && { y: a.value, lo: a.ci95 ? a.ci95[0] : undefined, hi: a.ci95 ? a.ci95[1] : undefined };
-    }), pct)));
+    }), pct, [0, 1])));
   const select = byTestId("diversity-metric");
   const chosen = select.value || data.diversity_keys[0];
   select.replaceChildren(...data.diversity_keys.map((k) => el("option", { value: k, text: k, selected: k === chosen })));
