@@ -119,6 +119,8 @@ def test_page_shell_is_open_and_its_data_needs_the_key(run):
         assert (await http.post("/ui/api/votes", json=vote)).status_code == 401
         assert (await http.post("/ui/api/votes", json=vote, headers=auth)).status_code == 200
         assert (await http.post("/ui/api/votes", json={"models": ["x"]}, headers=auth)).status_code == 400
+        prefixed = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, root_path="/imm"), base_url="http://t")
+        assert '<base href="/imm/">' in (await prefixed.get("/imm/")).text  # under a Serve route prefix
         [row] = [json.loads(line) for line in (run / layout.VOTES).read_text().splitlines()]
         assert row["winner"] == "webrun/round-1" and row["blind"] is True
         await server.stop()
