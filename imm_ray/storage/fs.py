@@ -327,12 +327,13 @@ def write_jsonl(loc: str | Path | Location, rows: Iterable[dict[str, Any]]) -> i
     return len(lines)
 
 
-def append_line(loc: str | Path | Location, row: dict[str, Any], attempts: int = 8) -> None:
+def append_line(loc: str | Path | Location, row: dict[str, Any], attempts: int = 20) -> None:
     """Append ``row`` as one JSON line without losing a concurrent writer's line.
 
     Locally one ``O_APPEND`` write of the whole line (concurrent appends never interleave); on S3 a
     read, then a write only if the object is still the version read, retried when another writer got
-    there first. Other object stores have no conditional write here: StorageError."""
+    there first (each lost attempt means another writer's line landed). Other object stores have no
+    conditional write here: StorageError."""
     from imm_ray.storage import conditional
 
     loc = resolve(loc)

@@ -17,7 +17,7 @@ from imm_ray.serve.http_app import create_app
 from imm_ray.serve.page_data import PageData, PageInputError
 from imm_ray.serve.server import OpenAIServer
 from imm_ray.serve.settings import ServeSettings
-from imm_ray.storage import layout
+from imm_ray.storage import layout, read_jsonl, resolve
 from imm_ray.storage.fs import append_line
 from imm_ray.storage.rundir import RunDir
 from tiny_model import TINY_PROBLEMS
@@ -81,12 +81,15 @@ def test_votes_are_appended_and_counted(run):
         data.add_vote(["a", "b"], "q", ["x", "y"], "c", blind=True)
 
 
-def test_concurrent_appends_keep_every_line(tmp_path):
-    target = tmp_path / "lines.jsonl"
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_appends_keep_every_line(where, tmp_path, request):
+    """Locally O_APPEND; on S3 a conditional write retried when another writer got there first."""
+    target = resolve(request.getfixturevalue("s3_bucket")) / "lines.jsonl" if where == "s3" else tmp_path / "x.jsonl"
     text = "x" * 3000  # longer than one small write: lines must still not interleave
+    per_writer = 40 if where == "local" else 5  # S3: 15 rival lines < the 20 attempts, so none gives up
 
     def writer(i: int) -> None:
-        for j in range(40):
+        for j in range(per_writer):
             append_line(target, {"w": i, "j": j, "t": text})
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
@@ -94,8 +97,8 @@ def test_concurrent_appends_keep_every_line(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert sorted((r["w"], r["j"]) for r in rows) == [(i, j) for i in range(4) for j in range(40)]
+    rows = read_jsonl(target)
+    assert sorted((r["w"], r["j"]) for r in rows) == [(i, j) for i in range(4) for j in range(per_writer)]
 
 
 def test_page_shell_is_open_and_its_data_needs_the_key(run):
