@@ -10,8 +10,9 @@ import threading
 import httpx
 import pytest
 from test_serve import FakeLoader, write_checkpoint
-from tiny_run import write_finished_round
+from tiny_run import tiny_run_config, write_finished_round
 
+from imm_ray.config import config_from_dict, config_to_yaml
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.http_app import create_app
 from imm_ray.serve.page_data import PageData, PageInputError
@@ -45,6 +46,14 @@ def test_overview_has_stages_metrics_and_the_baseline(run):
     assert one["accepted"] > 0 and one["diversity"]["distinct_1"] == pytest.approx(0.6)
     assert two["status"]["generate"] == "started" and two["status"]["evaluate"] == "pending"
     assert "accuracy" not in two
+
+
+def test_planned_arms_and_rounds_show_before_they_start(run, tmp_path):
+    cfg = config_from_dict(tiny_run_config(tmp_path, tmp_path, run={"rounds": 3, "arms": ["imm", "si"]}))
+    RunDir(run).write_config(config_to_yaml(cfg))
+    arms = {a["name"]: a["rounds"] for a in PageData(run, "imm", "webrun").overview()["arms"]}
+    assert [r["round"] for r in arms["imm"]] == [1, 2, 3] and [r["round"] for r in arms["si"]] == [1, 2, 3]
+    assert arms["si"][0]["status"] == dict.fromkeys(layout.STAGES, "pending")
 
 
 def test_samples_filters_and_evaluation_changes(run):
