@@ -20,12 +20,13 @@ from imm_ray.serve.server import OpenAIServer
 
 STATIC_PREFIX = "/ui/static/"
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
-# The shell and its assets hold no run data: they load without a key so that the page can ask for one.
+# Only the app itself: no script, style or request goes anywhere else.
 _CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
 
 
 def is_open_path(route: str) -> bool:
-    """Whether ``route`` (below the app's prefix) is served without an API key."""
+    """Whether ``route`` (below the app's prefix) is served without an API key: the shell and its assets
+    hold no run data, and must load so that the page can ask for the key."""
     return route == "/" or route.startswith(STATIC_PREFIX)
 
 
