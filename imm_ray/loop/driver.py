@@ -396,7 +396,7 @@ class RoundDriver:
                 return self._generate(self.teacher, samples, t, owner, role="teacher")
             return self._generate(current, samples, t, owner)
         if name == "verify":
-            return self._verify(samples, accepted)
+            return self._verify(samples, accepted, rdir / layout.VERDICTS)
         if name == "sft":
             return self._sft(plan.sft_init, accepted, rdir / layout.SFT, owner)
         if name == "merge":
@@ -496,7 +496,7 @@ class RoundDriver:
             "actor_retries": pool.last_stats.retries,  # generator actors replaced mid-round
         }
 
-    def _verify(self, samples: Location, out: Location) -> dict[str, Any]:
+    def _verify(self, samples: Location, out: Location, verdicts_out: Location) -> dict[str, Any]:
         v = self.cfg.verify
         rows = read_jsonl(samples)
         verdicts = verify_remote(
@@ -506,6 +506,8 @@ class RoundDriver:
         kept = select_accepted(rows, verdicts, dedup=v.dedup)
         write_jsonl(out, kept)
         verified = [{**r, "extracted": vd.extracted, "correct": vd.correct} for r, vd in zip(rows, verdicts)]
+        write_jsonl(verdicts_out, [{"problem_id": r["problem_id"], "sample": r["sample"], "extracted": vd.extracted,
+                                    "correct": vd.correct, "timed_out": vd.timed_out} for r, vd in zip(rows, verdicts)])
         k = self.cfg.generate.samples_per_question
         return {
             "generated": len(rows),

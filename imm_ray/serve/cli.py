@@ -71,7 +71,8 @@ def run_serve_cli(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         start_serving(run_dir, settings)
-        logger.info("serving %s at http://%s:%d/v1 (Ctrl-C to stop)", run_dir, settings.host, settings.port)
+        logger.info("serving %s at http://%s:%d/v1, its web page at http://%s:%d/ (Ctrl-C to stop)", run_dir,
+                    settings.host, settings.port, settings.host, settings.port)
         stop.wait()
     finally:
         serve.shutdown()

@@ -17,6 +17,7 @@ from starlette.routing import Match
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.backends import Backend
 from imm_ray.serve.metrics import CONTENT_TYPE, ServerMetrics
+from imm_ray.serve.page import add_page_routes, is_open_path
 from imm_ray.serve.protocol import (
     APIError,
     ChatRequest,
@@ -28,6 +29,7 @@ from imm_ray.serve.protocol import (
     models_list,
     new_id,
     parse_request,
+    read_body,
     sse,
     usage,
     usage_chunk,
@@ -51,20 +53,6 @@ def internal_error(what: str) -> APIError:
     logger.exception("%s failed (reference %s)", what, ref)
     return APIError(500, f"{what} failed ({exc_type}); reference {ref} in the server log", type_="server_error",
                     code="internal_error")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) more than ``limit`` bytes without reading it all."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
-    chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(part)
-    return b"".join(chunks)
 
 
 def _route(request: Request) -> str:
@@ -93,7 +81,7 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
     async def guard(request: Request, call_next):
         t0 = time.monotonic()
         route = _route(request)
-        if route not in OPEN_PATHS and not keys.check(request.headers.get("authorization")):
+        if route not in OPEN_PATHS and not is_open_path(route) and not keys.check(request.headers.get("authorization")):
             resp: Response = error_response(APIError(
                 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                 type_="authentication_error", code="invalid_api_key"))
@@ -178,6 +166,8 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await generate(request, CompletionRequest)
+
+    add_page_routes(app, server)
 
     return app
 

@@ -6,11 +6,14 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imm_ray.serve.settings import LimitSettings
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 # Prompts longer than this many characters per allowed token are refused before tokenizing (no
 # tokenizer's tokens are that long on average), so a big body never ties up the tokenizer.
@@ -264,3 +267,17 @@ def models_list(ids: list[str], owned_by: str = "imm-ray") -> dict[str, Any]:
     now = int(time.time())
     return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": owned_by}
                                        for i in ids]}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(part)
+    return b"".join(chunks)

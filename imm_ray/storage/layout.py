@@ -6,10 +6,11 @@
     RUN/state.json (+ state.json.bak) which stage of which round is done (+ its summary)
     RUN/metrics.jsonl                 one line per round and arm (derived from state.json)
     RUN/driver.log                    the driver's log, appended across resumes
+    RUN/votes.jsonl                   the web page's side-by-side preferences, one line per vote
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
     RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
-    RUN/<arm>/round-NNN/samples.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
+    RUN/<arm>/round-NNN/samples.jsonl, verdicts.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ STATE = "state.json"
 STATE_BACKUP = "state.json.bak"
 METRICS = "metrics.jsonl"
 DRIVER_LOG = "driver.log"
+VOTES = "votes.jsonl"
 LOCAL_LOCK = ".lock"
 LEASE = ".lease.json"
 BASELINE = "baseline"
@@ -30,6 +32,7 @@ TEACHER = "teacher"
 ANCHOR = "anchor"
 SAMPLES = "samples.jsonl"
 ACCEPTED = "accepted.jsonl"
+VERDICTS = "verdicts.jsonl"  # the verifier's verdict on every sample (problem_id, sample, extracted, correct)
 SFT = "sft"
 MERGED = "merged"
 EVAL = "eval.json"

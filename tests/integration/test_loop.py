@@ -73,6 +73,8 @@ def test_one_round_of_every_arm(one_round, tiny_model_dir):
 
     accepted = read_jsonl(run_dir / "imm/round-001/accepted.jsonl")
     assert accepted and all(r["extracted"] is not None for r in accepted)
+    verdicts = {(v["problem_id"], v["sample"]): v for v in read_jsonl(run_dir / "imm/round-001/verdicts.jsonl")}
+    assert len(verdicts) == 16 and all(verdicts[r["problem_id"], r["sample"]]["correct"] for r in accepted)
     merged = run_dir / "imm/round-001/merged"
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
