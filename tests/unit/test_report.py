@@ -283,3 +283,4 @@ def test_report_draws_the_merge_sweep_frontier(tmp_path):
     assert "| imm | 2 | lam=1 | 40.0% | 15.0% | yes | chosen |" in lines
     assert "| imm | 2 | lam=0.75 | 35.0% | 18.0% |  |  |" in lines
     assert (run / "plots/frontier.png").read_bytes()[:8] == PNG_MAGIC and "plots/frontier.png" in text
+    assert flatten_row(rows[2])["merge/lam"] == 1.0
