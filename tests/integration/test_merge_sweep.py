@@ -5,6 +5,7 @@ a sweep interrupted mid-way resumed without redoing the candidates it scored."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from tiny_run import tiny_run_config
@@ -20,7 +21,7 @@ LAMS = [0.0, 0.5, 1.0]
 
 
 def test_a_frontier_sweep_is_recorded_reported_and_resumed(ray_local, tiny_model_dir, tiny_data_dir, tmp_path,
-                                                          monkeypatch):
+                                                          monkeypatch, caplog):
     eval_sets = [{"name": "tiny-id", "path": str(tiny_data_dir / "gsm8k/train.jsonl"), "answer_format": "gsm8k"},
                  {"name": "tiny-ood", "path": str(tiny_data_dir / "gsm8k/test.jsonl"), "answer_format": "gsm8k"}]
     cfg = config_from_dict(tiny_run_config(tiny_model_dir, tiny_data_dir, data={"eval": eval_sets},
@@ -42,7 +43,11 @@ def test_a_frontier_sweep_is_recorded_reported_and_resumed(ray_local, tiny_model
     scored = {name: (sweep / name).stat().st_mtime_ns for name in ("00.json", "start.json")}
     monkeypatch.undo()
 
-    rows = RoundDriver(cfg, tmp_path).run()
+    with caplog.at_level(logging.INFO, logger="imm_ray.generate.actors"):
+        rows = RoundDriver(cfg, tmp_path).run()
+    # One engine start for the rest of the sweep, the merge and the evaluation: each model swapped in.
+    assert sum(r.getMessage().startswith("starting ") for r in caplog.records) == 1
+    assert sum(r.getMessage().startswith("moving generator actors") for r in caplog.records) >= 2
     assert {name: (sweep / name).stat().st_mtime_ns for name in scored} == scored  # not scored again
     assert sorted(p.name for p in sweep.iterdir()) == ["00.json", "01.json", "02.json", "start.json"]  # no checkpoint
 
@@ -70,5 +75,5 @@ def test_a_frontier_sweep_is_recorded_reported_and_resumed(ray_local, tiny_model
 
     report = (tmp_path / "report.md").read_text()
     assert "## Merge sweep" in report and "frontier.png" in report and (tmp_path / "plots/frontier.png").is_file()
-    assert [line for line in report.splitlines() if line.endswith("| chosen |")] == [
-        next(line for line in report.splitlines() if line.startswith(f"| imm | 1 | lam={chosen['lam']:g} |"))]
+    marked = [line for line in report.splitlines() if line.startswith("| imm | 1 |") and line.endswith("| chosen |")]
+    assert len(marked) == 1 and marked[0].startswith(f"| imm | 1 | lam={chosen['lam']:g} |")
