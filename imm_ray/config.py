@@ -205,14 +205,11 @@ class MergeConfig(_Strict):
     resources: ActorResources = ActorResources()
     """Ray resources of the merge task."""
     sweep: dict[str, list[Any]] = {}
-    """Candidate merges scored on the probe split each round: parameter -> values, every combination laid
-    over params (a plain list: values of lam); empty: no sweep, the whole eval sets are reported."""
+    """Merges scored on the probe split each round: param -> values, all combinations (a list: lam values)."""
     select: Literal["fixed", "frontier"] = "fixed"
-    """The round's merge among the sweep's candidates: fixed (merge.params) or frontier (the highest OOD probe
-    accuracy among those keeping at least half the best ID probe gain over the round's start model)."""
+    """The round's merge: fixed (params) or frontier (best OOD probe accuracy keeping half the best ID gain)."""
     probe_fraction: float = Field(0.5, gt=0.0, lt=1.0)
-    """With a sweep: the share of each eval set the candidates are scored on (the probe); every reported
-    evaluation (baseline and all arms) uses only the held-back rest."""
+    """With a sweep: each eval set's share the candidates are scored on; every reported eval uses the rest."""
     probe_seed: int = 0
     """Seed of the probe split: which questions of each eval set are probe questions."""
 

@@ -58,7 +58,7 @@ def frontier_section(run: RunMetrics) -> list[str]:
              f"Each round's candidate merges scored greedily on the probe split ({probe} questions); every accuracy "
              "reported above is on the held-back rest, so the choice cannot flatter it. ID is "
              f"{run.id_dataset}, OOD the mean over {ood}; a candidate is on the frontier when no other is as good "
-             f"on both and better on one. Rule ({first['select']}): {first['rule']}.", "",
+             f"on both and better on one. merge.select {first['rule']}.", "",
              markdown_table(["arm", "round", "merge", "ID probe", "OOD probe", "frontier", "chosen"], body,
                             align_right_from=3), ""]
     return lines

@@ -190,8 +190,9 @@ def plot_frontier(run: RunMetrics, path: Path) -> Path | None:
                    edgecolors="k", zorder=4, label="chosen")
         start = sweep["start"]
         ax.scatter([100 * start["id"]], [100 * start["ood"]], marker="x", color="0.4", zorder=4, label="start model")
+        top = max([*xs, *ys, 100 * start["id"], 100 * start["ood"]]) + 2  # room for the markers and labels
         for axis in (ax.set_xlim, ax.set_ylim):  # both from 0: a few points' gap is not magnified
-            axis(0, min(100, 10 * max(1, math.ceil(max([*xs, *ys, 100 * start["id"], 100 * start["ood"]]) / 10))))
+            axis(0, min(102, 10 * max(1, math.ceil(top / 10))))
         ax.set_xlabel(f"ID probe accuracy (%), {run.id_dataset}")
         ax.set_ylabel("OOD probe accuracy (%, mean)")
         ax.set_title(f"{row['arm']} round {row['round']}")
