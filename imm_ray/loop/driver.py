@@ -1,4 +1,4 @@
-"""The round driver: generate -> verify -> SFT -> merge -> evaluate, resumable stage by stage.
+"""The round driver: generate -> verify -> SFT -> [merge sweep ->] merge -> evaluate, resumable stage by stage.
 
 Every stage writes its outputs atomically into the round folder and is then marked done in
 ``state.json``. A stage that started but was not marked done is cleared (with the temporary
