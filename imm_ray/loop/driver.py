@@ -185,6 +185,7 @@ class RoundDriver:
         return [(s.dataset, s.probe if part == "probe" else s.held_back) for s in self._probe_splits()]
 
     def _probe_splits(self) -> list[ProbeSplit]:
+        """Each eval set cut into its probe part and its held-back rest (merge.probe_fraction, probe_seed)."""
         m = self.cfg.merge
         try:
             return [probe_split(spec.name, self.problems(spec), m.probe_fraction, m.probe_seed)
