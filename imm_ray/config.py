@@ -204,6 +204,14 @@ class MergeConfig(_Strict):
     """What the fine-tuned model is merged with: original (the run's starting model) or a model reference."""
     resources: ActorResources = ActorResources()
     """Ray resources of the merge task."""
+    sweep: dict[str, list[Any]] = {}
+    """Merges scored on the probe split each round: param -> values, all combinations (a list: lam values)."""
+    select: Literal["fixed", "frontier"] = "fixed"
+    """The round's merge: fixed (params) or frontier (best OOD probe accuracy keeping half the best ID gain)."""
+    probe_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """With a sweep: each eval set's share the candidates are scored on; every reported eval uses the rest."""
+    probe_seed: int = 0
+    """Seed of the probe split: which questions of each eval set are probe questions."""
 
     @field_validator("method")
     @classmethod
@@ -226,6 +234,36 @@ class MergeConfig(_Strict):
                 hint = " (the default merge.params are the imm method's: set merge.params too)"
                 raise ValueError(f"{exc}{hint if v == _DEFAULT_MERGE_PARAMS else ''}") from None
         return v
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _lam_list(cls, v: Any) -> Any:
+        """A plain list of numbers is a sweep of lam."""
+        return {"lam": v} if isinstance(v, list) else v
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_values(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in v.items():
+            if not values or len({repr(x) for x in values}) != len(values):
+                raise ValueError(f"parameter {name!r} needs a non-empty list of distinct values, got {values}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_candidates(self) -> "MergeConfig":
+        """Each candidate of the sweep is a valid parameter set of the method; frontier needs a sweep."""
+        from imm_ray.merge import MergeError, get_merge_method
+        from imm_ray.merge.sweep import sweep_candidates
+
+        if self.select == "frontier" and not self.sweep:
+            raise ValueError("merge.select: frontier picks among the candidates of merge.sweep: set merge.sweep "
+                             "(e.g. [0.25, 0.5, 0.75, 1.0])")
+        for params in sweep_candidates(self.params, self.sweep):
+            try:
+                get_merge_method(self.method).validate(params, n_models=1)
+            except MergeError as exc:
+                raise ValueError(f"merge.sweep candidate {params}: {exc}") from None
+        return self
 
 
 class EvalConfig(_Strict):
@@ -383,6 +421,15 @@ class ImmConfig(_Strict):
     def _check(self) -> "ImmConfig":
         if not self.data.eval:
             raise ValueError("data.eval needs at least one data set (the first is the in-domain test set)")
+        if self.merge.sweep:
+            from imm_ray.loop.arms import get_arm
+
+            if len(self.data.eval) < 2:
+                raise ValueError("merge.sweep scores candidates in-domain and out-of-domain: data.eval needs at "
+                                 "least two sets (the first is in-domain)")
+            if not any(get_arm(arm).merges for arm in self.run.arms):
+                raise ValueError(f"merge.sweep is set but no arm of run.arms ({', '.join(self.run.arms)}) merges: "
+                                 "add imm or drop merge.sweep")
         return self
 
 

@@ -59,20 +59,25 @@ class Stage:
     name: str
     outputs: tuple[str, ...]  # cleared before the stage runs (a half-finished stage is redone)
     merge_only: bool = False  # runs only for arms that merge, and only when SFT trained
+    sweep_only: bool = False  # runs only with merge.sweep
 
 
 ROUND_STAGES: tuple[Stage, ...] = (
     Stage("generate", (layout.SAMPLES,)),
     Stage("verify", (layout.ACCEPTED, layout.VERDICTS)),
     Stage("sft", (layout.SFT,)),  # clearing it clears its temp siblings (Ray Train's run folder too)
+    # Nothing cleared: a resumed sweep keeps the candidates it scored and redoes only the rest.
+    Stage("sweep", (), merge_only=True, sweep_only=True),
     Stage("merge", (layout.MERGED,), merge_only=True),
     Stage("evaluate", (layout.EVAL, layout.EVAL_SAMPLES)),
 )
 
 
-def round_stages(arm: Arm, sft_skipped: bool = False) -> tuple[Stage, ...]:
-    """The stages a round of ``arm`` runs: merge only when the arm merges and SFT trained."""
-    return tuple(s for s in ROUND_STAGES if not s.merge_only or (arm.merges and not sft_skipped))
+def round_stages(arm: Arm, sft_skipped: bool = False, sweep: bool = False) -> tuple[Stage, ...]:
+    """The stages a round of ``arm`` runs: merge only when the arm merges and SFT trained, the merge
+    sweep only then and with ``sweep`` (merge.sweep set)."""
+    return tuple(s for s in ROUND_STAGES if (not s.merge_only or (arm.merges and not sft_skipped))
+                 and (not s.sweep_only or sweep))
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class RoundPlan(Generic[M]):
     sft_init: M  # the model SFT fine-tunes
     sft_skipped: bool | None  # None until the SFT stage is done
     model: M | None  # the round's model (merged, sft or unchanged); None until SFT is done
+    merge_params: dict[str, Any] | None = None  # the merge the round's sweep chose; None: merge.params
 
     @property
     def next(self) -> Stage | None:
@@ -98,6 +104,7 @@ def plan_round(
     current: M,
     original: M,
     round_output: Callable[[str], M],
+    sweep: bool = False,
 ) -> RoundPlan[M]:
     """Plan round ``t`` of ``arm`` from the done stages (stage key -> the info it recorded).
 
@@ -105,19 +112,21 @@ def plan_round(
     round 1); ``round_output(name)`` is the location of the output ``name`` in the round's folder.
     A skipped SFT (its info has ``skipped: true``: nothing was accepted) leaves the model unchanged
     and drops the merge; otherwise the round's model is the ``merged`` output for an arm that
-    merges, the ``sft`` output for one that does not.
+    merges, the ``sft`` output for one that does not. With ``sweep`` (merge.sweep set) an arm that
+    merges sweeps before it merges, and merges with the parameters its finished sweep chose.
     """
     arm = get_arm(arm) if isinstance(arm, str) else arm
     sft_info = done.get(layout.stage_key(arm.name, t, "sft"))
     sft_skipped = None if sft_info is None else bool(sft_info.get("skipped"))
-    stages = round_stages(arm, sft_skipped=bool(sft_skipped))
+    stages = round_stages(arm, sft_skipped=bool(sft_skipped), sweep=sweep)
     remaining = tuple(s for s in stages if layout.stage_key(arm.name, t, s.name) not in done)
     if sft_skipped is None:
         model = None
     else:
         model = current if sft_skipped else round_output(arm.output)
     sft_init = original if arm.sft_from == "original" else current
-    return RoundPlan(remaining, sft_init, sft_skipped, model)
+    swept = done.get(layout.stage_key(arm.name, t, "sweep")) if sweep else None
+    return RoundPlan(remaining, sft_init, sft_skipped, model, swept["chosen"]["params"] if swept else None)
 
 
 def arms_at_once(arms: int, limit: int, stages: Mapping[str, Sequence[Mapping[str, float]]],

@@ -1,4 +1,4 @@
-"""The round driver: generate -> verify -> SFT -> merge -> evaluate, resumable stage by stage.
+"""The round driver: generate -> verify -> SFT -> [merge sweep ->] merge -> evaluate, resumable stage by stage.
 
 Every stage writes its outputs atomically into the round folder and is then marked done in
 ``state.json``. A stage that started but was not marked done is cleared (with the temporary
@@ -37,11 +37,13 @@ from imm_ray.evaluate import (
     pick_verifier,
     sample_rows,
 )
-from imm_ray.generate.actors import GeneratorPool, PoolSpec
+from imm_ray.evaluate.probe import ProbeSplit, probe_split
+from imm_ray.generate.actors import GenerationStats, GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
 from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
 from imm_ray.loop.remote import merge_remote, publish_model_remote, verify_remote
 from imm_ray.loop.summary import format_table, metrics_rows
+from imm_ray.merge.sweep import SELECT_RULES, ProbeScore, choose_candidate, sweep_candidates
 from imm_ray.models import resolve_model
 from imm_ray.placement import (
     AutoscalerRequests,
@@ -69,6 +71,7 @@ from imm_ray.storage import (
     layout,
     materialize,
     publish_dir,
+    read_json,
     read_jsonl,
     set_default_options,
     write_json,
@@ -174,6 +177,30 @@ class RoundDriver:
             self._problems[spec.name] = res.problems
         return self._problems[spec.name]
 
+    def eval_sets(self, part: str = "held_back") -> list[tuple[str, list[Problem]]]:
+        """The eval sets by name: whole without a merge sweep; with one, each set's ``probe`` part or
+        its ``held_back`` rest (:func:`imm_ray.evaluate.probe.probe_split`)."""
+        if not self.cfg.merge.sweep:
+            return [(spec.name, self.problems(spec)) for spec in self.cfg.data.eval]
+        return [(s.dataset, s.probe if part == "probe" else s.held_back) for s in self._probe_splits()]
+
+    def _probe_splits(self) -> list[ProbeSplit]:
+        """Each eval set cut into its probe part and its held-back rest (merge.probe_fraction, probe_seed)."""
+        m = self.cfg.merge
+        try:
+            return [probe_split(spec.name, self.problems(spec), m.probe_fraction, m.probe_seed)
+                    for spec in self.cfg.data.eval]
+        except ValueError as exc:
+            raise ConfigError(f"merge.sweep: {exc}") from None
+
+    def _record_probe_split(self) -> None:
+        """With a merge sweep: write each eval set's probe questions to RUN/probe_split.json."""
+        m = self.cfg.merge
+        if m.sweep:
+            write_json(self.rd.root / layout.PROBE_SPLIT,
+                       {"probe_fraction": m.probe_fraction, "probe_seed": m.probe_seed,
+                        "sets": {s.dataset: s.record() for s in self._probe_splits()}})
+
     def pool(self, role: str = "student", owner: str | None = None) -> GeneratorPool:
         """The generator pool of ``role`` (``student`` or ``teacher``) of ``owner`` (an arm with pools
         of its own, or None: the shared pools), created on first use."""
@@ -263,6 +290,7 @@ class RoundDriver:
             if self.cfg.merge.anchor != "original":
                 self.anchor = self._publish_model(self.cfg.merge.anchor, layout.ANCHOR)
             self._pin_inputs()
+            self._record_probe_split()
             self.node_types = declared_node_types(self.cfg.ray.node_types, self.cfg.ray.cluster_yaml)
             init_ray(self.cfg)
             self.ahead = AutoscalerRequests(enabled=bool(self.node_types.types))
@@ -374,7 +402,7 @@ class RoundDriver:
             with self._lock:
                 done = {k: (self.rd.stage(k) or {}).get("info", {}) for k in self.rd.done_keys()}
             plan = plan_round(arm, t, done, current=current, original=self.original,
-                              round_output=lambda name: (rdir / name).uri)
+                              round_output=lambda name: (rdir / name).uri, sweep=bool(self.cfg.merge.sweep))
             stage = plan.next
             if stage is None:
                 return plan.model
@@ -399,8 +427,11 @@ class RoundDriver:
             return self._verify(samples, accepted, rdir / layout.VERDICTS)
         if name == "sft":
             return self._sft(plan.sft_init, accepted, rdir / layout.SFT, owner)
+        if name == "sweep":
+            return self._sweep(current, (rdir / layout.SFT).uri, rdir / layout.SWEEP, owner)
         if name == "merge":
-            return self._merge((rdir / layout.SFT).uri, rdir / layout.MERGED, owner)
+            return self._merge((rdir / layout.SFT).uri, rdir / layout.MERGED, owner,
+                               plan.merge_params or dict(self.cfg.merge.params))
         raise ValueError(f"no work is defined for round stage {name!r}")
 
     # --- stages -----------------------------------------------------------------------------
@@ -543,7 +574,7 @@ class RoundDriver:
             "timings": {k: round(v, 2) for k, v in res.timings.items()},
         }
 
-    def _merge(self, sft: str, out: Location, owner: str | None) -> dict[str, Any]:
+    def _merge(self, sft: str, out: Location, owner: str | None, params: dict[str, Any]) -> dict[str, Any]:
         m = self.cfg.merge
         anchor = self.anchor or self.original
         request = self._requests()["merge"]
@@ -551,46 +582,115 @@ class RoundDriver:
         r = m.resources
         resources = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": dict(r.resources)}
         with self._reserved(request) as group:  # the task runs in it: its wait for a node is bounded and logged
-            merged = merge_remote(m.method, anchor, [sft], out.uri, dict(m.params), m.seed, self.options, resources,
+            merged = merge_remote(m.method, anchor, [sft], out.uri, params, m.seed, self.options, resources,
                                   placement_group=group)
-        return {"method": m.method, "params": dict(m.params), "seed": m.seed, "anchor": anchor, "checkpoint": merged}
+        return {"method": m.method, "params": params, "seed": m.seed, "anchor": anchor, "checkpoint": merged}
+
+    def _sweep(self, start: str, sft: str, folder: Location, owner: str | None) -> dict[str, Any]:
+        """Score the round's start model and each merge.sweep candidate on the probe split (each candidate
+        merged into ``folder/NN``, swapped into the running generator pool, scored, then deleted) and pick
+        the round's merge by merge.select. Each score is recorded as it is made (``folder/NN.json``): a
+        resumed sweep keeps the records made with the same inputs and redoes only the rest."""
+        m = self.cfg.merge
+        candidates = sweep_candidates(m.params, m.sweep, keep=m.select == "fixed")
+        inputs = {"sft": sft, "anchor": self.anchor or self.original, "seed": m.seed, "method": m.method,
+                  "probe_fraction": m.probe_fraction, "probe_seed": m.probe_seed,
+                  "max_tokens": self.cfg.evaluate.max_tokens}
+        start_inputs = {**inputs, "model": start}
+        start_rec = (self._kept_record(folder / "start.json", start_inputs)
+                     or self._probe_record(folder / "start.json", start_inputs, start, owner))
+        records = []
+        for i, params in enumerate(candidates):
+            record, checkpoint = folder / f"{i:02d}.json", folder / f"{i:02d}"
+            cand_inputs = {**inputs, "params": params}
+            rec = self._kept_record(record, cand_inputs)
+            if rec is None:
+                clear_output(checkpoint)
+                rec = self._probe_record(record, cand_inputs, self._merge(sft, checkpoint, owner, params)["checkpoint"],
+                                         owner)
+            clear_output(checkpoint)  # scored: only its record is kept
+            records.append(rec)
+        chosen = choose_candidate(m.select, m.params, candidates, ProbeScore(start_rec["id"], start_rec["ood"]),
+                                  [ProbeScore(r["id"], r["ood"]) for r in records])
+        logger.info("merge sweep: candidate %d of %d chosen (%s): %s", chosen + 1, len(candidates), m.select,
+                    candidates[chosen])
+        scores = ("id", "ood", "accuracy")
+        return {"select": m.select, "rule": SELECT_RULES[m.select],
+                "probe_n": {name: len(probs) for name, probs in self.eval_sets("probe")},
+                "start": {"model": start, **{k: start_rec[k] for k in scores}},
+                "candidates": [{"params": p, **{k: r[k] for k in scores}} for p, r in zip(candidates, records)],
+                "chosen": {"index": chosen, "params": candidates[chosen]}}
+
+    @staticmethod
+    def _kept_record(record: Location, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """The probe scores in ``record`` if they were made from the same ``inputs``, else None."""
+        try:
+            kept = read_json(record)
+        except FileNotFoundError:
+            return None
+        if kept.get("inputs") != json.loads(json.dumps(inputs)):
+            return None
+        logger.info("merge sweep: kept the probe scores of %s", record)
+        return kept
+
+    def _probe_record(self, record: Location, inputs: dict[str, Any], model: str, owner: str | None) -> dict[str, Any]:
+        """Score ``model`` greedily on the probe split and record it in ``record`` with its ``inputs``:
+        accuracy per set, on the in-domain set (``id``) and the mean over the others (``ood``)."""
+        clear_output(record)
+        results, _, _ = self._score(model, "probe", owner, f"probe {record.name}")
+        accuracy = {name: r["accuracy"] for name, r in results.items()}
+        id_set, *ood_sets = list(accuracy)
+        out = {"inputs": inputs, "accuracy": accuracy, "n": {name: r["n"] for name, r in results.items()},
+               "id": accuracy[id_set], "ood": sum(accuracy[s] for s in ood_sets) / len(ood_sets)}
+        write_json(record, out)
+        return out
 
     def _evaluate(self, key: str, model: str, folder: Location, owner: str | None) -> None:
-        """Greedy accuracy on every eval set and, with evaluate.samples k > 1, k samples per question
-        (pass@k); eval_samples.jsonl keeps every completion with its verdict (the per-question ledger)."""
+        """Greedy accuracy on every eval set (with a merge sweep: on its held-back part only) and, with
+        evaluate.samples k > 1, k samples per question (pass@k); eval_samples.jsonl keeps every
+        completion with its verdict (the per-question ledger)."""
         eval_json, eval_samples = folder / layout.EVAL, folder / layout.EVAL_SAMPLES
         with self.stage(key, [eval_json, eval_samples]) as info:
-            e = self.cfg.evaluate
-            sets = [(s.name, self.problems(s)) for s in self.cfg.data.eval]
-            prompts = [p["ids"] for p in self.student_prompts("eval", [p for _, probs in sets for p in probs])]
-            greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=e.max_tokens, stop=self.stop_strings(), seed=None)
-            pool = self._load("student", model, owner)
-            desc = f"evaluate {key.split('/evaluate')[0]}"
-            outs = [o[0] for o in pool.generate(prompts, greedy, desc=desc)]
-            stats = [pool.last_stats]
-            sampled = None
-            if e.samples > 1:
-                spec = SamplingSpec(n=e.samples, temperature=e.temperature, max_tokens=e.max_tokens,
-                                    stop=self.stop_strings(), seed=self.cfg.generate.seed)
-                sampled = pool.generate(prompts, spec, desc=f"{desc} k={e.samples}")
-                stats.append(pool.last_stats)
-            keys = _EVAL_KEYS + (_SAMPLED_KEYS if sampled is not None else ())
-            results, start, rows = {}, 0, []
-            for name, probs in sets:
-                span = slice(start, start + len(probs))
-                start += len(probs)
-                chunk = sampled[span] if sampled is not None else None
-                ev = evaluate_completions(name, probs, [c.text for c in outs[span]],
-                                          [[c.text for c in cs] for cs in chunk] if chunk is not None else None,
-                                          verifier=pick_verifier(probs, e.verifier))
-                results[name] = {k: ev.metrics[k] for k in keys if k in ev.metrics}
-                rows += sample_rows(name, probs, ev, outs[span], chunk)
+            results, rows, stats = self._score(model, "held_back", owner, f"evaluate {key.split('/evaluate')[0]}",
+                                               samples=self.cfg.evaluate.samples)
+            questions = "held_back" if self.cfg.merge.sweep else "all"  # held_back: the probe questions left out
             write_jsonl(eval_samples, rows)
-            write_json(eval_json, {"model": model, "datasets": results})
+            write_json(eval_json, {"model": model, "questions": questions, "datasets": results})
             tokens, seconds = sum(st.tokens for st in stats), sum(st.seconds for st in stats)
-            info.update({"model": model, "datasets": results, "tokens": tokens,
+            info.update({"model": model, "questions": questions, "datasets": results, "tokens": tokens,
                          "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
                          "actor_retries": sum(st.retries for st in stats)})
+
+    def _score(self, model: str, part: str, owner: str | None, desc: str, samples: int = 1
+               ) -> tuple[dict[str, Any], list[dict[str, Any]], list[GenerationStats]]:
+        """``model``'s greedy answers (and with ``samples`` > 1 that many at evaluate.temperature) to the
+        ``part`` of the eval sets (:meth:`eval_sets`), scored: the metrics per set, the ledger rows and
+        the generation stats. The pool swaps the model's weights in place when it serves another."""
+        e = self.cfg.evaluate
+        sets = self.eval_sets(part)
+        prompts = [p["ids"] for p in self.student_prompts(f"eval:{part}", [p for _, probs in sets for p in probs])]
+        greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=e.max_tokens, stop=self.stop_strings(), seed=None)
+        pool = self._load("student", model, owner)
+        outs = [o[0] for o in pool.generate(prompts, greedy, desc=desc)]
+        stats = [pool.last_stats]
+        sampled = None
+        if samples > 1:
+            spec = SamplingSpec(n=samples, temperature=e.temperature, max_tokens=e.max_tokens,
+                                stop=self.stop_strings(), seed=self.cfg.generate.seed)
+            sampled = pool.generate(prompts, spec, desc=f"{desc} k={samples}")
+            stats.append(pool.last_stats)
+        keys = _EVAL_KEYS + (_SAMPLED_KEYS if sampled is not None else ())
+        results, start, rows = {}, 0, []
+        for name, probs in sets:
+            span = slice(start, start + len(probs))
+            start += len(probs)
+            chunk = sampled[span] if sampled is not None else None
+            ev = evaluate_completions(name, probs, [c.text for c in outs[span]],
+                                      [[c.text for c in cs] for cs in chunk] if chunk is not None else None,
+                                      verifier=pick_verifier(probs, e.verifier))
+            results[name] = {k: ev.metrics[k] for k in keys if k in ev.metrics}
+            rows += sample_rows(name, probs, ev, outs[span], chunk)
+        return results, rows, stats
 
 
 def _brief(info: dict[str, Any]) -> str:

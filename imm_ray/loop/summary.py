@@ -49,6 +49,8 @@ def _row(round_idx: int, arm: str, recs: dict[str, dict[str, Any]]) -> dict[str,
         "tokens": {name: rec["info"]["tokens"] for name, rec in recs.items() if "tokens" in rec.get("info", {})},
         "tokens_per_s": {name: rec["info"]["tokens_per_s"] for name, rec in recs.items()
                          if "tokens_per_s" in rec.get("info", {})},
+        # With merge.sweep: every candidate's probe ID/OOD accuracy, the rule and the chosen merge.
+        **({"sweep": recs["sweep"]["info"]} if "sweep" in recs else {}),
     }
 
 

@@ -17,10 +17,12 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from imm_ray.merge.sweep import ProbeScore, pareto_front
+from imm_ray.report.frontier import candidate_label, sweep_rows, varying_params
 from imm_ray.report.metrics import RunMetrics
 from imm_ray.storage.fs import write_bytes
 
-__all__ = ["arm_colours", "plot_accuracy", "plot_accuracy_by_dataset", "plot_diversity",
+__all__ = ["arm_colours", "plot_accuracy", "plot_accuracy_by_dataset", "plot_diversity", "plot_frontier",
            "plot_layer_analysis", "plot_module_changes", "write_plots"]
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,43 @@ def plot_diversity(run: RunMetrics, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_frontier(run: RunMetrics, path: Path) -> Path | None:
+    """One panel per arm and round with a merge sweep: each candidate's probe accuracy, ID against OOD
+    mean, labelled by the parameters it varies; the frontier joined, the chosen one starred, the
+    round's start model as a cross (None when no round swept)."""
+    rows = sweep_rows(run)
+    if not rows:
+        return None
+    colours = arm_colours(run.arms)
+    fig, axes = _grid(len(rows), 4.2, 3.6)
+    for ax, row in zip(axes, rows):
+        sweep, colour = row["sweep"], colours[row["arm"]]
+        cands, keys = sweep["candidates"], varying_params(sweep)
+        xs, ys = [100 * c["id"] for c in cands], [100 * c["ood"] for c in cands]
+        ax.scatter(xs, ys, color=colour, zorder=3)
+        front = sorted((x, y) for (x, y), on in zip(zip(xs, ys), pareto_front([ProbeScore(c["id"], c["ood"])
+                                                                                for c in cands])) if on)
+        ax.plot([x for x, _ in front], [y for _, y in front], "-", color=colour, alpha=0.5, label="frontier")
+        for x, y, cand in zip(xs, ys, cands):
+            ax.annotate(candidate_label(cand["params"], keys), (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+        best = cands[sweep["chosen"]["index"]]
+        ax.scatter([100 * best["id"]], [100 * best["ood"]], marker="*", s=220, color=colour,
+                   edgecolors="k", zorder=4, label="chosen")
+        start = sweep["start"]
+        ax.scatter([100 * start["id"]], [100 * start["ood"]], marker="x", color="0.4", zorder=4, label="start model")
+        top = max([*xs, *ys, 100 * start["id"], 100 * start["ood"]]) + 2  # room for the markers and labels
+        for axis in (ax.set_xlim, ax.set_ylim):  # both from 0: a few points' gap is not magnified
+            axis(0, min(102, 10 * max(1, math.ceil(top / 10))))
+        ax.set_xlabel(f"ID probe accuracy (%), {run.id_dataset}")
+        ax.set_ylabel("OOD probe accuracy (%, mean)")
+        ax.set_title(f"{row['arm']} round {row['round']}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Merge candidates on the probe split")
+    return _save(fig, path)
+
+
 def _model_label(m: dict[str, Any]) -> str:
     return f"{m['arm']} r{m['round']} {m['kind']}"
 
@@ -245,6 +284,7 @@ def write_plots(run: RunMetrics, folder: Path) -> list[Path]:
         ("accuracy.png", lambda: plot_accuracy(run, folder / "accuracy.png")),
         ("accuracy_by_dataset.png", lambda: plot_accuracy_by_dataset(run, folder / "accuracy_by_dataset.png")),
         ("diversity.png", lambda: plot_diversity(run, folder / "diversity.png")),
+        ("frontier.png", lambda: plot_frontier(run, folder / "frontier.png")),
     ]
     if run.analysis:
         makers += [

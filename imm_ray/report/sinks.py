@@ -40,7 +40,7 @@ class MetricsSink(Protocol):
 
 def flatten_row(row: dict[str, Any]) -> dict[str, float]:
     """Scalars of a metrics row: accuracy/<set>, accuracy_ci95_low|high/<set>, diversity/<key>,
-    seconds/<stage>, generated, accepted."""
+    seconds/<stage>, generated, accepted, and merge/<param> of the merge a sweep chose."""
     out: dict[str, float] = {}
 
     def put(key: str, value: Any) -> None:
@@ -60,6 +60,8 @@ def flatten_row(row: dict[str, Any]) -> dict[str, float]:
         put(f"diversity/{key}", value)
     for stage, value in (row.get("seconds") or {}).items():
         put(f"seconds/{stage}", value)
+    for key, value in ((row.get("sweep") or {}).get("chosen") or {}).get("params", {}).items():
+        put(f"merge/{key}", value)  # the merge a sweep chose
     return out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.config import ImmConfig
+from imm_ray.report.frontier import frontier_section
 from imm_ray.report.ledger import Ledgers, comparison_section, ledger_section, load_ledgers, pass_at_k_section
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.report.plots import write_plots
@@ -28,6 +29,7 @@ _PLOT_TITLES = {
     "accuracy.png": "Accuracy by round (ID solid, OOD dashed)",
     "accuracy_by_dataset.png": "Accuracy per evaluation set",
     "diversity.png": "Output diversity of each round's model on the training questions",
+    "frontier.png": "Merge candidates per round: ID against OOD accuracy on the probe split",
     "layer_change.png": "Relative parameter change per layer beside layer importance",
     "module_change.png": "Relative change per module type and layer (last round per arm)",
 }
@@ -42,7 +44,9 @@ def _config_lines(config: ImmConfig | None) -> list[str]:
             f"- train pool: {data.train.name}; evaluation: {', '.join(d.name for d in data.eval)} (first = ID)",
             f"- sampling: {gen.samples_per_question} per question, temperature {gen.temperature}, "
             f"max {gen.max_tokens} tokens",
-            f"- merge: {merge.method} {merge.params}"]
+            f"- merge: {merge.method} {merge.params}"
+            + (f"; sweep {merge.sweep}, select {merge.select}, probe {merge.probe_fraction:g} of each eval set "
+               "(accuracies on the held-back rest)" if merge.sweep else "")]
 
 
 def _analysis_section(run: RunMetrics, plots: Sequence[str]) -> list[str]:
@@ -87,6 +91,9 @@ def render_report(run: RunMetrics, plots: Sequence[str], ledgers: Ledgers | None
         lines += summary + [""]
     for section in (ledger_section, pass_at_k_section, comparison_section):
         lines += section(run, ledgers or {})
+    lines += frontier_section(run)
+    if "frontier.png" in plots:
+        lines += [f"![{_PLOT_TITLES['frontier.png']}]({PLOTS_DIR}/frontier.png)", ""]
     curve_plots = [p for p in plots if p in ("accuracy.png", "accuracy_by_dataset.png", "diversity.png")]
     if curve_plots:
         lines += ["## Plots", ""]

@@ -10,7 +10,10 @@
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
     RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
+    RUN/probe_split.json              with merge.sweep: each eval set's probe questions (the rest is reported)
     RUN/<arm>/round-NNN/samples.jsonl, verdicts.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
+    RUN/<arm>/round-NNN/sweep/        with merge.sweep: start.json and NN.json, each candidate's probe scores
+                                      (its checkpoint NN/ lives only until it is scored)
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ SFT = "sft"
 MERGED = "merged"
 EVAL = "eval.json"
 EVAL_SAMPLES = "eval_samples.jsonl"
+SWEEP = "sweep"
+PROBE_SPLIT = "probe_split.json"
 # The files of the run's root that only the holder of its lock writes, each atomically: taking the
 # lock clears what a killed holder's writes of them left (a stage's outputs are cleared when it reruns).
-LOCK_HOLDER_FILES = (CONFIG, STATE, STATE_BACKUP, METRICS, LEASE)
+LOCK_HOLDER_FILES = (CONFIG, STATE, STATE_BACKUP, METRICS, LEASE, PROBE_SPLIT)
 
-STAGES = ("generate", "verify", "sft", "merge", "evaluate")
+STAGES = ("generate", "verify", "sft", "sweep", "merge", "evaluate")
 BASELINE_ROUND = 0
 BASELINE_ARM = "base"
 
@@ -88,13 +93,17 @@ def parse_stage_key(key: str) -> StageKey:
 # Which stages a config key influences: a finished one of them pins the key on resume.
 # (Keys not listed here change what every stage does.)
 _KEY_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("data.eval", ("evaluate",)),
-    ("evaluate.", ("evaluate",)),
-    ("generate.", ("generate", "evaluate")),
+    ("data.eval", ("sweep", "evaluate")),
+    ("evaluate.", ("sweep", "evaluate")),
+    ("generate.", ("generate", "sweep", "evaluate")),
     ("data.train", ("generate", "verify", "sft")),
     ("verify.", ("verify",)),
     ("train.", ("sft",)),
-    ("merge.", ("merge",)),
+    # the sweep's probe split decides which questions every evaluation reports
+    ("merge.sweep", ("sweep", "merge", "evaluate")),
+    ("merge.probe_fraction", ("sweep", "evaluate")),
+    ("merge.probe_seed", ("sweep", "evaluate")),
+    ("merge.", ("sweep", "merge")),
     ("model.teacher", ("generate",)),
 )
 

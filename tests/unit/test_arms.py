@@ -31,8 +31,11 @@ def test_the_arm_table():
 
 
 def test_stage_sequence_and_keys():
-    assert names(ROUND_STAGES) == ["generate", "verify", "sft", "merge", "evaluate"] == list(layout.STAGES)
+    assert names(ROUND_STAGES) == ["generate", "verify", "sft", "sweep", "merge", "evaluate"] == list(layout.STAGES)
     assert names(round_stages(ARMS["imm"])) == ["generate", "verify", "sft", "merge", "evaluate"]
+    assert names(round_stages(ARMS["imm"], sweep=True)) == ["generate", "verify", "sft", "sweep", "merge", "evaluate"]
+    assert names(round_stages(ARMS["si"], sweep=True)) == ["generate", "verify", "sft", "evaluate"]
+    assert names(round_stages(ARMS["imm"], sft_skipped=True, sweep=True)) == ["generate", "verify", "sft", "evaluate"]
     assert names(round_stages(ARMS["imm"], sft_skipped=True)) == ["generate", "verify", "sft", "evaluate"]
     for arm in ("si", "rest"):
         assert names(round_stages(ARMS[arm])) == ["generate", "verify", "sft", "evaluate"]
@@ -81,6 +84,15 @@ def test_a_done_merge_is_not_redone_and_a_half_done_round_only_redoes_its_tail()
     done = done_through("imm", 1, ["generate", "verify", "sft", "merge"])
     plan = plan_round(ARMS["imm"], 1, done, current=ORIG, original=ORIG, round_output=RDIR.joinpath)
     assert names(plan.remaining) == ["evaluate"] and plan.model == RDIR / "merged"
+
+
+def test_a_round_with_a_sweep_merges_with_the_parameters_its_sweep_chose():
+    done = done_through("imm", 1, ["generate", "verify", "sft"])
+    plan = plan_round("imm", 1, done, current=ORIG, original=ORIG, round_output=RDIR.joinpath, sweep=True)
+    assert names(plan.remaining) == ["sweep", "merge", "evaluate"] and plan.merge_params is None
+    done[stage_key("imm", 1, "sweep")] = {"chosen": {"index": 2, "params": {"lam": 0.75, "drop_rate": 0.2}}}
+    plan = plan_round("imm", 1, done, current=ORIG, original=ORIG, round_output=RDIR.joinpath, sweep=True)
+    assert names(plan.remaining) == ["merge", "evaluate"] and plan.merge_params == {"lam": 0.75, "drop_rate": 0.2}
 
 
 def test_plans_work_on_uris_as_well_as_paths():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imm_ray.storage import RunDir, layout
+from imm_ray.storage import RunDir, layout, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,7 @@ _WRITES = [
     (layout.STATE, "rd.mark_done('imm/round-001/generate', 2.0, {})"),
     (layout.STATE_BACKUP, "rd.mark_done('imm/round-001/generate', 2.0, {})"),  # state.json is already new
     (layout.METRICS, "rd.write_metrics([{'arm': 'imm', 'round': 1}])"),
+    (layout.PROBE_SPLIT, "from imm_ray.storage import write_json; write_json(rd.root / 'probe_split.json', {})"),
 ]
 
 
@@ -53,6 +54,7 @@ def _previous_run(root: Path) -> dict[str, bytes]:
     rd.write_config("run: {name: old}\n")
     rd.mark_done("baseline/evaluate", 1.0, {})
     rd.write_metrics([{"arm": "base", "round": 0}])
+    write_json(rd.root / layout.PROBE_SPLIT, {"sets": {"old": {}}})
     return {name: (root / name).read_bytes() for name, _ in _WRITES}
 
 

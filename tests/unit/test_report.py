@@ -261,3 +261,26 @@ def test_accuracy_axes_start_at_zero_and_end_at_the_next_ten(values, top):
     _accuracy_axis(ax)
     assert ax.get_ylim() == (0, top)
     plt.close(fig)
+
+
+def test_report_draws_the_merge_sweep_frontier(tmp_path):
+    def sweep(chosen: int) -> dict:
+        cands = [(0.0, 0.30, 0.20), (0.5, 0.36, 0.22), (1.0, 0.40, 0.15), (0.75, 0.35, 0.18)]
+        return {"select": "frontier", "rule": "frontier: the stated rule", "probe_n": {"id-set": 50, "ood-set": 25},
+                "start": {"model": "/m/orig", "id": 0.3, "ood": 0.2, "accuracy": {}},
+                "candidates": [{"params": {"lam": lam, "drop_rate": 0.2}, "id": i, "ood": o, "accuracy": {}}
+                               for lam, i, o in cands],
+                "chosen": {"index": chosen, "params": {"lam": cands[chosen][0], "drop_rate": 0.2}}}
+    rows = [_row("base", 0, 0.3, 0.2), {**_row("imm", 1, 0.35, 0.21), "sweep": sweep(1)},
+            {**_row("imm", 2, 0.38, 0.2), "sweep": sweep(2)}, _row("si", 1, 0.4, 0.1)]
+    run = _write_run(tmp_path / "run", rows)
+    text = read_text(write_report(run))
+    assert "## Merge sweep" in text and "50 of id-set, 25 of ood-set" in text and "frontier: the stated rule" in text
+    lines = text.splitlines()
+    assert "| imm | 1 | start model | 30.0% | 20.0% |  |  |" in lines
+    assert "| imm | 1 | lam=0.5 | 36.0% | 22.0% | yes | chosen |" in lines
+    assert "| imm | 1 | lam=0 | 30.0% | 20.0% |  |  |" in lines  # dominated by lam=0.5
+    assert "| imm | 2 | lam=1 | 40.0% | 15.0% | yes | chosen |" in lines
+    assert "| imm | 2 | lam=0.75 | 35.0% | 18.0% |  |  |" in lines
+    assert (run / "plots/frontier.png").read_bytes()[:8] == PNG_MAGIC and "plots/frontier.png" in text
+    assert flatten_row(rows[2])["merge/lam"] == 1.0
