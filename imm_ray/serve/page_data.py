@@ -84,14 +84,17 @@ class PageData:
         rows = {(r.get("arm"), r.get("round")): r for r in run.rows}
         base_key = (layout.BASELINE_ARM, layout.BASELINE_ROUND)
         base = _round_entry(run, 0, table.get(base_key, {}), rows.get(base_key), ("evaluate",))
+        # The sweep stage exists only with merge.sweep: without one it would show as pending forever.
+        sweeps = run.config is not None and bool(run.config.merge.sweep)
+        stage_names = tuple(s for s in layout.STAGES if s != "sweep" or sweeps)
         out_arms = []
         for arm in arms:
             numbers = sorted({n for a, n in table if a == arm} | set(range(1, planned[1] + 1)))
             out_arms.append({"name": arm, "served": arm == self.arm,
                              "rounds": [_round_entry(run, n, table.get((arm, n), {}), rows.get((arm, n)),
-                                                     layout.STAGES) for n in numbers]})
+                                                     stage_names) for n in numbers]})
         return {"run": self.run_name, "served_arm": self.arm, "datasets": run.datasets,
-                "diversity_keys": run.diversity_keys, "stages": list(layout.STAGES), "baseline": base,
+                "diversity_keys": run.diversity_keys, "stages": list(stage_names), "baseline": base,
                 "arms": out_arms, "votes": self.vote_counts()}
 
     # --- training samples -------------------------------------------------------------------
