@@ -33,8 +33,9 @@ from imm_ray.data.spec import PRESET_FIELDS
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.placement import custom_resources
+from imm_ray.run import layout
 from imm_ray.serve.settings import ServeSettings
-from imm_ray.storage import Location, layout, read_text, resolve
+from imm_ray.storage import Location, read_text, resolve
 from imm_ray.train import SFTSettings
 
 logger = logging.getLogger(__name__)

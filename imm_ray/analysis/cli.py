@@ -34,7 +34,8 @@ from imm_ray.cli_flags import add_data_dir, add_ray_address, add_run_dir, run_di
 from imm_ray.config import load_run_config
 from imm_ray.errors import UsageError
 from imm_ray.placement import NodeTypes, declared_node_types
-from imm_ray.storage import Location, exists, is_published, layout, resolve
+from imm_ray.run import layout
+from imm_ray.storage import Location, exists, is_published, resolve
 
 __all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
 

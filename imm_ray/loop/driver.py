@@ -57,16 +57,15 @@ from imm_ray.placement import (
 )
 from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
+from imm_ray.run import RunDir, layout
 from imm_ray.serve.cli import serve_command
 from imm_ray.serve.deploy import start_serving
 from imm_ray.storage import (
     Location,
-    RunDir,
     StorageOptions,
     checkpoint_checksum,
     clear_output,
     is_published,
-    layout,
     materialize,
     publish_dir,
     read_jsonl,

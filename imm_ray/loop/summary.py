@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imm_ray.storage.layout import BASELINE_ARM, BASELINE_ROUND, STAGES, stage_key
+from imm_ray.run.layout import BASELINE_ARM, BASELINE_ROUND, STAGES, stage_key
 
 # Stages whose tokens per second the table shows (tokens generated or trained).
 _RATED = ("generate", "sft", "evaluate")

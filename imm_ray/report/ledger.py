@@ -10,7 +10,8 @@ from imm_ray.evaluate.ledger import Ledger, question_changes, read_ledger
 from imm_ray.evaluate.paired import paired_difference
 from imm_ray.report.metrics import RunMetrics
 from imm_ray.report.tables import markdown_table
-from imm_ray.storage import layout, parse_jsonl, read_text
+from imm_ray.run import layout
+from imm_ray.storage import parse_jsonl, read_text
 
 __all__ = ["Ledgers", "comparison_section", "ledger_section", "load_ledgers", "pass_at_k_section"]
 

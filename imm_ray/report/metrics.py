@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.config import ImmConfig, load_run_config
-from imm_ray.storage import Location, exists, layout, parse_jsonl, read_text, resolve
+from imm_ray.run import layout
+from imm_ray.storage import Location, exists, parse_jsonl, read_text, resolve
 
 __all__ = ["STAGE_ORDER", "RunMetrics", "load_run_metrics"]
 

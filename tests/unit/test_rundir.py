@@ -7,7 +7,8 @@ import pytest
 from imm_ray.config import ConfigError, config_from_dict, config_to_yaml, load_run_config
 from imm_ray.loop.driver import RoundDriver
 from imm_ray.loop.summary import format_table, metrics_rows
-from imm_ray.storage import RunDir, StorageError
+from imm_ray.run import RunDir
+from imm_ray.storage import StorageError
 
 
 def _save(cfg_tree: dict, run_dir) -> None:

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from imm_ray.storage import conditional, layout
+from imm_ray.run import layout
+from imm_ray.storage import conditional
 from imm_ray.storage.checkpoints import is_published
 from imm_ray.storage.fs import (
     Location,
