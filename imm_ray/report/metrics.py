@@ -16,7 +16,6 @@ from imm_ray.storage import Location, exists, parse_jsonl, read_text, resolve
 __all__ = ["STAGE_ORDER", "RunMetrics", "load_run_metrics"]
 
 STAGE_ORDER = layout.STAGES
-ANALYSIS_FILE = "analysis.json"
 _DIVERSITY_FIRST = ("distinct_1", "distinct_2", "distinct_3", "distinct_4", "self_bleu",
                     "distinct_answers", "mean_token_entropy")
 _DIVERSITY_SKIP = {"questions", "samples"}
@@ -123,6 +122,6 @@ def load_run_metrics(run_dir: str | Path | Location) -> RunMetrics:
     metrics = _read_optional(root / layout.METRICS)
     rows = parse_jsonl(metrics, str(root / layout.METRICS)) if metrics else []
     config = load_run_config(root) if exists(root / layout.CONFIG) else None
-    analysis_text = _read_optional(root / ANALYSIS_FILE)
+    analysis_text = _read_optional(root / layout.ANALYSIS)
     analysis = json.loads(analysis_text) if analysis_text else None
     return RunMetrics(root, rows, config, analysis)

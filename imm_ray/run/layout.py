@@ -6,6 +6,9 @@
     RUN/state.json (+ state.json.bak) which stage of which round is done (+ its summary)
     RUN/metrics.jsonl                 one line per round and arm (derived from state.json)
     RUN/driver.log                    the driver's log, appended across resumes
+    RUN/report.md, RUN/plots/         the report and its plots (derived from metrics.jsonl)
+    RUN/analysis.json                 layer analysis (imm analyze)
+    RUN/tensorboard/                  the TensorBoard sink's events (derived from metrics.jsonl)
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
     RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
@@ -22,6 +25,10 @@ STATE = "state.json"
 STATE_BACKUP = "state.json.bak"
 METRICS = "metrics.jsonl"
 DRIVER_LOG = "driver.log"
+REPORT = "report.md"
+PLOTS = "plots"
+ANALYSIS = "analysis.json"
+TENSORBOARD = "tensorboard"
 LOCAL_LOCK = ".lock"
 LEASE = ".lease.json"
 BASELINE = "baseline"
