@@ -318,7 +318,7 @@ class RoundDriver:
 
     def _write_metrics(self) -> list[dict[str, Any]]:
         with self._lock:
-            rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)
+            rows = metrics_rows(self.rd.view(), self.cfg.run.arms, self.cfg.run.rounds)
             self.rd.write_metrics(rows)
         return rows
 

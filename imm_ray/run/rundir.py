@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imm_ray.run import layout
+from imm_ray.run.state import RunState, StateFormatError, parse_state
 from imm_ray.storage import conditional
 from imm_ray.storage.checkpoints import is_published
 from imm_ray.storage.fs import (
@@ -186,14 +187,11 @@ class RunDir:
 
     def _parse_state(self, raw: bytes) -> dict[str, Any]:
         try:
-            state = json.loads(raw)
-            if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
-                raise ValueError("no 'stages' mapping")
-        except ValueError as exc:
+            return parse_state(raw)
+        except StateFormatError as exc:
             raise RunStateError(
                 f"{self.state_path} is corrupt ({exc}); restore the copy kept beside it "
                 f"({self.backup_path} -> {self.state_path}) or start over in a new --run-dir") from None
-        return state
 
     def _save_state(self) -> None:
         data = (json.dumps(self.state, indent=2) + "\n").encode("utf-8")
@@ -206,6 +204,10 @@ class RunDir:
         else:
             write_bytes(self.state_path, data)
         write_bytes(self.backup_path, data)
+
+    def view(self) -> RunState:
+        """A read-only view of the state as last saved or loaded."""
+        return RunState.from_json(self.state)
 
     def done_keys(self) -> list[str]:
         """Keys of the finished stages, in the order they finished."""
