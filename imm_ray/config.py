@@ -34,8 +34,9 @@ from imm_ray.errors import UserError, unknown_name
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.placement import custom_resources
 from imm_ray.run import layout
+from imm_ray.run.files import read_config_text
 from imm_ray.serve.settings import ServeSettings
-from imm_ray.storage import Location, read_text, resolve
+from imm_ray.storage import Location, resolve
 from imm_ray.train import SFTSettings
 
 logger = logging.getLogger(__name__)
@@ -622,12 +623,11 @@ def config_from_run_yaml(text: str, source: str = layout.CONFIG) -> ImmConfig:
 
 def load_run_config(run_dir: str | Path | Location) -> ImmConfig:
     """The config of the run in ``run_dir`` (a path or an object-store URI), read from its ``run.yaml``."""
-    path = resolve(run_dir) / layout.CONFIG
-    try:
-        text = read_text(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: {run_dir} is not an imm run directory") from None
-    return config_from_run_yaml(text, str(path))
+    root = resolve(run_dir)
+    text = read_config_text(root)
+    if text is None:
+        raise ConfigError(f"{root / layout.CONFIG} does not exist: {run_dir} is not an imm run directory")
+    return config_from_run_yaml(text, str(root / layout.CONFIG))
 
 
 # Keys that may change when a run is resumed: they do not change what finished stages produced.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from imm_ray.run import layout
+from imm_ray.run.files import read_config_text
 from imm_ray.run.state import RunState, StateFormatError, parse_state
 from imm_ray.storage import conditional
 from imm_ray.storage.checkpoints import is_published
@@ -20,7 +21,6 @@ from imm_ray.storage.fs import (
     exists,
     list_names,
     read_bytes,
-    read_text,
     remove_temp_siblings,
     resolve,
     write_bytes,
@@ -98,10 +98,7 @@ class RunDir:
     # --- config -----------------------------------------------------------------------------
     def read_config_text(self) -> str | None:
         """``run.yaml`` as saved, or None before the first start."""
-        try:
-            return read_text(self.config_path)
-        except FileNotFoundError:
-            return None
+        return read_config_text(self.root)
 
     def write_config(self, text: str) -> None:
         write_text(self.config_path, text)
