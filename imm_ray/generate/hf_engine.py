@@ -18,7 +18,6 @@ from imm_ray.generate.engine import (
     Finished,
     SamplingSpec,
     collect,
-    register_engine,
     truncate_at_stop,
 )
 
@@ -138,7 +137,3 @@ class _TopLogprobs(LogitsProcessor):
         self.steps.append(torch.topk(logprobs, min(self.k, logprobs.shape[-1]), dim=-1).values.cpu())
         return scores
 
-
-@register_engine("hf")
-def _make_hf(model_path: Path, options: EngineOptions) -> HFEngine:
-    return HFEngine(model_path, options)

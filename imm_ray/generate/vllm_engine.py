@@ -16,7 +16,6 @@ from imm_ray.generate.engine import (
     Finished,
     SamplingSpec,
     collect,
-    register_engine,
     truncate_at_stop,
 )
 from imm_ray.generate.vllm_swap import EXTENSION as SWAP_EXTENSION
@@ -204,7 +203,3 @@ class VLLMEngine:
         """Generate ``sampling.n`` completions per prompt."""
         return collect(self.stream(prompts, sampling), len(prompts))
 
-
-@register_engine("vllm")
-def _make_vllm(model_path: Path, options: EngineOptions) -> VLLMEngine:
-    return VLLMEngine(model_path, options)
