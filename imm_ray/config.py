@@ -32,6 +32,7 @@ from imm_ray.data import DatasetSpec
 from imm_ray.data.spec import PRESET_FIELDS
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.generate.settings import EngineSettings
+from imm_ray.merge.methods import DROP_RATE, IMM_LAM
 from imm_ray.placement import custom_resources
 from imm_ray.run import layout
 from imm_ray.run.files import read_config_text
@@ -190,7 +191,7 @@ class VerifyConfig(_Strict):
         return _known("verifier", v, VERIFIERS)
 
 
-_DEFAULT_MERGE_PARAMS = {"lam": 0.5, "drop_rate": 0.2}  # the paper's IMM merge
+_DEFAULT_MERGE_PARAMS = {"lam": IMM_LAM, "drop_rate": DROP_RATE}  # the paper's IMM merge
 
 
 class MergeConfig(_Strict):
@@ -407,7 +408,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "max_length": 512,
             "precision": "bf16",
         },
-        "merge": {"method": "imm", "params": {"lam": 0.5, "drop_rate": 0.2}, "seed": 0},
+        "merge": {"method": "imm", "params": dict(_DEFAULT_MERGE_PARAMS), "seed": 0},
         "evaluate": {"max_tokens": 512},
     },
     # Small and fast: a CPU machine with 2 cores.
