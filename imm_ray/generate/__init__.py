@@ -3,10 +3,9 @@
 from imm_ray.generate.engine import (
     Completion,
     Engine,
-    EngineOptions,
     SamplingSpec,
     create_engine,
 )
 from imm_ray.generate.settings import ENGINES, EngineSettings
 
-__all__ = ["ENGINES", "Completion", "Engine", "EngineOptions", "EngineSettings", "SamplingSpec", "create_engine"]
+__all__ = ["ENGINES", "Completion", "Engine", "EngineSettings", "SamplingSpec", "create_engine"]

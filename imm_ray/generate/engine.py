@@ -44,9 +44,6 @@ class Completion:
     token_entropies: tuple[float, ...] | None = None
 
 
-# The settings shipped to engines are the one engine-settings model (``name`` picks the engine).
-EngineOptions = EngineSettings
-
 # A batch of finished prompts: (index of the prompt in the call, its ``n`` completions).
 Finished = list[tuple[int, list[Completion]]]
 
@@ -78,7 +75,7 @@ class Engine(Protocol):
         ...
 
 
-def create_engine(name: str, model_path: str | Path, options: EngineOptions) -> Engine:
+def create_engine(name: str, model_path: str | Path, options: EngineSettings) -> Engine:
     """Build the engine called ``name`` (a key of :data:`ENGINES`, whose module is imported now) on ``model_path``."""
     if name not in ENGINES:
         raise ValueError(unknown_name("engine", name, ENGINES))

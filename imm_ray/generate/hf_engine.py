@@ -12,14 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 
 from imm_ray.devices import engine_dtype
 from imm_ray.evaluate.diversity import token_entropy
-from imm_ray.generate.engine import (
-    Completion,
-    EngineOptions,
-    Finished,
-    SamplingSpec,
-    collect,
-    truncate_at_stop,
-)
+from imm_ray.generate.engine import Completion, Finished, SamplingSpec, collect, truncate_at_stop
+from imm_ray.generate.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +23,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torc
 class HFEngine:
     """Left-padded batched generation with transformers."""
 
-    def __init__(self, model_path: Path, options: EngineOptions) -> None:
+    def __init__(self, model_path: Path, options: EngineSettings) -> None:
         self.options = options
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_path = Path(model_path)
