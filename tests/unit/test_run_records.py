@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from imm_ray.run import layout
+from imm_ray.run.infos import INFO_TYPES, SFTInfo, VerifyInfo
 from imm_ray.run.records import AcceptedRow, EvalSampleRow, SampleRow
 
 OLD_RUN = Path(__file__).parents[1] / "fixtures" / "old_run"
@@ -29,3 +30,20 @@ def test_a_sample_without_entropies_leaves_the_key_out() -> None:
     assert SampleRow.from_json(row.to_json()) == row
     with pytest.raises(TypeError):
         SampleRow.from_json({"problem_id": "p"})
+
+
+def test_stage_infos_read_back_to_the_same_json() -> None:
+    state = json.loads((OLD_RUN / layout.STATE).read_text())
+    for key, rec in state["stages"].items():
+        info_type = INFO_TYPES[layout.parse_stage_key(key).stage]
+        info = info_type.from_json(rec["info"])
+        assert json.dumps(info.to_json()) == json.dumps(rec["info"]), key
+    sft = SFTInfo.from_json(state["stages"]["imm/round-001/sft"]["info"])
+    assert sft.skipped is False and sft.checkpoint.endswith("round-001/sft")
+    assert VerifyInfo.from_json(state["stages"]["imm/round-001/verify"]["info"]).extra == {"train_pass@2": 1.0}
+
+
+def test_a_built_info_writes_only_what_is_set() -> None:
+    info = SFTInfo(skipped=True, reason="no accepted samples", examples=0)
+    assert info.to_json() == {"skipped": True, "reason": "no accepted samples", "examples": 0}
+    assert SFTInfo.from_json(info.to_json()) == info
