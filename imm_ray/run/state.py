@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imm_ray.run import layout
+from imm_ray.run.infos import EvaluateInfo
 from imm_ray.storage.fs import Location, read_bytes
 
 DONE = "done"
@@ -36,7 +37,6 @@ class StageRecord:
     @property
     def done(self) -> bool:
         return self.status == DONE
-
 
 @dataclass(frozen=True)
 class RunState:
@@ -78,9 +78,9 @@ class RunState:
         """Stage key -> the info it recorded, for every finished stage (what a resume plans from)."""
         return {rec.key: rec.info or {} for rec in self if rec.done}
 
-    def done_rounds(self, arm: str) -> dict[int, StageRecord]:
-        """Round -> its finished evaluate record, for ``arm`` (round 0: the baseline, for any arm)."""
-        out: dict[int, StageRecord] = {}
+    def done_rounds(self, arm: str) -> dict[int, EvaluateInfo]:
+        """Round -> the info of its finished evaluation, for ``arm`` (round 0: the baseline, for any arm)."""
+        out: dict[int, EvaluateInfo] = {}
         for rec in self:
             if not rec.done:
                 continue
@@ -89,7 +89,7 @@ class RunState:
             except ValueError:
                 continue
             if key.stage == "evaluate" and (key.arm == arm or key.round == layout.BASELINE_ROUND):
-                out[key.round] = rec
+                out[key.round] = EvaluateInfo.from_json(rec.info or {})
         return out
 
 

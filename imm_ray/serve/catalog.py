@@ -107,8 +107,8 @@ def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) 
     if state is None:
         return Catalog(name)
     rounds: dict[int, Source] = {}
-    for n, rec in state.done_rounds(arm).items():
-        model = (rec.info or {}).get("model")
+    for n, info in state.done_rounds(arm).items():
+        model = info.model
         if not isinstance(model, str):
             continue
         if _remote(model):
