@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
-import signal
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -29,10 +27,6 @@ def setup_logging(level: str = "INFO") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-
-
-def _terminate_as_interrupt(signum, frame) -> None:  # noqa: ANN001
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def shipped_configs() -> list[Path]:
@@ -72,7 +66,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _missing_config_error() -> UsageError:
     shipped = [_shown(p) for p in shipped_configs()]
-    example = next((p for p in shipped if p.endswith("demo.yaml")), "run.yaml")
+    example = next((p for p in shipped if p.endswith("demo.yaml")), "my-run.yaml")
     return UsageError(f"no --config given: pass a run config, e.g. --config {example} "
                       f"(shipped: {', '.join(shipped) or 'none found'}); imm config show lists every key")
 
@@ -88,21 +82,6 @@ def run_config(args: argparse.Namespace) -> ImmConfig:
     flags = [f"ray.address={args.ray_address}"] * bool(args.ray_address)
     flags += [f"data.dir={args.data_dir}"] * bool(args.data_dir)
     return load_config(args.config, [*args.overrides, *flags], preset=args.preset)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run or resume an IMM run."""
-    cfg = run_config(args)
-    from imm_ray.ray_env import use_loopback_ray
-
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        use_loopback_ray()  # before Ray is imported: a local head listens on 127.0.0.1 only
-    from imm_ray.loop.driver import RoundDriver
-
-    run_dir = args.run_dir or os.path.join(os.environ.get("IMM_RUNS_DIR", "runs"), cfg.run.name)
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    RoundDriver(cfg, run_dir, force_unlock=args.force_unlock).run()
-    return 0
 
 
 def add_config_show_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +130,7 @@ COMMANDS = [
                 "again resumes an interrupted run from its last finished stage.",
                 "imm run --config jobs/configs/demo.yaml --run-dir runs/demo\n"
                 "imm run --config jobs/configs/demo.yaml run.rounds=3 generate.num_actors=2",
-                __name__, "add_run_arguments", "run_command"),
+                "imm_ray.loop.cli", "add_run_arguments", "run_command"),
         Command("merge", "merge checkpoints (DARE/IMM and other methods)",
                 "Merge fine-tuned Hugging Face checkpoints with a base model into a new folder.",
                 "imm merge --base original_model/ --model runs/demo/imm/round-001/sft --lambda 0.5 --drop-rate 0.2 "

@@ -32,9 +32,12 @@ from imm_ray.data import DatasetSpec
 from imm_ray.data.spec import PRESET_FIELDS
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.generate.settings import EngineSettings
+from imm_ray.merge.methods import DROP_RATE, IMM_LAM
 from imm_ray.placement import custom_resources
+from imm_ray.run import layout
+from imm_ray.run.files import read_config_text
 from imm_ray.serve.settings import ServeSettings
-from imm_ray.storage import Location, layout, read_text, resolve
+from imm_ray.storage import Location, resolve
 from imm_ray.train import SFTSettings
 
 logger = logging.getLogger(__name__)
@@ -188,7 +191,7 @@ class VerifyConfig(_Strict):
         return _known("verifier", v, VERIFIERS)
 
 
-_DEFAULT_MERGE_PARAMS = {"lam": 0.5, "drop_rate": 0.2}  # the paper's IMM merge
+_DEFAULT_MERGE_PARAMS = {"lam": IMM_LAM, "drop_rate": DROP_RATE}  # the paper's IMM merge
 
 
 class MergeConfig(_Strict):
@@ -452,7 +455,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "max_length": 512,
             "precision": "bf16",
         },
-        "merge": {"method": "imm", "params": {"lam": 0.5, "drop_rate": 0.2}, "seed": 0},
+        "merge": {"method": "imm", "params": dict(_DEFAULT_MERGE_PARAMS), "seed": 0},
         "evaluate": {"max_tokens": 512},
     },
     # Small and fast: a CPU machine with 2 cores.
@@ -668,12 +671,11 @@ def config_from_run_yaml(text: str, source: str = layout.CONFIG) -> ImmConfig:
 
 def load_run_config(run_dir: str | Path | Location) -> ImmConfig:
     """The config of the run in ``run_dir`` (a path or an object-store URI), read from its ``run.yaml``."""
-    path = resolve(run_dir) / layout.CONFIG
-    try:
-        text = read_text(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: {run_dir} is not an imm run directory") from None
-    return config_from_run_yaml(text, str(path))
+    root = resolve(run_dir)
+    text = read_config_text(root)
+    if text is None:
+        raise ConfigError(f"{root / layout.CONFIG} does not exist: {run_dir} is not an imm run directory")
+    return config_from_run_yaml(text, str(root / layout.CONFIG))
 
 
 # Keys that may change when a run is resumed: they do not change what finished stages produced.

@@ -40,8 +40,8 @@ def write_finished_round(run_dir: Path, arm: str, n: int, model: Path, wrong_eva
     training questions i with (i + n) % 4 == 0 get no right sample."""
     from imm_ray.evaluate.metrics import bootstrap_ci
     from imm_ray.loop.summary import metrics_rows
-    from imm_ray.storage import layout, write_jsonl
-    from imm_ray.storage.rundir import RunDir
+    from imm_ray.run import RunDir, layout
+    from imm_ray.storage import write_jsonl
     from imm_ray.verify.verifiers import select_accepted, verify_batch
     from tiny_model import TINY_PROBLEMS
 
@@ -81,4 +81,4 @@ def write_finished_round(run_dir: Path, arm: str, n: int, model: Path, wrong_eva
         for stage, info in infos.items():
             rd.mark_done(layout.stage_key(arm, n, stage), 1.5 * (1 + len(stage) % 3), info)
     rd.mark_done(layout.stage_key(arm, n, "evaluate"), 2.0, {"model": str(model), "datasets": datasets})
-    rd.write_metrics(metrics_rows(rd.state, [arm], n))
+    rd.write_metrics(metrics_rows(rd.view(), [arm], n))

@@ -20,7 +20,6 @@ from imm_ray.analysis.importance import (
 )
 from imm_ray.analysis.names import TensorKey, parse_tensor_name
 from imm_ray.analysis.pipeline import (
-    ANALYSIS_FILE,
     AnalysisPlan,
     local_runner,
     run_analysis,
@@ -29,7 +28,6 @@ from imm_ray.analysis.probes import ModelEntry, discover_models, probe_from_run
 from imm_ray.analysis.stats import rankdata, spearman
 
 __all__ = [
-    "ANALYSIS_FILE",
     "AnalysisPlan",
     "ChangeSummary",
     "LayerScore",

@@ -19,7 +19,6 @@ from typing import Any
 
 from imm_ray.analysis.importance import ProbeSpec, PromptStyle
 from imm_ray.analysis.pipeline import (
-    ANALYSIS_FILE,
     IMPORTANCE_MEASURES,
     AnalysisPlan,
     run_analysis,
@@ -34,7 +33,8 @@ from imm_ray.cli_flags import add_data_dir, add_ray_address, add_run_dir, run_di
 from imm_ray.config import load_run_config
 from imm_ray.errors import UsageError
 from imm_ray.placement import NodeTypes, declared_node_types
-from imm_ray.storage import Location, exists, is_published, layout, resolve
+from imm_ray.run import layout
+from imm_ray.storage import Location, exists, is_published, resolve
 
 __all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
 
@@ -43,11 +43,11 @@ logger = logging.getLogger(__name__)
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imm analyze`` options to ``parser``."""
-    add_run_dir(parser, f"reads run.yaml and the round models; writes {ANALYSIS_FILE} there", positional=True)
+    add_run_dir(parser, f"reads run.yaml and the round models; writes {layout.ANALYSIS} there", positional=True)
     parser.add_argument("--original", metavar="DIR", help="original model folder (default: the run's model.ref)")
     parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]DIR",
                         help="a checkpoint to compare with the original (repeatable)")
-    parser.add_argument("--out", metavar="FILE", help=f"output JSON (default RUN_DIR/{ANALYSIS_FILE})")
+    parser.add_argument("--out", metavar="FILE", help=f"output JSON (default RUN_DIR/{layout.ANALYSIS})")
     parser.add_argument("--measures", default="accuracy,loss",
                         help="importance measures: accuracy (greedy probe), loss (proxy); "
                              "'none' skips importance (default accuracy,loss)")
@@ -128,7 +128,7 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
             model_cfg = load_run_config(run_dir).model
             original = str(resolve_model(model_cfg.ref, model_cfg.cache_dir))
         models = discover_models(run_dir) + models
-        out = resolve(args.out) if args.out else run_dir / ANALYSIS_FILE
+        out = resolve(args.out) if args.out else run_dir / layout.ANALYSIS
     else:
         if not args.original or not args.out:
             raise UsageError("without --run-dir, pass --original DIR, --model DIR ... and --out FILE")

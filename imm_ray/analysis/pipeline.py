@@ -27,7 +27,6 @@ from imm_ray.analysis.stats import spearman
 from imm_ray.storage import Location, materialize
 
 __all__ = [
-    "ANALYSIS_FILE",
     "IMPORTANCE_MEASURES",
     "AnalysisPlan",
     "Call",
@@ -39,7 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_FILE = "analysis.json"
 # importance measure -> its column in the importance table
 IMPORTANCE_MEASURES = {"accuracy": "accuracy_drop", "loss": "loss_rise"}
 

@@ -17,7 +17,8 @@ from imm_ray.analysis.importance import ProbeSpec, PromptStyle, Reference
 from imm_ray.config import load_run_config
 from imm_ray.data import Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings
-from imm_ray.storage import Location, exists, is_published, layout, read_jsonl, resolve
+from imm_ray.run import layout
+from imm_ray.storage import Location, exists, is_published, read_jsonl, resolve
 from imm_ray.storage.fs import list_files, list_names
 
 __all__ = ["ModelEntry", "discover_models", "probe_from_run", "read_references",

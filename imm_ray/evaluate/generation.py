@@ -16,7 +16,8 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from imm_ray.generate.engine import Completion, EngineOptions, Finished, SamplingSpec, collect, create_engine
+from imm_ray.generate.engine import Completion, Finished, SamplingSpec, collect, create_engine
+from imm_ray.generate.settings import EngineSettings
 
 __all__ = ["Generator", "LocalGenerator", "RayGenerator", "open_generator"]
 
@@ -35,7 +36,7 @@ class LocalGenerator:
     """An engine in this process, given all prompts at once; the progress bar advances as
     prompts finish."""
 
-    def __init__(self, engine: str, model_path: Path, options: EngineOptions, progress: bool = True) -> None:
+    def __init__(self, engine: str, model_path: Path, options: EngineSettings, progress: bool = True) -> None:
         self.engine = create_engine(engine, model_path, options)
         self.progress = progress
 
@@ -55,7 +56,7 @@ class LocalGenerator:
 class RayGenerator:
     """A GeneratorPool of ``actors`` engines on the Ray cluster at ``address``."""
 
-    def __init__(self, engine: str, model_path: Path, options: EngineOptions, address: str,
+    def __init__(self, engine: str, model_path: Path, options: EngineSettings, address: str,
                  actors: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0, progress: bool = True) -> None:
         from imm_ray.ray_env import connect_ray
 
@@ -80,7 +81,7 @@ class RayGenerator:
 def open_generator(
     engine: str,
     model_path: Path,
-    options: EngineOptions,
+    options: EngineSettings,
     ray_address: str | None = None,
     actors: int = 1,
     num_cpus: float = 1.0,

@@ -16,7 +16,8 @@ from imm_ray.evaluate.generation import Generator, open_generator
 from imm_ray.evaluate.ledger import sample_rows
 from imm_ray.evaluate.scoring import evaluate_completions, pick_verifier
 from imm_ray.evaluate.specs import parse_dataset_arg
-from imm_ray.generate.engine import EngineOptions, SamplingSpec
+from imm_ray.generate.engine import SamplingSpec
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.storage import write_jsonl
 from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier
 
@@ -41,7 +42,7 @@ class EvalSettings:
     verify_timeout_s: float = 5.0
     seed: int = 0
     bootstrap_resamples: int = 1000
-    engine_options: EngineOptions = field(default_factory=lambda: EngineOptions(dtype="auto"))
+    engine_options: EngineSettings = field(default_factory=lambda: EngineSettings(dtype="auto"))
     ray_address: str | None = None
     actors: int = 1
     num_gpus: float = 0.0

@@ -17,6 +17,7 @@ from imm_ray.data.problems import Problem
 from imm_ray.evaluate.metrics import mean_pass_at_k
 from imm_ray.evaluate.scoring import DatasetEvaluation
 from imm_ray.generate.engine import Completion
+from imm_ray.run.records import EvalSampleRow
 
 __all__ = ["Changes", "Ledger", "question_changes", "read_ledger", "sample_rows"]
 
@@ -27,9 +28,9 @@ def sample_rows(name: str, problems: Sequence[Problem], evaluation: DatasetEvalu
                 greedy: Sequence[Completion], sampled: Sequence[Sequence[Completion]] | None) -> list[dict]:
     """The samples-file rows of one dataset: each greedy completion, then each of the k samples."""
     def row(p: Problem, kind: str, j: int, c: Completion, v: Any) -> dict:
-        return {"dataset": name, "problem_id": p.id, "gold": p.answer, "kind": kind, "sample": j,
-                "completion": c.text, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-                "extracted": v.extracted, "correct": v.correct, "timed_out": v.timed_out}
+        return EvalSampleRow(dataset=name, problem_id=p.id, gold=p.answer, kind=kind, sample=j, completion=c.text,
+                             finish_reason=c.finish_reason, num_tokens=c.num_tokens, extracted=v.extracted,
+                             correct=v.correct, timed_out=v.timed_out).to_json()
 
     rows = [row(p, "greedy", 0, c, v) for p, c, v in zip(problems, greedy, evaluation.greedy_verdicts)]
     if sampled is not None and evaluation.sample_verdicts is not None:

@@ -1,15 +1,11 @@
 """Text generation: the engine interface, the ``hf`` and ``vllm`` engines, Ray generator actors."""
 
 from imm_ray.generate.engine import (
-    ENGINES,
     Completion,
     Engine,
-    EngineOptions,
     SamplingSpec,
     create_engine,
-    register_engine,
 )
-from imm_ray.generate.settings import EngineSettings
+from imm_ray.generate.settings import ENGINES, EngineSettings
 
-__all__ = ["ENGINES", "Completion", "Engine", "EngineOptions", "EngineSettings", "SamplingSpec", "create_engine",
-           "register_engine"]
+__all__ = ["ENGINES", "Completion", "Engine", "EngineSettings", "SamplingSpec", "create_engine"]

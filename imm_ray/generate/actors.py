@@ -19,7 +19,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from imm_ray.generate.engine import Completion, EngineOptions, Finished, SamplingSpec, create_engine, entropy_mask
+from imm_ray.generate.engine import Completion, Finished, SamplingSpec, create_engine, entropy_mask
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.placement import NodeTypes, ResourceRequest, check_on_cluster, wait_placed
 from imm_ray.ray_env import actor_runtime_env
 from imm_ray.storage import materialize
@@ -35,7 +36,7 @@ class GeneratorActor:
     group, so that they answer (and close can stop vLLM's engine-core process) mid-generation.
     """
 
-    def __init__(self, engine: str, model_path: str, options: EngineOptions, num_threads: int) -> None:
+    def __init__(self, engine: str, model_path: str, options: EngineSettings, num_threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, num_threads))
@@ -68,7 +69,7 @@ class PoolSpec:
     """What a pool's actors run and what each one asks of Ray."""
 
     engine: str
-    options: EngineOptions
+    options: EngineSettings
     num_actors: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0

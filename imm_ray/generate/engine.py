@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
-from imm_ray.generate.settings import EngineSettings
+from imm_ray.errors import unknown_name
+from imm_ray.generate.settings import ENGINES, EngineSettings
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,6 @@ class Completion:
     token_entropies: tuple[float, ...] | None = None
 
 
-# The settings shipped to engines are the one engine-settings model (``name`` picks the engine).
-EngineOptions = EngineSettings
-
 # A batch of finished prompts: (index of the prompt in the call, its ``n`` completions).
 Finished = list[tuple[int, list[Completion]]]
 
@@ -76,28 +75,12 @@ class Engine(Protocol):
         ...
 
 
-EngineFactory = Callable[[Path, EngineOptions], Engine]
-ENGINES: dict[str, EngineFactory] = {}
-
-
-def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
-    """Register an engine factory under ``name`` (a decorator)."""
-
-    def wrap(factory: EngineFactory) -> EngineFactory:
-        ENGINES[name] = factory
-        return factory
-
-    return wrap
-
-
-def create_engine(name: str, model_path: str | Path, options: EngineOptions) -> Engine:
-    """Build the engine called ``name`` on ``model_path``."""
-    # Importing the modules registers the built-in engines; vLLM itself is imported lazily.
-    from imm_ray.generate import hf_engine, vllm_engine  # noqa: F401
-
+def create_engine(name: str, model_path: str | Path, options: EngineSettings) -> Engine:
+    """Build the engine called ``name`` (a key of :data:`ENGINES`, whose module is imported now) on ``model_path``."""
     if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; known engines: {sorted(ENGINES)}")
-    return ENGINES[name](Path(model_path), options)
+        raise ValueError(unknown_name("engine", name, ENGINES))
+    module, _, cls = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(Path(model_path), options)
 
 
 def collect(batches: Iterator[Finished], count: int) -> list[list[Completion]]:

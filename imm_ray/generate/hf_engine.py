@@ -12,15 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 
 from imm_ray.devices import engine_dtype
 from imm_ray.evaluate.diversity import token_entropy
-from imm_ray.generate.engine import (
-    Completion,
-    EngineOptions,
-    Finished,
-    SamplingSpec,
-    collect,
-    register_engine,
-    truncate_at_stop,
-)
+from imm_ray.generate.engine import Completion, Finished, SamplingSpec, collect, truncate_at_stop
+from imm_ray.generate.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +23,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torc
 class HFEngine:
     """Left-padded batched generation with transformers."""
 
-    def __init__(self, model_path: Path, options: EngineOptions) -> None:
+    def __init__(self, model_path: Path, options: EngineSettings) -> None:
         self.options = options
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_path = Path(model_path)
@@ -138,7 +131,3 @@ class _TopLogprobs(LogitsProcessor):
         self.steps.append(torch.topk(logprobs, min(self.k, logprobs.shape[-1]), dim=-1).values.cpu())
         return scores
 
-
-@register_engine("hf")
-def _make_hf(model_path: Path, options: EngineOptions) -> HFEngine:
-    return HFEngine(model_path, options)

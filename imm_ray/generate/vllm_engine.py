@@ -10,15 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imm_ray.devices import engine_dtype
-from imm_ray.generate.engine import (
-    Completion,
-    EngineOptions,
-    Finished,
-    SamplingSpec,
-    collect,
-    register_engine,
-    truncate_at_stop,
-)
+from imm_ray.generate.engine import Completion, Finished, SamplingSpec, collect, truncate_at_stop
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.generate.vllm_swap import EXTENSION as SWAP_EXTENSION
 
 logger = logging.getLogger(__name__)
@@ -47,7 +40,7 @@ def cpu_engine_env(kv_cache_gb: float) -> dict[str, str]:
     }
 
 
-def kv_block_size(options: EngineOptions, gpu: bool) -> int | None:
+def kv_block_size(options: EngineSettings, gpu: bool) -> int | None:
     """The KV-cache block size to start vLLM with (None: vLLM's default, 128 tokens on CPU).
 
     Prefix caching shares whole blocks only: the k samples of a prompt (one request, n = k) share
@@ -69,7 +62,7 @@ class EngineStart:
     gpu: bool
 
 
-def prepare_engine(path: Path, options: EngineOptions, **more) -> EngineStart:
+def prepare_engine(path: Path, options: EngineSettings, **more) -> EngineStart:
     """Prepare this process to start a vLLM engine for ``options`` on ``path``: on CPU, sets the
     CPU build's environment (as defaults: a caller's own settings win) and logs the start. Every
     engine gets the weight-swap extension."""
@@ -102,7 +95,7 @@ class VLLMEngine:
     """An in-process ``vllm.LLM``; later checkpoints' weights are swapped into the running engine
     (:class:`~imm_ray.generate.vllm_swap.WeightSwap`)."""
 
-    def __init__(self, model_path: Path, options: EngineOptions) -> None:
+    def __init__(self, model_path: Path, options: EngineSettings) -> None:
         self.options = options
         self.model_path = Path(model_path)
         self._calls = 0  # numbers each stream's request ids
@@ -144,7 +137,7 @@ class VLLMEngine:
             params["extra_args"] = extra_args
         params["output_kind"] = RequestOutputKind.FINAL_ONLY  # as LLM.generate: only finished outputs
         # A per-request seed kills the CPU engine ("CPU Generator does not use offset"): there the
-        # engine-level seed (EngineOptions.seed) makes sampling reproducible instead.
+        # engine-level seed (EngineSettings.seed) makes sampling reproducible instead.
         if self.gpu and sampling.seed is not None and not sampling.greedy:
             params["seed"] = sampling.seed
         return SamplingParams(**params)
@@ -204,7 +197,3 @@ class VLLMEngine:
         """Generate ``sampling.n`` completions per prompt."""
         return collect(self.stream(prompts, sampling), len(prompts))
 
-
-@register_engine("vllm")
-def _make_vllm(model_path: Path, options: EngineOptions) -> VLLMEngine:
-    return VLLMEngine(model_path, options)

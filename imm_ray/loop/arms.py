@@ -2,9 +2,9 @@
 
 An arm says which model a round's SFT starts from and whether the fine-tuned model is merged into
 the original. A round runs the stages of :data:`ROUND_STAGES` in order; a stage whose key
-(:func:`imm_ray.storage.layout.stage_key`) is done in ``state.json`` is never redone.
+(:func:`imm_ray.run.layout.stage_key`) is done in ``state.json`` is never redone.
 :func:`plan_round` says, from the done stages alone, which stages of a round remain and what the
-round's model is. File names and stage keys come from :mod:`imm_ray.storage.layout`.
+round's model is. File names and stage keys come from :mod:`imm_ray.run.layout`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from imm_ray.placement.core import ClusterView, at_once, describe
 from imm_ray.registry import Registry
-from imm_ray.storage import layout
+from imm_ray.run import layout
 
 __all__ = ["ARMS", "ROUND_STAGES", "Arm", "RoundPlan", "Stage", "arms_at_once", "get_arm", "plan_round",
            "round_stages"]

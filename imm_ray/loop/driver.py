@@ -59,16 +59,16 @@ from imm_ray.placement import (
 )
 from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
+from imm_ray.run import RunDir, layout
+from imm_ray.run.records import SampleRow
 from imm_ray.serve.cli import serve_command
 from imm_ray.serve.deploy import start_serving
 from imm_ray.storage import (
     Location,
-    RunDir,
     StorageOptions,
     checkpoint_checksum,
     clear_output,
     is_published,
-    layout,
     materialize,
     publish_dir,
     read_json,
@@ -347,7 +347,7 @@ class RoundDriver:
 
     def _write_metrics(self) -> list[dict[str, Any]]:
         with self._lock:
-            rows = metrics_rows(self.rd.state, self.cfg.run.arms, self.cfg.run.rounds)
+            rows = metrics_rows(self.rd.view(), self.cfg.run.arms, self.cfg.run.rounds)
             self.rd.write_metrics(rows)
         return rows
 
@@ -507,12 +507,12 @@ class RoundDriver:
         pool = self._load(role, model, owner)
         outs = pool.generate([p["ids"] for p in gen_prompts], sampling, desc=f"generate round {t}")
         rows = [
-            {
-                "problem_id": prob.id, "dataset": prob.dataset, "question": prob.question, "gold": prob.answer,
-                "prompt": prompt["text"], "sample": j, "completion": c.text, "finish_reason": c.finish_reason,
-                "num_tokens": c.num_tokens,
-                **({} if c.token_entropies is None else {"token_entropies": [round(e, 4) for e in c.token_entropies]}),
-            }
+            SampleRow(
+                problem_id=prob.id, dataset=prob.dataset, question=prob.question, gold=prob.answer,
+                prompt=prompt["text"], sample=j, completion=c.text, finish_reason=c.finish_reason,
+                num_tokens=c.num_tokens,
+                token_entropies=None if c.token_entropies is None else [round(e, 4) for e in c.token_entropies],
+            ).to_json()
             for prob, prompt, comps in zip(problems, prompts, outs)
             for j, c in enumerate(comps)
         ]

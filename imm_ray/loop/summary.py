@@ -2,36 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from imm_ray.storage.layout import BASELINE_ARM, BASELINE_ROUND, STAGES, stage_key
+from imm_ray.run.layout import BASELINE_ARM, BASELINE_ROUND, STAGES, stage_key
+from imm_ray.run.state import RunState, StageRecord
 
 # Stages whose tokens per second the table shows (tokens generated or trained).
 _RATED = ("generate", "sft", "evaluate")
 
 
-def metrics_rows(state: dict[str, Any], arms: list[str], rounds: int) -> list[dict[str, Any]]:
-    """Build one metrics row per finished round and arm (plus the baseline) from ``state.json``."""
-    stages = state.get("stages", {})
+def metrics_rows(state: RunState, arms: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Build one metrics row per finished round and arm (plus the baseline) from the run's state."""
     rows: list[dict[str, Any]] = []
-    base = stages.get(stage_key(BASELINE_ARM, BASELINE_ROUND, "evaluate"))
-    if base and base.get("status") == "done":
+    base = state.record(stage_key(BASELINE_ARM, BASELINE_ROUND, "evaluate"))
+    if base and base.done:
         rows.append(_row(BASELINE_ROUND, BASELINE_ARM, {"evaluate": base}))
     for arm in arms:
         for t in range(1, rounds + 1):
-            recs = {s: stages.get(stage_key(arm, t, s)) for s in STAGES}
+            recs = {s: state.record(stage_key(arm, t, s)) for s in STAGES}
             ev = recs["evaluate"]
-            if not ev or ev.get("status") != "done":
+            if not ev or not ev.done:
                 break
-            rows.append(_row(t, arm, {k: v for k, v in recs.items() if v and v.get("status") == "done"}))
+            rows.append(_row(t, arm, {k: v for k, v in recs.items() if v and v.done}))
     return rows
 
 
-def _row(round_idx: int, arm: str, recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    gen = recs.get("generate", {}).get("info", {})
-    ver = recs.get("verify", {}).get("info", {})
-    sft = recs.get("sft", {}).get("info", {})
-    ev = recs["evaluate"]["info"]
+def _info(recs: dict[str, StageRecord], stage: str) -> Mapping[str, Any]:
+    rec = recs.get(stage)
+    return (rec.info or {}) if rec else {}
+
+
+def _row(round_idx: int, arm: str, recs: dict[str, StageRecord]) -> dict[str, Any]:
+    gen, ver, sft, ev = (_info(recs, s) for s in ("generate", "verify", "sft", "evaluate"))
     return {
         "round": round_idx,
         "arm": arm,
@@ -42,15 +45,15 @@ def _row(round_idx: int, arm: str, recs: dict[str, dict[str, Any]]) -> dict[str,
         "accuracy": {name: d["accuracy"] for name, d in ev["datasets"].items()},
         "eval": ev["datasets"],
         "diversity": ver.get("diversity"),
-        "sft": sft,
+        "sft": dict(sft),
         "model": ev.get("model"),
-        "seconds": {name: rec["seconds"] for name, rec in recs.items()},
+        "seconds": {name: rec.seconds for name, rec in recs.items()},
         # Tokens generated (generate, evaluate) or trained (sft), and their rate over the stage.
-        "tokens": {name: rec["info"]["tokens"] for name, rec in recs.items() if "tokens" in rec.get("info", {})},
-        "tokens_per_s": {name: rec["info"]["tokens_per_s"] for name, rec in recs.items()
-                         if "tokens_per_s" in rec.get("info", {})},
+        "tokens": {name: _info(recs, name)["tokens"] for name in recs if "tokens" in _info(recs, name)},
+        "tokens_per_s": {name: _info(recs, name)["tokens_per_s"] for name in recs
+                         if "tokens_per_s" in _info(recs, name)},
         # With merge.sweep: every candidate's probe ID/OOD accuracy, the rule and the chosen merge.
-        **({"sweep": recs["sweep"]["info"]} if "sweep" in recs else {}),
+        **({"sweep": dict(_info(recs, "sweep"))} if "sweep" in recs else {}),
     }
 
 

@@ -100,6 +100,10 @@ def get_merge_method(name: str) -> MergeMethod:
 
 # --- parameter specs shared by several methods -------------------------------------------------
 
+# The paper's IMM merge (lam, DARE drop rate p); p is also the default of every method that drops at random.
+IMM_LAM = 0.5
+DROP_RATE = 0.2
+
 def _lam(default: float) -> ParamSpec:
     return ParamSpec("lam", float, default, "scale of the merged task vector (or a depth gradient)", layerwise=True)
 
@@ -197,7 +201,7 @@ class IMMMethod(TaskVectorMethod):
     description = "Iterative Model Merging: anchor + lam * DARE_p(model - anchor)"
     min_models = max_models = 1
     sparsification = "random"
-    param_specs = (_lam(0.5), _drop_rate(0.2), _RESCALE)
+    param_specs = (_lam(IMM_LAM), _drop_rate(DROP_RATE), _RESCALE)
 
 
 @register_merge_method
@@ -216,7 +220,7 @@ class DareLinearMethod(TaskVectorMethod):
     name = "dare_linear"
     description = "anchor + lam * sum_i w_i * DARE_p(model_i - anchor)"
     sparsification = "random"
-    param_specs = (_weights(_equal_weights, "per-model weight (default 1/n)"), _drop_rate(0.2), _RESCALE,
+    param_specs = (_weights(_equal_weights, "per-model weight (default 1/n)"), _drop_rate(DROP_RATE), _RESCALE,
                    _normalize(False), _lam(1.0))
 
 
@@ -240,7 +244,7 @@ class DareTiesMethod(TaskVectorMethod):
     description = "anchor + lam * disjoint_mean(sign-consensus(DARE_p(model_i - anchor)))"
     sparsification = "random"
     consensus = "ties"
-    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _drop_rate(0.2), _RESCALE,
+    param_specs = (_weights(_unit_weights, "per-model weight (default 1)"), _drop_rate(DROP_RATE), _RESCALE,
                    _lam(1.0), _normalize(True))
 
 

@@ -8,10 +8,9 @@ from imm_ray.report.sinks import (
     make_sink,
     publish_rows,
 )
-from imm_ray.report.writer import REPORT_FILE, render_report, write_report
+from imm_ray.report.writer import render_report, write_report
 
 __all__ = [
-    "REPORT_FILE",
     "MetricsSink",
     "RunMetrics",
     "TensorBoardSink",

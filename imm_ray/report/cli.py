@@ -11,7 +11,8 @@ from imm_ray.cli_flags import add_run_dir, run_dir_of
 from imm_ray.errors import UsageError
 from imm_ray.report.sinks import SINKS
 from imm_ray.report.writer import write_report
-from imm_ray.storage import exists, layout, resolve
+from imm_ray.run import layout
+from imm_ray.storage import exists, resolve
 
 __all__ = ["add_report_arguments", "run_report_cli"]
 

@@ -10,7 +10,8 @@ from imm_ray.evaluate.ledger import Ledger, question_changes, read_ledger
 from imm_ray.evaluate.paired import paired_difference
 from imm_ray.report.metrics import RunMetrics
 from imm_ray.report.tables import markdown_table
-from imm_ray.storage import layout, parse_jsonl, read_text
+from imm_ray.run import layout
+from imm_ray.run.files import eval_samples_location, read_eval_samples
 
 __all__ = ["Ledgers", "comparison_section", "ledger_section", "load_ledgers", "pass_at_k_section"]
 
@@ -25,14 +26,10 @@ def load_ledgers(run: RunMetrics) -> Ledgers:
     out: Ledgers = {}
     for row in run.rows:
         arm, t = str(row.get("arm")), int(row.get("round", 0))
-        loc = run.run_dir / layout.round_folder(arm, t) / layout.EVAL_SAMPLES
-        try:
-            text = read_text(loc)
-        except FileNotFoundError:
-            logger.info("no ledger for %s round %d: %s is missing", arm, t, loc)
-            out[(arm, t)] = None
-            continue
-        out[(arm, t)] = read_ledger(parse_jsonl(text, str(loc)))
+        rows = read_eval_samples(run.run_dir, arm, t)
+        if rows is None:
+            logger.info("no ledger for %s round %d: %s is missing", arm, t, eval_samples_location(run.run_dir, arm, t))
+        out[(arm, t)] = None if rows is None else read_ledger(rows)
     return out
 
 

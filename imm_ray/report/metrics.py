@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imm_ray.config import ImmConfig, load_run_config
-from imm_ray.storage import Location, exists, layout, parse_jsonl, read_text, resolve
+from imm_ray.config import ImmConfig, config_from_run_yaml
+from imm_ray.run import layout
+from imm_ray.run.files import read_analysis, read_config_text, read_metrics
+from imm_ray.storage import Location, resolve
 
 __all__ = ["STAGE_ORDER", "RunMetrics", "load_run_metrics"]
 
 STAGE_ORDER = layout.STAGES
-ANALYSIS_FILE = "analysis.json"
 _DIVERSITY_FIRST = ("distinct_1", "distinct_2", "distinct_3", "distinct_4", "self_bleu",
                     "distinct_answers", "mean_token_entropy")
 _DIVERSITY_SKIP = {"questions", "samples"}
@@ -107,21 +107,11 @@ class RunMetrics:
         return _number((row.get("diversity") or {}).get(key))
 
 
-def _read_optional(loc: Location) -> str | None:
-    try:
-        return read_text(loc)
-    except FileNotFoundError:
-        return None
-
-
 def load_run_metrics(run_dir: str | Path | Location) -> RunMetrics:
     """Rows of RUN_DIR/metrics.jsonl (empty if absent), its config and analysis.json if present.
 
     RUN_DIR is a local path or an object-storage URI."""
     root = resolve(run_dir)
-    metrics = _read_optional(root / layout.METRICS)
-    rows = parse_jsonl(metrics, str(root / layout.METRICS)) if metrics else []
-    config = load_run_config(root) if exists(root / layout.CONFIG) else None
-    analysis_text = _read_optional(root / ANALYSIS_FILE)
-    analysis = json.loads(analysis_text) if analysis_text else None
-    return RunMetrics(root, rows, config, analysis)
+    text = read_config_text(root)
+    config = None if text is None else config_from_run_yaml(text, str(root / layout.CONFIG))
+    return RunMetrics(root, read_metrics(root), config, read_analysis(root))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from imm_ray.errors import UsageError
+from imm_ray.run import layout
 
 __all__ = [
     "SINKS",
@@ -119,14 +120,13 @@ class MLflowSink:
 
 
 SINKS = ("tensorboard", "mlflow")
-TENSORBOARD_DIR = "tensorboard"  # the tensorboard sink's folder in a run directory
 
 
 def make_sink(kind: str, run_dir: str | Path, **options: Any) -> MetricsSink:
     """A sink by name: "tensorboard" (RUN_DIR/tensorboard) or "mlflow" (if installed)."""
     run_dir = Path(run_dir)
     if kind == "tensorboard":
-        return TensorBoardSink(options.get("folder") or run_dir / TENSORBOARD_DIR)
+        return TensorBoardSink(options.get("folder") or run_dir / layout.TENSORBOARD)
     if kind == "mlflow":
         if importlib.util.find_spec("mlflow") is None:
             raise UsageError("the mlflow sink needs the mlflow package (pip install mlflow)")

@@ -14,17 +14,16 @@ from imm_ray.report.frontier import frontier_section
 from imm_ray.report.ledger import Ledgers, comparison_section, ledger_section, load_ledgers, pass_at_k_section
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.report.plots import write_plots
-from imm_ray.report.sinks import TENSORBOARD_DIR, make_sink, publish_rows
+from imm_ray.report.sinks import make_sink, publish_rows
 from imm_ray.report.tables import analysis_table, rounds_table, summary_lines
+from imm_ray.run import layout
 from imm_ray.storage import Location, delete, remove_temp_siblings, write_text
 from imm_ray.storage.fs import upload_file
 
-__all__ = ["REPORT_FILE", "render_report", "write_report"]
+__all__ = ["render_report", "write_report"]
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.md"
-PLOTS_DIR = "plots"
 _PLOT_TITLES = {
     "accuracy.png": "Accuracy by round (ID solid, OOD dashed)",
     "accuracy_by_dataset.png": "Accuracy per evaluation set",
@@ -68,7 +67,7 @@ def _analysis_section(run: RunMetrics, plots: Sequence[str]) -> list[str]:
             "",
         ]
     lines += [analysis_table(analysis), ""]
-    lines += [f"![{_PLOT_TITLES[p]}]({PLOTS_DIR}/{p})\n" for p in plots
+    lines += [f"![{_PLOT_TITLES[p]}]({layout.PLOTS}/{p})\n" for p in plots
               if p in ("layer_change.png", "module_change.png")]
     return lines
 
@@ -93,11 +92,11 @@ def render_report(run: RunMetrics, plots: Sequence[str], ledgers: Ledgers | None
         lines += section(run, ledgers or {})
     lines += frontier_section(run)
     if "frontier.png" in plots:
-        lines += [f"![{_PLOT_TITLES['frontier.png']}]({PLOTS_DIR}/frontier.png)", ""]
+        lines += [f"![{_PLOT_TITLES['frontier.png']}]({layout.PLOTS}/frontier.png)", ""]
     curve_plots = [p for p in plots if p in ("accuracy.png", "accuracy_by_dataset.png", "diversity.png")]
     if curve_plots:
         lines += ["## Plots", ""]
-        lines += [f"![{_PLOT_TITLES[p]}]({PLOTS_DIR}/{p})\n" for p in curve_plots]
+        lines += [f"![{_PLOT_TITLES[p]}]({layout.PLOTS}/{p})\n" for p in curve_plots]
     lines += _analysis_section(run, plots)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -114,18 +113,18 @@ def write_report(run_dir: str | Path | Location, sinks: Sequence[str] = (), **si
     with tempfile.TemporaryDirectory(prefix="imm-report-") as tmp:
         # An object-store run is drawn in a local stand-in folder of the same name, then uploaded.
         local = root.local_path() if root.is_local else Path(tmp) / root.name
-        plots = write_plots(run, local / PLOTS_DIR)
-        path = root / REPORT_FILE
+        plots = write_plots(run, local / layout.PLOTS)
+        path = root / layout.REPORT
         write_text(path, render_report(run, [p.name for p in plots], load_ledgers(run)))
         # What a killed earlier report left (this writer owns these files; object storage has none).
-        remove_temp_siblings(root, [REPORT_FILE])
+        remove_temp_siblings(root, [layout.REPORT])
         if root.is_local:
-            remove_temp_siblings(root / PLOTS_DIR, [p.name for p in plots])
+            remove_temp_siblings(root / layout.PLOTS, [p.name for p in plots])
         if sinks:
             publish_rows(run.rows, [make_sink(kind, local, **sink_options) for kind in sinks])
         if not root.is_local:
-            delete(root / TENSORBOARD_DIR)  # derived data: rebuilt in full, as on a local disk
-            for folder in (PLOTS_DIR, TENSORBOARD_DIR):
+            delete(root / layout.TENSORBOARD)  # derived data: rebuilt in full, as on a local disk
+            for folder in (layout.PLOTS, layout.TENSORBOARD):
                 for file in sorted(p for p in (local / folder).rglob("*") if p.is_file()):
                     upload_file(file, root / file.relative_to(local).as_posix())
     logger.info("report written to %s (%d rows, %d plots)", path, len(run.rows), len(plots))

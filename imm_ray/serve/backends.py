@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Protocol
 
-from imm_ray.generate.engine import Engine, EngineOptions, SamplingSpec, create_engine
+from imm_ray.generate.engine import Engine, SamplingSpec, create_engine
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.serve.protocol import GenParams
 
 logger = logging.getLogger(__name__)
@@ -66,12 +67,12 @@ class VLLMAsyncBackend:
         self.supports_seed = gpu  # a per-request seed kills vLLM's CPU engine (env facts)
 
     @classmethod
-    async def start(cls, path: Path, options: EngineOptions) -> "VLLMAsyncBackend":
+    async def start(cls, path: Path, options: EngineSettings) -> "VLLMAsyncBackend":
         """Start the engine in a worker thread so that the serving event loop keeps answering."""
         return await asyncio.to_thread(cls._start_blocking, Path(path), options)
 
     @classmethod
-    def _start_blocking(cls, path: Path, options: EngineOptions) -> "VLLMAsyncBackend":
+    def _start_blocking(cls, path: Path, options: EngineSettings) -> "VLLMAsyncBackend":
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -129,7 +130,7 @@ class EngineBackend:
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def start(cls, name: str, path: Path, options: EngineOptions) -> "EngineBackend":
+    async def start(cls, name: str, path: Path, options: EngineSettings) -> "EngineBackend":
         def build() -> "EngineBackend":
             return cls(Path(path), create_engine(name, path, options), _load_tokenizer(Path(path)))
 
@@ -167,7 +168,7 @@ class EngineBackend:
         await asyncio.to_thread(self.engine.close)
 
 
-async def start_backend(engine: str, path: Path, options: EngineOptions) -> Backend:
+async def start_backend(engine: str, path: Path, options: EngineSettings) -> Backend:
     """Load ``path`` with the named engine (``vllm`` -> AsyncLLM, others -> the engine registry)."""
     if engine == "vllm":
         return await VLLMAsyncBackend.start(path, options)

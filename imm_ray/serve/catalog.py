@@ -20,12 +20,13 @@ from pathlib import Path
 
 from pyarrow.fs import FileType
 
-from imm_ray.storage import StorageError, is_remote, read_text
+from imm_ray.run import layout
+from imm_ray.run.state import StateFormatError, read_state
+from imm_ray.storage import StorageError, is_remote
 from imm_ray.storage import resolve as resolve_location
 
 logger = logging.getLogger(__name__)
 
-_ROUND_KEY = re.compile(r"^(?P<arm>[^/]+)/round-(?P<n>\d+)/evaluate$")
 _ROUND_ID = re.compile(r"^round-(?P<n>\d+)$")
 LATEST = "latest"
 
@@ -98,30 +99,18 @@ def read_catalog(run_dir: str | Path, arm: str = "imm", run: str | None = None) 
     root = Path(run_dir)
     name = run or (resolve_location(run_dir).name if remote else root.resolve().name)
     try:
-        state = json.loads(read_text(resolve_location(run_dir) / "state.json") if remote
-                           else (root / "state.json").read_text())
-    except FileNotFoundError:
+        state = read_state(resolve_location(run_dir))
+    except StateFormatError as exc:
+        raise CatalogError(f"{layout.STATE} {exc}") from exc
+    except OSError as exc:
+        raise CatalogError(f"{layout.STATE} is unreadable ({type(exc).__name__})") from exc
+    if state is None:
         return Catalog(name)
-    except (OSError, ValueError) as exc:
-        raise CatalogError(f"state.json is unreadable ({type(exc).__name__})") from exc
-    stages = state.get("stages", {}) if isinstance(state, dict) else None
-    if not isinstance(stages, dict):
-        raise CatalogError("state.json holds no 'stages' mapping")
-    if not all(isinstance(rec, dict) for rec in stages.values()):
-        raise CatalogError("state.json holds stage records that are not mappings")
     rounds: dict[int, Source] = {}
-    for key, rec in stages.items():
-        info = rec.get("info")
-        if not isinstance(info, dict) or rec.get("status") != "done" or not isinstance(info.get("model"), str):
+    for n, info in state.done_rounds(arm).items():
+        model = info.model
+        if not isinstance(model, str):
             continue
-        m = _ROUND_KEY.match(key)
-        if key == "baseline/evaluate":
-            n = 0
-        elif m and m["arm"] == arm:
-            n = int(m["n"])
-        else:
-            continue
-        model = info["model"]
         if _remote(model):
             rounds[n] = str(resolve_location(model))
         elif remote:
@@ -164,11 +153,11 @@ class RunFollower:
 def _state_stamp(run_dir: str | Path) -> tuple[int, int] | None:
     """(modification time, size) of ``state.json``, None while it is missing."""
     if _remote(str(run_dir)):
-        loc = resolve_location(run_dir) / "state.json"
+        loc = resolve_location(run_dir) / layout.STATE
         info = loc.fs.get_file_info(loc.path)
         return None if info.type == FileType.NotFound else (info.mtime_ns or 0, info.size or 0)
     try:
-        st = (Path(run_dir) / "state.json").stat()
+        st = (Path(run_dir) / layout.STATE).stat()
     except FileNotFoundError:
         return None
     return st.st_mtime_ns, st.st_size

@@ -127,10 +127,3 @@ def start_serving(run_dir: str | Path, settings: ServeSettings, blocking: bool =
     handle = serve.run(app, name=settings.app_name, route_prefix=settings.route_prefix, blocking=blocking)
     logger.info("serving %s at http://%s:%d%s", run_dir, settings.host, settings.port, settings.route_prefix)
     return handle
-
-
-def stop_serving(settings: ServeSettings) -> None:
-    """Delete the app (the Serve instance keeps running for other apps)."""
-    from ray import serve
-
-    serve.delete(settings.app_name)

@@ -16,9 +16,9 @@ from typing import Any
 from imm_ray.errors import UserError
 from imm_ray.evaluate.ledger import question_changes, read_ledger
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
-from imm_ray.storage import Location, layout, read_jsonl, resolve
-from imm_ray.storage.fs import append_line
-from imm_ray.storage.rundir import RunDir
+from imm_ray.run import RunDir, layout
+from imm_ray.storage import Location, read_jsonl, resolve
+from imm_ray.storage.append import append_line
 
 __all__ = ["PageData", "PageInputError", "SAMPLE_FILTERS", "EVAL_FILTERS"]
 

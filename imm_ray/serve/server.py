@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from imm_ray.data.prompts import encode_prompt
-from imm_ray.generate.engine import EngineOptions
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.serve.backends import Backend, start_backend
 from imm_ray.serve.catalog import LATEST, RunFollower, Source, UnknownModelError, checkpoint_problem, folder_stamp
 from imm_ray.serve.pool import ModelPool
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 BackendLoader = Callable[[Path], Awaitable[Backend]]
 
 
-def engine_options(settings: ServeSettings) -> EngineOptions:
+def engine_options(settings: ServeSettings) -> EngineSettings:
     """Engine options of the serving engines."""
     return settings.engine
 

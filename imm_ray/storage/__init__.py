@@ -1,8 +1,8 @@
-"""Run directories and checkpoints on a local disk or object storage (no Ray, no torch).
+"""Files, folders and checkpoints on a local disk or object storage (no Ray, no torch, no runs).
 
 See :mod:`imm_ray.storage.fs` (locations, atomic writes), :mod:`imm_ray.storage.checkpoints`
-(publish with a manifest, materialize into a node-local cache), :mod:`imm_ray.storage.layout`
-(names and stage keys), :mod:`imm_ray.storage.rundir` (state, config, lock).
+(publish with a manifest, materialize into a node-local cache), :mod:`imm_ray.storage.lease`
+(the heartbeat lease's storage). What a run directory holds is :mod:`imm_ray.run`.
 """
 
 from imm_ray.storage.checkpoints import (
@@ -44,10 +44,9 @@ from imm_ray.storage.fs import (
     write_text,
 )
 from imm_ray.storage.lease import RunLockedError
-from imm_ray.storage.rundir import RunDir, RunStateError
 
 __all__ = [
-    "CheckpointError", "Location", "MANIFEST_NAME", "RunDir", "RunLockedError", "RunStateError", "StorageError",
+    "CheckpointError", "Location", "MANIFEST_NAME", "RunLockedError", "StorageError",
     "StorageOptions", "checkpoint_checksum", "clear_output", "default_cache_dir", "default_mode", "delete", "exists",
     "folder_checksum",
     "is_published", "is_remote", "make_temp_dir", "materialize", "materialize_verified", "parse_jsonl",

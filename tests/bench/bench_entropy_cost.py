@@ -51,7 +51,8 @@ def cpu_seconds() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from imm_ray.evaluate.diversity import mean_token_entropy
-    from imm_ray.generate.engine import EngineOptions, collect, entropy_mask
+    from imm_ray.generate.engine import collect, entropy_mask
+    from imm_ray.generate.settings import EngineSettings
     from imm_ray.generate.vllm_engine import VLLMEngine
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, ids = bg.prompt_ids(args, "train", args.prompts)
-    engine = VLLMEngine(model, EngineOptions(**bg.ENGINE))
+    engine = VLLMEngine(model, EngineSettings(**bg.ENGINE))
     spec = bg.sampling(args, False, bg.TOP_K)
 
     def timed(name: str, run) -> dict:

@@ -196,11 +196,12 @@ def run_ray_data(args) -> dict:
 def run_hf(args) -> dict:
     import torch
 
-    from imm_ray.generate.engine import EngineOptions, create_engine
+    from imm_ray.generate.engine import create_engine
+    from imm_ray.generate.settings import EngineSettings
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, ids = prompt_ids(args, "train", min(args.prompts, args.hf_prompts))
-    hf = create_engine("hf", model, EngineOptions(name="hf", dtype=engine(args).dtype, batch_size=16))
+    hf = create_engine("hf", model, EngineSettings(name="hf", dtype=engine(args).dtype, batch_size=16))
     t0 = time.monotonic()
     outs = hf.generate(ids, sampling(args, False))
     seconds = time.monotonic() - t0

@@ -46,7 +46,7 @@ def _config(model_dir: Path, data_dir: Path) -> dict:
 _HOLDING_DRIVER = """
 import sys, threading
 from pathlib import Path
-from imm_ray.storage.rundir import RunDir
+from imm_ray.run.rundir import RunDir
 from jobs.imm_run import main
 key, at, marker, *argv = sys.argv[1:]
 def hold():

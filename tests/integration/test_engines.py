@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from imm_ray.data.prompts import encode_prompt, render_prompt
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
-from imm_ray.generate.engine import EngineOptions, SamplingSpec
+from imm_ray.generate.engine import SamplingSpec
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.verify import extract_answer
 from tiny_model import TINY_PROBLEMS
 
@@ -36,7 +37,7 @@ def n_correct(outs) -> int:
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_engine_in_actor_generates_and_moves_between_checkpoints(engine, ray_local, tiny_model_dir, scrambled_model):
-    options = EngineOptions(name=engine, dtype="float32", max_model_len=256, kv_cache_gb=1)
+    options = EngineSettings(name=engine, dtype="float32", max_model_len=256, kv_cache_gb=1)
     spec = PoolSpec(engine=engine, options=options, num_actors=1, num_cpus=1)
     pool = GeneratorPool(spec, progress=False)
     greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=40, seed=None)
@@ -72,7 +73,7 @@ def test_a_swapped_bf16_vllm_engine_equals_one_started_on_the_checkpoint(eager, 
     swapped engine gives the same greedy tokens and token entropies as a fresh engine on that
     checkpoint (the scrambled model re-draws every tensor, so one left behind would show). The
     compiled engine (the demo's) too: its graphs read the swapped weights, not copies."""
-    options = EngineOptions(dtype="bfloat16", max_model_len=256, kv_cache_gb=1, enforce_eager=eager)
+    options = EngineSettings(dtype="bfloat16", max_model_len=256, kv_cache_gb=1, enforce_eager=eager)
     spec = SamplingSpec(n=1, temperature=0.0, max_tokens=40, seed=None, entropy_top_k=5, entropy_stride=1)
     ids = prompts(tiny_model_dir)
     outs = {}
@@ -96,7 +97,7 @@ def test_interrupted_vllm_pool_leaves_no_engine_process(ray_local, scrambled_mod
     """Shutting a pool down mid-generation (Ctrl-C, an error) stops vLLM's engine-core process too."""
     import psutil
 
-    spec = PoolSpec(engine="vllm", options=EngineOptions(dtype="float32", max_model_len=512, kv_cache_gb=1),
+    spec = PoolSpec(engine="vllm", options=EngineSettings(dtype="float32", max_model_len=512, kv_cache_gb=1),
                     num_actors=1, num_cpus=1)
     pool = GeneratorPool(spec, progress=False)
     pool.load(scrambled_model)  # random weights: every sample runs to max_tokens

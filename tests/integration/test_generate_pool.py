@@ -16,7 +16,8 @@ import imm_ray.generate.actors as actors_mod
 from imm_ray.data.prompts import encode_prompt, render_prompt
 from imm_ray.evaluate.diversity import token_entropy
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
-from imm_ray.generate.engine import EngineOptions, SamplingSpec, collect
+from imm_ray.generate.engine import SamplingSpec, collect
+from imm_ray.generate.settings import EngineSettings
 from imm_ray.placement import PlacementError
 from tiny_model import TINY_PROBLEMS
 
@@ -33,7 +34,7 @@ def prompt_ids(model_dir, repeat: int) -> list[list[int]]:
 
 
 def vllm_spec(num_actors: int, block_size: int | None = None, **extra) -> PoolSpec:
-    options = EngineOptions(dtype="float32", max_model_len=512, kv_cache_gb=1, block_size=block_size, extra=extra)
+    options = EngineSettings(dtype="float32", max_model_len=512, kv_cache_gb=1, block_size=block_size, extra=extra)
     return PoolSpec(engine="vllm", options=options, num_actors=num_actors, num_cpus=1, max_retries=2)
 
 
@@ -128,7 +129,7 @@ def test_killed_actor_and_engine_are_replaced_and_only_unfinished_prompts_redone
 
 
 def test_an_impossible_request_fails_in_seconds_naming_the_key(ray_local, tiny_model_dir):
-    pool = GeneratorPool(PoolSpec(engine="vllm", options=EngineOptions(), num_actors=1, num_gpus=1), progress=False)
+    pool = GeneratorPool(PoolSpec(engine="vllm", options=EngineSettings(), num_actors=1, num_gpus=1), progress=False)
     # The up-front refusal ("but none of ... offers"), not the placement timeout's message.
     with pytest.raises(PlacementError, match=r"GPU: 1 \(generate.resources.num_gpus\), but none of"):
         pool.load(tiny_model_dir)

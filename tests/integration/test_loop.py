@@ -18,8 +18,8 @@ from imm_ray.evaluate import read_ledger
 from imm_ray.loop import driver as driver_mod
 from imm_ray.loop.driver import RoundDriver
 from imm_ray.report import write_report
+from imm_ray.run import RunDir
 from imm_ray.storage import (
-    RunDir,
     RunLockedError,
     delete,
     is_published,

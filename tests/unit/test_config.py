@@ -153,7 +153,7 @@ def test_unknown_dataset_presets_fail_at_load_time(override, key):
 def test_removed_chunk_size_still_loads_with_a_deprecation_warning(tmp_path, caplog):
     """Run directories made before streaming saved generate.chunk_size in run.yaml; they still load and resume."""
     from imm_ray.loop.driver import RoundDriver
-    from imm_ray.storage import RunDir
+    from imm_ray.run import RunDir
 
     old = yaml.safe_load(config_to_yaml(load_config()))
     old["generate"]["chunk_size"] = 32
@@ -183,7 +183,7 @@ def test_entropy_stride_and_placement_waits_are_validated(override, key):
 
 def test_entropy_stride_and_placement_waits_may_change_on_resume(tmp_path):
     from imm_ray.loop.driver import RoundDriver
-    from imm_ray.storage import RunDir
+    from imm_ray.run import RunDir
 
     RoundDriver(load_config(), tmp_path)._save_config()
     RunDir(tmp_path).mark_done("imm/round-001/generate", 1.0, {})

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from imm_ray.storage import RunDir, RunLockedError, exists, layout, materialize, publish_dir, resolve
+from imm_ray.run import RunDir, layout
+from imm_ray.storage import RunLockedError, exists, materialize, publish_dir, resolve
 from imm_ray.storage.checkpoints import verify_manifest
 
 

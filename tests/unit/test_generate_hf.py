@@ -7,13 +7,14 @@ import torch
 from transformers import AutoTokenizer
 
 from imm_ray.data.prompts import encode_prompt, render_prompt
-from imm_ray.generate.engine import EngineOptions, SamplingSpec, create_engine
+from imm_ray.generate.engine import SamplingSpec, create_engine
+from imm_ray.generate.settings import EngineSettings
 from tiny_model import TINY_PROBLEMS
 
 
 @pytest.fixture(scope="module")
 def hf(tiny_model_dir):
-    engine = create_engine("hf", tiny_model_dir, EngineOptions(name="hf", dtype="float32", batch_size=3))
+    engine = create_engine("hf", tiny_model_dir, EngineSettings(name="hf", dtype="float32", batch_size=3))
     yield engine
     engine.close()
 

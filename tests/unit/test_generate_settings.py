@@ -10,12 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from imm_ray.evaluate.cli import add_eval_arguments, settings_from_args
-from imm_ray.generate.engine import EngineOptions
 from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
 
 
-def test_engine_options_are_the_settings_model_and_validate():
-    assert EngineOptions is EngineSettings
+def test_engine_settings_validate():
     with pytest.raises(ValidationError, match="unknown engine 'vlm'"):
         EngineSettings(name="vlm")
     with pytest.raises(ValidationError, match="extra"):

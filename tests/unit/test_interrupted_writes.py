@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imm_ray.storage import RunDir, layout, write_json
+from imm_ray.run import RunDir, layout
+from imm_ray.storage import write_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 # synced), prints the temporary file's path and waits to be killed.
 _WRITER = """
 import os, sys, time
-from imm_ray.storage import RunDir
+from imm_ray.run import RunDir
 run_dir, target, action = sys.argv[1:]
 rd = RunDir(run_dir)
 rd.lock()

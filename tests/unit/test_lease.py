@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from imm_ray.storage import RunDir, RunLockedError, conditional, exists, layout, resolve
+from imm_ray.run import RunDir, layout
+from imm_ray.storage import RunLockedError, conditional, exists, resolve
 from imm_ray.storage.conditional import CLOCK_RESOLUTION_S, PreconditionFailed
 from imm_ray.storage.fs import read_bytes, write_json
 from imm_ray.storage.lease import Lease

@@ -187,7 +187,7 @@ def _write_eval_samples(run: Path, arm: str, t: int, right: dict[str, set[int]],
     from imm_ray.data.problems import Problem
     from imm_ray.evaluate import evaluate_completions, sample_rows
     from imm_ray.generate.engine import Completion
-    from imm_ray.storage import layout
+    from imm_ray.run import layout
 
     def completion(ok: bool) -> Completion:
         return Completion(text=f"The answer is {7 if ok else 8}.", finish_reason="stop", num_tokens=5)

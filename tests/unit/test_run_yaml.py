@@ -23,7 +23,7 @@ from imm_ray.data import DataError, DatasetSpec, load_problems
 from imm_ray.data.loaders import _field_map
 from imm_ray.data.presets import get_dataset_preset
 from imm_ray.loop.driver import RoundDriver
-from imm_ray.storage import RunDir
+from imm_ray.run import RunDir
 from tiny_model import TINY_PROBLEMS, write_tiny_dataset
 
 SHIPPED = sorted((Path(__file__).resolve().parents[2] / "jobs/configs").glob("*.yaml"))

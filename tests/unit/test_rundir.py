@@ -7,7 +7,9 @@ import pytest
 from imm_ray.config import ConfigError, config_from_dict, config_to_yaml, load_run_config
 from imm_ray.loop.driver import RoundDriver
 from imm_ray.loop.summary import format_table, metrics_rows
-from imm_ray.storage import RunDir, StorageError
+from imm_ray.run import RunDir
+from imm_ray.run.state import RunState
+from imm_ray.storage import StorageError
 
 
 def _save(cfg_tree: dict, run_dir) -> None:
@@ -56,7 +58,7 @@ def test_metrics_rows_and_table_stop_at_the_first_unfinished_round():
         "imm/round-001/evaluate": _done(ev, 2.0),
         "imm/round-002/generate": _done({"generated": 8}),
     }
-    rows = metrics_rows({"stages": stages}, ["imm"], 2)
+    rows = metrics_rows(RunState.from_json({"stages": stages}), ["imm"], 2)
     assert [(r["arm"], r["round"]) for r in rows] == [("base", 0), ("imm", 1)]
     assert rows[1]["accepted"] == 3 and rows[1]["accuracy"] == {"gsm8k": 0.25}
     assert rows[1]["seconds"]["evaluate"] == 2.0

@@ -13,14 +13,14 @@ from test_serve import FakeLoader, write_checkpoint
 from tiny_run import tiny_run_config, write_finished_round
 
 from imm_ray.config import config_from_dict, config_to_yaml
+from imm_ray.run import RunDir, layout
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.http_app import create_app
 from imm_ray.serve.page_data import PageData, PageInputError
 from imm_ray.serve.server import OpenAIServer
 from imm_ray.serve.settings import ServeSettings
-from imm_ray.storage import layout, read_jsonl, resolve
-from imm_ray.storage.fs import append_line
-from imm_ray.storage.rundir import RunDir
+from imm_ray.storage import read_jsonl, resolve
+from imm_ray.storage.append import append_line
 from tiny_model import TINY_PROBLEMS
 
 # A run without merge.sweep: its rounds have every stage but the sweep.

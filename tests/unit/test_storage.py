@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from imm_ray.run import RunDir, RunStateError, layout
 from imm_ray.storage import (
     CheckpointError,
-    RunDir,
     RunLockedError,
-    RunStateError,
     StorageError,
     clear_output,
     delete,
     exists,
     is_published,
-    layout,
     materialize,
     publish_dir,
     read_jsonl,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.report.metrics import RunMetrics
 from imm_ray.report.tables import rounds_table
+from imm_ray.run.state import RunState
 from imm_ray.storage import Location
 
 
@@ -12,15 +13,15 @@ def _done(seconds: float, **info) -> dict:
     return {"status": "done", "seconds": seconds, "info": info}
 
 
-def _state() -> dict:
+def _state() -> RunState:
     ev = {"datasets": {"gsm8k": {"accuracy": 0.25}}, "model": "m", "tokens": 400, "tokens_per_s": 200.0}
-    return {"stages": {
+    return RunState.from_json({"stages": {
         "imm/round-001/generate": _done(10.0, generated=8, tokens=3000, tokens_per_s=300.0),
         "imm/round-001/verify": _done(1.0, accepted=3),
         "imm/round-001/sft": _done(20.0, skipped=False, tokens=1500, tokens_per_s=75.0),
         "imm/round-001/merge": _done(2.0),
         "imm/round-001/evaluate": _done(2.0, **ev),
-    }}
+    }})
 
 
 def test_rows_record_tokens_and_rates_per_stage() -> None:

@@ -6,7 +6,7 @@ from imm_ray.config import ConfigError, load_config
 from imm_ray.data.problems import Problem
 from imm_ray.evaluate.probe import probe_split
 from imm_ray.merge.sweep import ProbeScore, choose_candidate, frontier_choice, pareto_front, sweep_candidates
-from imm_ray.storage.layout import pinning_stage
+from imm_ray.run.layout import pinning_stage
 
 
 def problems(n, dataset="set"):

@@ -7,6 +7,9 @@
     RUN/metrics.jsonl                 one line per round and arm (derived from state.json)
     RUN/driver.log                    the driver's log, appended across resumes
     RUN/votes.jsonl                   the web page's side-by-side preferences, one line per vote
+    RUN/report.md, RUN/plots/         the report and its plots (derived from metrics.jsonl)
+    RUN/analysis.json                 layer analysis (imm analyze)
+    RUN/tensorboard/                  the TensorBoard sink's events (derived from metrics.jsonl)
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
     RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
@@ -27,6 +30,10 @@ STATE_BACKUP = "state.json.bak"
 METRICS = "metrics.jsonl"
 DRIVER_LOG = "driver.log"
 VOTES = "votes.jsonl"
+REPORT = "report.md"
+PLOTS = "plots"
+ANALYSIS = "analysis.json"
+TENSORBOARD = "tensorboard"
 LOCAL_LOCK = ".lock"
 LEASE = ".lease.json"
 BASELINE = "baseline"

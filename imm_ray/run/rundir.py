@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from imm_ray.storage import conditional, layout
+from imm_ray.run import layout
+from imm_ray.run.files import read_config_text
+from imm_ray.run.state import RunState, StateFormatError, parse_state
+from imm_ray.storage import conditional
 from imm_ray.storage.checkpoints import is_published
 from imm_ray.storage.fs import (
     Location,
@@ -18,7 +21,6 @@ from imm_ray.storage.fs import (
     exists,
     list_names,
     read_bytes,
-    read_text,
     remove_temp_siblings,
     resolve,
     write_bytes,
@@ -96,10 +98,7 @@ class RunDir:
     # --- config -----------------------------------------------------------------------------
     def read_config_text(self) -> str | None:
         """``run.yaml`` as saved, or None before the first start."""
-        try:
-            return read_text(self.config_path)
-        except FileNotFoundError:
-            return None
+        return read_config_text(self.root)
 
     def write_config(self, text: str) -> None:
         write_text(self.config_path, text)
@@ -185,14 +184,11 @@ class RunDir:
 
     def _parse_state(self, raw: bytes) -> dict[str, Any]:
         try:
-            state = json.loads(raw)
-            if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
-                raise ValueError("no 'stages' mapping")
-        except ValueError as exc:
+            return parse_state(raw)
+        except StateFormatError as exc:
             raise RunStateError(
                 f"{self.state_path} is corrupt ({exc}); restore the copy kept beside it "
                 f"({self.backup_path} -> {self.state_path}) or start over in a new --run-dir") from None
-        return state
 
     def _save_state(self) -> None:
         data = (json.dumps(self.state, indent=2) + "\n").encode("utf-8")
@@ -205,6 +201,10 @@ class RunDir:
         else:
             write_bytes(self.state_path, data)
         write_bytes(self.backup_path, data)
+
+    def view(self) -> RunState:
+        """A read-only view of the state as last saved or loaded."""
+        return RunState.from_json(self.state)
 
     def done_keys(self) -> list[str]:
         """Keys of the finished stages, in the order they finished."""
