@@ -63,7 +63,7 @@ class Stage:
 
 ROUND_STAGES: tuple[Stage, ...] = (
     Stage("generate", (layout.SAMPLES,)),
-    Stage("verify", (layout.ACCEPTED,)),
+    Stage("verify", (layout.ACCEPTED, layout.VERDICTS)),
     Stage("sft", (layout.SFT,)),  # clearing it clears its temp siblings (Ray Train's run folder too)
     Stage("merge", (layout.MERGED,), merge_only=True),
     Stage("evaluate", (layout.EVAL, layout.EVAL_SAMPLES)),

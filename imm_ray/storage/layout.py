@@ -9,7 +9,7 @@
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
     RUN/teacher/, RUN/anchor/         object storage only: the distillation teacher, a merge anchor
-    RUN/<arm>/round-NNN/samples.jsonl, accepted.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
+    RUN/<arm>/round-NNN/samples.jsonl, accepted.jsonl, verdicts.jsonl, sft/, merged/, eval.json, eval_samples.jsonl
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ BASELINE = "baseline"
 ORIGINAL = "original"
 TEACHER = "teacher"
 ANCHOR = "anchor"
+JUDGE = "judge"  # the verify.judge.model, copied into an object-storage run directory
 SAMPLES = "samples.jsonl"
 ACCEPTED = "accepted.jsonl"
+VERDICTS = "verdicts.jsonl"  # every sample's verdict (with a judge's text)
 SFT = "sft"
 MERGED = "merged"
 EVAL = "eval.json"
