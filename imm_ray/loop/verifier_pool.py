@@ -30,10 +30,10 @@ class VerifierActor:
     """Holds one open verifier; ``options["model_path"]`` (a judge's model) is materialized on this node."""
 
     def __init__(self, verifier: str, options: dict[str, Any], num_threads: int) -> None:
-        import torch
+        if "model_path" in options:  # a model on object storage is loaded from this node's cache copy
+            import torch
 
-        torch.set_num_threads(max(1, num_threads))
-        if "model_path" in options:
+            torch.set_num_threads(max(1, num_threads))
             options = {**options, "model_path": str(materialize(options["model_path"]))}
         self.verifier = get_verifier(verifier, **options)
 
