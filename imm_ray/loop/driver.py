@@ -421,7 +421,7 @@ class RoundDriver:
                 return self._generate(self.teacher, samples, t, owner, role="teacher")
             return self._generate(current, samples, t, owner)
         if name == "verify":
-            return self._verify(samples, accepted, rdir / layout.VERDICTS)
+            return self._verify(samples, accepted, rdir / layout.VERDICTS, owner)
         if name == "sft":
             return self._sft(plan.sft_init, accepted, rdir / layout.SFT, owner)
         if name == "merge":
@@ -529,10 +529,12 @@ class RoundDriver:
             "actor_retries": pool.last_stats.retries,  # generator actors replaced mid-round
         }
 
-    def _verify(self, samples: Location, out: Location, verdicts_out: Location) -> dict[str, Any]:
+    def _verify(self, samples: Location, out: Location, verdicts_out: Location, owner: str | None) -> dict[str, Any]:
         v = self.cfg.verify
         rows = read_jsonl(samples)
         pool = self.verifier_pool()
+        if not pool.actors:  # a judge on a GPU may need the room the generator pool holds
+            self._make_room(self._requests()["verify"], owner)
         verdicts = pool.verify(rows, v.batch_size)
         kept = select_accepted(rows, verdicts, dedup=v.dedup)
         write_jsonl(out, kept)
