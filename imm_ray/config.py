@@ -174,8 +174,8 @@ class JudgeConfig(_Strict):
 
     model: str | None = None
     """The judge model (embedded:<name>, a folder, an s3:// folder or a hub id); unset: the run's original model."""
-    engine: EngineSettings = EngineSettings()
-    """The judge's inference engine, hosted in the verifier actors."""
+    engine: EngineSettings | None = None
+    """The judge's inference engine, hosted in the verifier actors (unset: generate.engine's settings)."""
     prompt: str = DEFAULT_JUDGE_PROMPT
     """The judge's instruction, with {question} and {answer}; it must ask for a last line 'Verdict: yes' or 'no'."""
     max_tokens: int = Field(256, ge=1)

@@ -210,7 +210,8 @@ class RoundDriver:
                 elif v.verifier == "judge":
                     j = v.judge
                     model = self._publish_model(j.model, layout.JUDGE) if j.model else self.original
-                    options = {"model_path": model, "engine": j.engine, "prompt": j.prompt,
+                    engine = j.engine or self.cfg.generate.engine.model_copy(update={"seed": self.cfg.generate.seed})
+                    options = {"model_path": model, "engine": engine, "prompt": j.prompt,
                                "max_tokens": j.max_tokens, "samples": j.samples, "temperature": j.temperature,
                                "threshold": j.threshold}
                 placement = ActorPlacement(
