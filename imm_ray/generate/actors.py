@@ -148,6 +148,24 @@ def kill_quietly(actor) -> None:
         pass
 
 
+def close_actors(actors: list, group, graceful: bool, what: str) -> None:
+    """Call each actor's ``close``, kill it, then remove the placement group (None: none). After an
+    error (``graceful=False``) a failing close is logged and the actor killed anyway."""
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:
+            if graceful:
+                raise
+            logger.warning("closing a %s actor failed; killing it", what, exc_info=True)
+        finally:
+            ray.kill(actor)
+    if group is not None:
+        remove_placement_group(group)
+
+
 class GeneratorPool:
     """A pool of :class:`GeneratorActor` that moves together from checkpoint to checkpoint."""
 
@@ -246,19 +264,5 @@ class GeneratorPool:
         vLLM's engine-core process generating on its own. After an error (``graceful=False``) a
         failing close is logged and the actor is killed anyway, so the original error surfaces.
         """
-        from ray.util.placement_group import remove_placement_group
-
-        for actor in self.actors:
-            try:
-                ray.get(actor.close.remote(), timeout=60)
-            except Exception:
-                if graceful:
-                    raise
-                logger.warning("closing a generator actor failed; killing it", exc_info=True)
-            finally:
-                ray.kill(actor)
-        self.actors = []
-        self.model_path = None
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        close_actors(self.actors, self._pg, graceful, "generator")
+        self.actors, self.model_path, self._pg = [], None, None

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
-from imm_ray.generate.actors import ActorPlacement, kill_quietly
+from imm_ray.generate.actors import ActorPlacement, close_actors, kill_quietly
 from imm_ray.storage import materialize
 from imm_ray.verify import Verdict, get_verifier, question_chunks, verify_rows
 
@@ -113,19 +113,6 @@ class VerifierPool:
 
     def shutdown(self, graceful: bool = True) -> None:
         """Close every verifier (worker processes, engines), stop the actors and free their resources."""
-        from ray.util.placement_group import remove_placement_group
-
         with self._lock:
-            for actor in self.actors:
-                try:
-                    ray.get(actor.close.remote(), timeout=60)
-                except Exception:
-                    if graceful:
-                        raise
-                    logger.warning("closing a verifier actor failed; killing it", exc_info=True)
-                finally:
-                    ray.kill(actor)
-            self.actors = []
-            if self._pg is not None:
-                remove_placement_group(self._pg)
-                self._pg = None
+            close_actors(self.actors, self._pg, graceful, "verifier")
+            self.actors, self._pg = [], None
