@@ -39,6 +39,7 @@ from imm_ray.run.files import read_config_text
 from imm_ray.serve.settings import ServeSettings
 from imm_ray.storage import Location, resolve
 from imm_ray.train import SFTSettings
+from imm_ray.verify.judge import DEFAULT_JUDGE_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -171,17 +172,43 @@ class GenerateConfig(_Strict):
     (within 2% of all questions' on GSM8K) for less work."""
 
 
+class JudgeConfig(_Strict):
+    """The LLM judge of verify.verifier judge: it reads each question and sampled answer and says yes or no."""
+
+    model: str | None = None
+    """The judge model (embedded:<name>, a folder, an s3:// folder or a hub id); unset: the run's original model."""
+    engine: EngineSettings | None = None
+    """The judge's inference engine, hosted in the verifier actors (unset: generate.engine's settings)."""
+    prompt: str = DEFAULT_JUDGE_PROMPT
+    """The judge's instruction, with {question} and {answer}; it must ask for a last line 'Verdict: yes' or 'no'."""
+    max_tokens: int = Field(256, ge=1)
+    """Longest judgement in new tokens."""
+    samples: int = Field(1, ge=1)
+    """Judgements per answer; an answer's score is the share of them that end in 'Verdict: yes'."""
+    temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature of the judgements (0: greedy, so several samples agree)."""
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """Accept an answer whose score is at least this."""
+
+
 class VerifyConfig(_Strict):
     """Which verifier keeps samples, and whether identical texts are deduplicated."""
 
     verifier: str = "numeric"
-    """How a sampled answer is checked against the gold answer: numeric or math (math-verify)."""
+    """How a sample is kept: numeric or math (math-verify) against the gold answer; majority (agrees with most of
+    the question's samples) or judge (an LLM says it is right) without one."""
+    min_agreement: float = Field(0.5, ge=0.0, le=1.0)
+    """majority: the least share of a question's samples its most common answer needs to become the pseudo-label."""
+    judge: JudgeConfig = JudgeConfig()
+    """The LLM judge of verifier judge."""
     dedup: bool = True
     """Keep one copy of identical (whitespace-normalised) correct answers to a question."""
+    num_actors: int = Field(1, ge=1)
+    """Verifier actors, created once per run and kept (rule-based verifiers keep their worker processes warm)."""
     batch_size: int = Field(512, ge=1)
-    """Answers checked per Ray verification task."""
+    """Answers a verifier actor checks per call (a question's samples stay together)."""
     resources: ActorResources = ActorResources(num_cpus=0.5)
-    """Ray resources of each verification task."""
+    """Ray resources of each verifier actor (a judge needs its engine's: e.g. num_gpus 1 with vLLM)."""
 
     @field_validator("verifier")
     @classmethod
@@ -292,9 +319,9 @@ class EvalConfig(_Strict):
     @field_validator("verifier")
     @classmethod
     def _known_verifier(cls, v: str) -> str:
-        from imm_ray.verify import VERIFIERS
+        from imm_ray.verify import VERIFIERS, needs_gold
 
-        return _known("evaluation verifier", v, ["auto", *VERIFIERS])
+        return _known("evaluation verifier", v, ["auto", *(n for n in VERIFIERS if needs_gold(n))])
 
 
 class StorageConfig(_Strict):
@@ -682,7 +709,7 @@ def load_run_config(run_dir: str | Path | Location) -> ImmConfig:
 RESUMABLE_CHANGES = (
     "run.rounds", "run.concurrent_arms", "run.progress", "run.report", "run.analyze", "run.metric_sinks",
     "ray.", "serve.", "storage.",
-    "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride",
+    "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride", "verify.num_actors",
     "train.max_failures", "train.checkpoint_every_steps", "train.checkpoint_min_interval_s",
 )
 

@@ -135,18 +135,20 @@ def gold_answer(value: Any, answer_format: AnswerFormat) -> str | None:
     return text or None
 
 
-def _to_problem(row: RawRow, fields: _FieldMap, name: str) -> Problem | str:
-    """A Problem, or a message saying why the row is malformed."""
+def _to_problem(row: RawRow, fields: _FieldMap, name: str, require_answer: bool) -> Problem | str:
+    """A Problem, or a message saying why the row is malformed (a row without an answer is, when
+    ``require_answer``; else its answer is None)."""
     if row.error is not None or row.data is None:
         return row.error or "empty row"
     data = row.data
     question = data.get(fields.question)
     if not isinstance(question, str) or not question.strip():
         return f"missing or empty question field {fields.question!r}"
-    if fields.answer not in data or data[fields.answer] is None:
-        return f"missing answer field {fields.answer!r}"
-    answer = gold_answer(data[fields.answer], fields.answer_format)
-    if answer is None:
+    answer = None
+    if data.get(fields.answer) is None:
+        if require_answer:
+            return f"missing answer field {fields.answer!r}"
+    elif (answer := gold_answer(data[fields.answer], fields.answer_format)) is None:
         raw = repr(data[fields.answer])
         raw = raw if len(raw) <= 80 else raw[:77] + "..."
         return f"unparseable gold answer {raw} for answer_format {fields.answer_format!r}"
@@ -161,7 +163,7 @@ def _to_problem(row: RawRow, fields: _FieldMap, name: str) -> Problem | str:
 
 
 def _build(
-    rows: Iterable[RawRow], spec: DatasetSpec, fields: _FieldMap, source: str
+    rows: Iterable[RawRow], spec: DatasetSpec, fields: _FieldMap, source: str, require_answer: bool = True
 ) -> LoadResult:
     stop = None if spec.limit is None else spec.offset + spec.limit
     problems: list[Problem] = []
@@ -172,7 +174,7 @@ def _build(
             continue
         if stop is not None and row.index >= stop:
             break
-        result = _to_problem(row, fields, spec.name)
+        result = _to_problem(row, fields, spec.name, require_answer)
         if isinstance(result, Problem) and result.id in seen_ids:
             result = f"duplicate id {result.id!r}"
         if isinstance(result, str):
@@ -223,7 +225,7 @@ def _missing_hint(spec: DatasetSpec, preset: DatasetPreset | None, bundled: Bund
     return f"{hint} Fix: {_FIX_HINT}."
 
 
-def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None) -> LoadResult:
+def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None, require_answer: bool = True) -> LoadResult:
     """Load the problems a DatasetSpec names.
 
     Source resolution: explicit path > data_dir argument > $IMM_DATA_DIR (paths and folders may be
@@ -231,7 +233,8 @@ def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None) -> Load
     it > a generated preset > hub (spec.hub_id, else the preset's). An explicit path that does not
     exist is an error unless spec.hub_id is also given. offset/limit select rows by their position
     in the source (ids f"{name}-{index}" keep that position); malformed rows in the window are
-    skipped and counted, or raise DataError when spec.strict.
+    skipped and counted, or raise DataError when spec.strict. Without ``require_answer`` (a verifier
+    that needs no gold) a row without an answer loads with answer None.
     """
     try:
         preset = get_dataset_preset(spec.preset) if spec.preset else None
@@ -240,12 +243,13 @@ def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None) -> Load
     path, tried = find_data_file(spec, data_dir)
     if path is not None:
         logger.info("dataset %r: loading %s", spec.name, path)
-        return _build(iter_file_rows(path), spec, _field_map(spec, preset, hub=False), str(path))
+        return _build(iter_file_rows(path), spec, _field_map(spec, preset, hub=False), str(path), require_answer)
     bundled = _bundled(spec, preset)
     if bundled is not None and bundled.holds(spec.offset, spec.limit):
         logger.info("dataset %r: loading %s of the bundled copy %s (no data folder holds it)",
                     spec.name, _window(spec), bundled.path)
-        return _build(iter_file_rows(bundled.path), spec, _field_map(spec, preset, hub=False), str(bundled.path))
+        return _build(iter_file_rows(bundled.path), spec, _field_map(spec, preset, hub=False), str(bundled.path),
+                      require_answer)
     if preset is not None and preset.builder is not None and not spec.path:
         logger.info("dataset %r: generating preset %s split %s", spec.name, preset.name, spec.split)
         return preset.builder(spec)
@@ -269,4 +273,4 @@ def load_problems(spec: DatasetSpec, data_dir: str | Path | None = None) -> Load
             f"{type(exc).__name__}: {exc}.{_missing_hint(spec, preset, bundled)}"
         ) from exc
     logger.info("dataset %r: loaded %d rows from hub %s", spec.name, len(rows), hub_id)
-    return _build(rows, spec, _field_map(spec, preset, hub=True), hub_id)
+    return _build(rows, spec, _field_map(spec, preset, hub=True), hub_id, require_answer)

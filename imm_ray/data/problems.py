@@ -15,11 +15,12 @@ class DataError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One question with its gold final answer (a normalised number string when numeric)."""
+    """One question with its gold final answer (a normalised number string when numeric; None in a
+    training set loaded for a verifier that needs no gold)."""
 
     id: str
     question: str
-    answer: str
+    answer: str | None
     dataset: str
 
 

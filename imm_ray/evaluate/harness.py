@@ -19,7 +19,7 @@ from imm_ray.evaluate.specs import parse_dataset_arg
 from imm_ray.generate.engine import SamplingSpec
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.storage import write_jsonl
-from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier
+from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier, needs_gold
 
 __all__ = ["EvalSettings", "evaluate_model"]
 
@@ -56,8 +56,9 @@ class EvalSettings:
             raise UsageError("samples > 1 needs temperature > 0: greedy samples are all the same")
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.verifier != "auto" and self.verifier not in VERIFIERS:
-            raise UsageError(f"unknown verifier {self.verifier!r}; use auto or one of {sorted(VERIFIERS)}")
+        gold = sorted(name for name in VERIFIERS if needs_gold(name))  # accuracy is measured against gold
+        if self.verifier != "auto" and self.verifier not in gold:
+            raise UsageError(f"verifier {self.verifier!r} cannot score against gold; use auto or one of {gold}")
 
     def summary(self) -> dict[str, Any]:
         """The settings that shape the completions (recorded with every dataset's metrics)."""

@@ -64,21 +64,59 @@ class GeneratorActor:
         self.engine.close()
 
 
-@dataclass
-class PoolSpec:
-    """What a pool's actors run and what each one asks of Ray."""
+@dataclass(kw_only=True)
+class ActorPlacement:
+    """How many actors a pool runs and what each one asks of Ray (shared by the generator and verifier pools)."""
 
-    engine: str
-    options: EngineSettings
     num_actors: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor, e.g. {"node_1": 1}
-    max_retries: int = 3  # actor replacements per generate call before it gives up
+    max_retries: int = 3  # actor replacements per call before it gives up
     placement_log_s: float = 60.0  # while the actors wait for resources, say what is pending this often
     placement_timeout_s: float = 900.0  # give up waiting for resources after this long
     node_types: NodeTypes = field(default_factory=NodeTypes)  # what an autoscaler may add, to wait for
     config_key: str = "generate.resources"  # where the resources came from, for error messages
+
+    def request(self, what: str) -> ResourceRequest:
+        res = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return ResourceRequest(what, self.config_key, res, self.num_actors)
+
+    def reserve(self, what: str):
+        """Check the actors' resources can ever be met (fail at once if not), then reserve them: the
+        placement group (one bundle per actor, spread), or None when an actor asks for nothing."""
+        from ray.util.placement_group import placement_group
+
+        request = self.request(what)
+        check_on_cluster(request, self.node_types)
+        bundle = request.needs()
+        if not bundle:
+            return None
+        group = placement_group([bundle] * self.num_actors, strategy="SPREAD")
+        wait_placed([group.ready()], request, self.placement_log_s, self.placement_timeout_s, self.node_types)
+        return group
+
+    def actor_options(self, group, slot: int) -> dict:
+        """Ray options of the actor in ``slot`` (bundle ``slot`` of ``group`` when there is one)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts: dict = dict(num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        runtime_env = actor_runtime_env()  # the one list of variables that follow the driver (AWS ones included)
+        if runtime_env:
+            opts["runtime_env"] = runtime_env
+        if group is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=slot)
+        return opts
+
+
+@dataclass(kw_only=True)
+class PoolSpec(ActorPlacement):
+    """What a generator pool's actors run and what each one asks of Ray."""
+
+    engine: str
+    options: EngineSettings
 
 
 @dataclass(frozen=True)
@@ -103,6 +141,32 @@ def _engine_died(err: Exception) -> bool:
     return isinstance(err, RayTaskError) and "EngineDead" in type(getattr(err, "cause", None)).__name__
 
 
+def kill_quietly(actor) -> None:
+    """Kill a failed actor for good (it may be gone already)."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - it is gone already
+        pass
+
+
+def close_actors(actors: list, group, graceful: bool, what: str) -> None:
+    """Call each actor's ``close``, kill it, then remove the placement group (None: none). After an
+    error (``graceful=False``) a failing close is logged and the actor killed anyway."""
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:
+            if graceful:
+                raise
+            logger.warning("closing a %s actor failed; killing it", what, exc_info=True)
+        finally:
+            ray.kill(actor)
+    if group is not None:
+        remove_placement_group(group)
+
+
 class GeneratorPool:
     """A pool of :class:`GeneratorActor` that moves together from checkpoint to checkpoint."""
 
@@ -114,34 +178,8 @@ class GeneratorPool:
         self.last_stats: GenerationStats | None = None
         self._pg = None
 
-    def _request(self) -> ResourceRequest:
-        res = {"CPU": self.spec.num_cpus, "GPU": self.spec.num_gpus, **self.spec.resources}
-        return ResourceRequest("generator actor", self.spec.config_key, res, self.spec.num_actors)
-
-    def _reserve(self) -> None:
-        """Check the actors' resources can ever be met (fail at once if not), then reserve them."""
-        from ray.util.placement_group import placement_group
-
-        request = self._request()
-        check_on_cluster(request, self.spec.node_types)
-        bundle = request.needs()
-        if bundle:
-            self._pg = placement_group([bundle] * self.spec.num_actors, strategy="SPREAD")
-            wait_placed([self._pg.ready()], request, self.spec.placement_log_s, self.spec.placement_timeout_s,
-                        self.spec.node_types)
-
     def _start_actor(self, slot: int, model_path: str):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        opts: dict = dict(num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus)
-        if self.spec.resources:
-            opts["resources"] = dict(self.spec.resources)
-        runtime_env = actor_runtime_env()  # the one list of variables that follow the driver (AWS ones included)
-        if runtime_env:
-            opts["runtime_env"] = runtime_env
-        if self._pg is not None:
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=slot)
-        return GeneratorActor.options(**opts).remote(
+        return GeneratorActor.options(**self.spec.actor_options(self._pg, slot)).remote(
             self.spec.engine, str(model_path), self.spec.options, int(max(1, self.spec.num_cpus)))
 
     def load(self, model_path: str | Path) -> None:
@@ -150,7 +188,7 @@ class GeneratorPool:
         if self.model_path == model_path:
             return
         if not self.actors:
-            self._reserve()
+            self._pg = self.spec.reserve("generator actor")
             logger.info("starting %d %s generator actor(s) on %s", self.spec.num_actors, self.spec.engine, model_path)
             self.actors = [self._start_actor(j, model_path) for j in range(self.spec.num_actors)]
             ray.get([a.__ray_ready__.remote() for a in self.actors])  # engines up: start-up errors surface here
@@ -162,10 +200,7 @@ class GeneratorPool:
     def _replace(self, slot: int, err: Exception) -> None:
         logger.warning("generator actor %d failed (%s: %s); starting a new one for its unfinished prompts",
                        slot, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        try:
-            ray.kill(self.actors[slot], no_restart=True)
-        except Exception:  # noqa: BLE001 - it is gone already
-            pass
+        kill_quietly(self.actors[slot])
         self.actors[slot] = self._start_actor(slot, self.model_path)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
@@ -230,19 +265,5 @@ class GeneratorPool:
         vLLM's engine-core process generating on its own. After an error (``graceful=False``) a
         failing close is logged and the actor is killed anyway, so the original error surfaces.
         """
-        from ray.util.placement_group import remove_placement_group
-
-        for actor in self.actors:
-            try:
-                ray.get(actor.close.remote(), timeout=60)
-            except Exception:
-                if graceful:
-                    raise
-                logger.warning("closing a generator actor failed; killing it", exc_info=True)
-            finally:
-                ray.kill(actor)
-        self.actors = []
-        self.model_path = None
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        close_actors(self.actors, self._pg, graceful, "generator")
+        self.actors, self.model_path, self._pg = [], None, None

@@ -38,11 +38,12 @@ from imm_ray.evaluate import (
     sample_rows,
 )
 from imm_ray.evaluate.probe import ProbeSplit, probe_split
-from imm_ray.generate.actors import GenerationStats, GeneratorPool, PoolSpec
+from imm_ray.generate.actors import ActorPlacement, GenerationStats, GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
 from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
-from imm_ray.loop.remote import merge_remote, publish_model_remote, verify_remote
+from imm_ray.loop.remote import merge_remote, publish_model_remote
 from imm_ray.loop.summary import format_table, metrics_rows
+from imm_ray.loop.verifier_pool import VerifierPool
 from imm_ray.merge.sweep import SELECT_RULES, ProbeScore, choose_candidate, sweep_candidates
 from imm_ray.models import resolve_model
 from imm_ray.placement import (
@@ -79,7 +80,7 @@ from imm_ray.storage import (
 )
 from imm_ray.storage.fs import download_file, upload_file
 from imm_ray.train import run_sft
-from imm_ray.verify import select_accepted
+from imm_ray.verify import label_precision, needs_gold, select_accepted
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class RoundDriver:
         # Generator pools by (role, owner): the owner is the arm when arms run concurrently (each
         # with pools of its own), None for the pools shared by arms that run one after another.
         self._pools: dict[tuple[str, str | None], GeneratorPool] = {}
+        self._verifiers: VerifierPool | None = None  # one per run, shared by every round and arm
         self._lock = threading.RLock()  # state.json and metrics.jsonl, shared by concurrent arms
         self.original: str | None = None  # model locations: a local path or a URI
         self.teacher: str | None = None
@@ -168,7 +170,9 @@ class RoundDriver:
     def problems(self, spec: DatasetSpec) -> list[Problem]:
         """Load (once) the problems of a data set."""
         if spec.name not in self._problems:
-            res = load_problems(spec, data_dir=self.cfg.data.dir)
+            # A training set needs no answers for a verifier without gold (they only measure its labels).
+            gold = spec != self.cfg.data.train or needs_gold(self.cfg.verify.verifier)
+            res = load_problems(spec, data_dir=self.cfg.data.dir, require_answer=gold)
             if res.malformed:
                 logger.warning("%s: skipped %d malformed rows of %s", spec.name, res.malformed, res.source)
             if not res.problems:
@@ -221,6 +225,28 @@ class RoundDriver:
             node_types=self.node_types,
         )
         return GeneratorPool(spec, progress=self.cfg.run.progress)
+
+    def verifier_pool(self) -> VerifierPool:
+        """The run's verifier pool, created on first use (its actors start on its first call)."""
+        v, r = self.cfg.verify, self.cfg.verify.resources
+        with self._lock:
+            if self._verifiers is None:
+                options: dict[str, Any] = {}
+                if v.verifier == "majority":
+                    options["min_agreement"] = v.min_agreement
+                elif v.verifier == "judge":
+                    j = v.judge
+                    model = self._publish_model(j.model, layout.JUDGE) if j.model else self.original
+                    engine = j.engine or self.cfg.generate.engine.model_copy(update={"seed": self.cfg.generate.seed})
+                    options = {"model_path": model, "engine": engine, "prompt": j.prompt,
+                               "max_tokens": j.max_tokens, "samples": j.samples, "temperature": j.temperature,
+                               "threshold": j.threshold}
+                placement = ActorPlacement(
+                    num_actors=v.num_actors, num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources),
+                    placement_log_s=self.cfg.ray.placement_log_s, placement_timeout_s=self.cfg.ray.placement_timeout_s,
+                    node_types=self.node_types, config_key="verify.resources")
+                self._verifiers = VerifierPool(placement, v.verifier, options, progress=self.cfg.run.progress)
+        return self._verifiers
 
     def prompts(self, problems: list[Problem], tokenizer: Any = None) -> list[dict[str, Any]]:
         """Render and tokenise the prompt of each problem (with the student's tokenizer by default)."""
@@ -312,7 +338,7 @@ class RoundDriver:
                         self.rd.root, format_table(rows), serve_command(str(self.rd.root)))
             return rows
         finally:
-            for pool in self._pools.values():
+            for pool in [*self._pools.values(), *([self._verifiers] if self._verifiers else [])]:
                 pool.shutdown(graceful=finished)
             self.ahead.release()
             logging.getLogger().removeHandler(log_handler)
@@ -424,7 +450,7 @@ class RoundDriver:
                 return self._generate(self.teacher, samples, t, owner, role="teacher")
             return self._generate(current, samples, t, owner)
         if name == "verify":
-            return self._verify(samples, accepted, rdir / layout.VERDICTS)
+            return self._verify(samples, accepted, rdir / layout.VERDICTS, owner)
         if name == "sft":
             return self._sft(plan.sft_init, accepted, rdir / layout.SFT, owner)
         if name == "sweep":
@@ -436,9 +462,11 @@ class RoundDriver:
 
     # --- stages -----------------------------------------------------------------------------
     def _requests(self) -> dict[str, ResourceRequest]:
-        """What the generator pool, the SFT workers and the merge task ask of Ray, from the config."""
-        g, t, m = self.cfg.generate, self.cfg.train, self.cfg.merge.resources
+        """What the generator and verifier pools, the SFT workers and the merge task ask of Ray, from the config."""
+        g, t, m, v = self.cfg.generate, self.cfg.train, self.cfg.merge.resources, self.cfg.verify
         return {
+            "verify": ResourceRequest("verifier actor", "verify.resources", {
+                "CPU": v.resources.num_cpus, "GPU": v.resources.num_gpus, **v.resources.resources}, v.num_actors),
             "generate": ResourceRequest("generator actor", "generate.resources", {
                 "CPU": g.resources.num_cpus, "GPU": g.resources.num_gpus, **g.resources.resources}, g.num_actors),
             "sft": ResourceRequest("SFT worker", "train", t.worker_resources(), t.num_workers,
@@ -463,7 +491,8 @@ class RoundDriver:
         self.ahead.want(arm, bundles)
 
     def _make_room(self, request: ResourceRequest, owner: str | None) -> None:
-        """Fail at once if ``request`` can never be placed; release the generator pools if they block it.
+        """Fail at once if ``request`` can never be placed; release the generator pools (then the verifier
+        actors) if they block it.
 
         A single-GPU node cannot hold the generator pool and the SFT worker at once: the pools shut
         down here and start again on their next generation or evaluation; they stay when the request
@@ -480,6 +509,11 @@ class RoundDriver:
                         request.config_key, " and ".join(role for role, _ in busy))
             for key in busy:
                 self._pools[key].shutdown()
+        verifiers = self._verifiers
+        if verifiers is not None and verifiers.actors and not fits_now(request, self.node_types):
+            logger.info("the %s cannot be placed beside the verifier actors: releasing them; they start again "
+                        "for the next verification", request.what)
+            verifiers.shutdown()
 
     def _reserved(self, request: ResourceRequest) -> AbstractContextManager[Any]:
         """A placement group for ``request``, waited for within ray.placement_timeout_s (logged)."""
@@ -527,26 +561,32 @@ class RoundDriver:
             "actor_retries": pool.last_stats.retries,  # generator actors replaced mid-round
         }
 
-    def _verify(self, samples: Location, out: Location, verdicts_out: Location) -> dict[str, Any]:
+    def _verify(self, samples: Location, out: Location, verdicts_out: Location, owner: str | None) -> dict[str, Any]:
         v = self.cfg.verify
         rows = read_jsonl(samples)
-        verdicts = verify_remote(
-            [(r["completion"], r["gold"]) for r in rows], v.verifier, v.batch_size, v.resources.num_cpus,
-            v.resources.resources,
-        )
+        pool = self.verifier_pool()
+        if not pool.actors:  # a judge on a GPU may need the room the generator pool holds
+            self._make_room(self._requests()["verify"], owner)
+        verdicts = pool.verify(rows, v.batch_size)
         kept = select_accepted(rows, verdicts, dedup=v.dedup)
         write_jsonl(out, kept)
+        write_jsonl(verdicts_out, [
+            {"problem_id": r["problem_id"], "sample": r["sample"], "extracted": vd.extracted, "correct": vd.correct,
+             **({"timed_out": True} if vd.timed_out else {}), **({"note": vd.note} if vd.note is not None else {})}
+            for r, vd in zip(rows, verdicts)])
         verified = [{**r, "extracted": vd.extracted, "correct": vd.correct} for r, vd in zip(rows, verdicts)]
-        write_jsonl(verdicts_out, [{"problem_id": r["problem_id"], "sample": r["sample"], "extracted": vd.extracted,
-                                    "correct": vd.correct, "timed_out": vd.timed_out} for r, vd in zip(rows, verdicts)])
         k = self.cfg.generate.samples_per_question
         return {
+            "verifier": v.verifier,
             "generated": len(rows),
             "correct": sum(vd.correct for vd in verdicts),
             "unparseable": sum(vd.extracted is None for vd in verdicts),
             "timeouts": sum(vd.timed_out for vd in verdicts),
             "accepted": len(kept),
             "questions_solved": len({r["problem_id"] for r in kept}),
+            "actor_retries": pool.last_retries,  # verifier actors replaced mid-stage
+            # Without gold in the loop: how often the accepted answers were right, where gold exists.
+            **({} if needs_gold(v.verifier) else {"gold_check": label_precision(rows, verdicts)}),
             f"train_pass@{k}": mean_pass_at_k(list(group_by_question(verified, field="correct").values()), k),
             # Collapse metrics on the k samples per training question.
             "diversity": diversity_metrics(

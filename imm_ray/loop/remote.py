@@ -1,4 +1,4 @@
-"""Ray tasks wrapping the pure verify and merge cores (thin edges: storage in, storage out)."""
+"""Ray tasks wrapping the pure merge core and model publishing (thin edges: storage in, storage out)."""
 
 from __future__ import annotations
 
@@ -19,21 +19,6 @@ from imm_ray.storage import (
     set_default_options,
     work_dir_for,
 )
-from imm_ray.verify import Verdict, verify_batch
-
-
-@ray.remote
-def verify_chunk(pairs: list[tuple[str, str]], verifier: str) -> list[Verdict]:
-    """Verify (completion, gold) pairs with the named verifier."""
-    return verify_batch(pairs, verifier=verifier)
-
-
-def verify_remote(pairs: list[tuple[str, str]], verifier: str, batch_size: int, num_cpus: float,
-                  resources: dict[str, float] | None = None) -> list[Verdict]:
-    """Verify all pairs as parallel Ray tasks of ``batch_size`` pairs (``resources``: custom ones); order is kept."""
-    task = verify_chunk.options(num_cpus=num_cpus, resources=dict(resources or {}))
-    refs = [task.remote(pairs[i : i + batch_size], verifier) for i in range(0, len(pairs), batch_size)]
-    return [v for chunk in ray.get(refs) for v in chunk]
 
 
 @ray.remote

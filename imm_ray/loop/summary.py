@@ -42,6 +42,9 @@ def _row(round_idx: int, arm: str, recs: dict[str, StageRecord]) -> dict[str, An
         "accepted": ver.get("accepted", 0),
         "correct": ver.get("correct", 0),
         "questions_solved": ver.get("questions_solved", 0),
+        "verifier": ver.get("verifier"),
+        # Verifiers without gold: pseudo-label precision against the gold answers the data has.
+        **({"gold_check": ver["gold_check"]} if "gold_check" in ver else {}),
         "accuracy": {name: d["accuracy"] for name, d in ev["datasets"].items()},
         "eval": ev["datasets"],
         "diversity": ver.get("diversity"),

@@ -36,12 +36,16 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def rounds_table(run: RunMetrics) -> str:
-    """One line per arm and round: samples, ID/OOD accuracy (with 95% CI when present),
+    """One line per arm and round: samples, the verifier that kept them (with its pseudo-label precision
+    against gold when it needs none), ID/OOD accuracy (with 95% CI when present),
     diversity (when present), stage seconds and tokens per second (generated or trained)."""
     if not run.rows:
         return "_No finished rounds yet._"
     datasets, diversity, stages = run.datasets, run.diversity_keys, run.stages
     head = ["arm", "round", "generated", "accepted"]
+    named = any(row.get("verifier") for row in run.rows)  # runs made before rounds recorded their verifier lack it
+    checked = any("gold_check" in row for row in run.rows)  # a verifier without gold ran
+    head += (["verifier"] if named else []) + (["label precision"] if checked else [])
     head += [f"{'ID' if i == 0 else 'OOD'}: {d}" for i, d in enumerate(datasets)]
     with_mean = len(run.ood_datasets) > 1
     head += ["OOD mean"] if with_mean else []
@@ -53,6 +57,8 @@ def rounds_table(run: RunMetrics) -> str:
         for row in run.arm_rows(arm, with_base=False):
             cells = [str(row.get("arm")), str(row.get("round")), str(row.get("generated", "-")),
                      str(row.get("accepted", "-"))]
+            cells += [str(row.get("verifier") or "-")] if named else []
+            cells += [_pct((row.get("gold_check") or {}).get("label_precision"))] if checked else []
             cells += [_acc_cell(run, row, d) for d in datasets]
             cells += [_pct(run.ood_mean(row))] if with_mean else []
             cells += [_num(run.diversity(row, k)) for k in diversity]

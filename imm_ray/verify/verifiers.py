@@ -17,6 +17,9 @@ __all__ = [
     "register_verifier",
     "get_verifier",
     "verify_batch",
+    "verify_rows",
+    "needs_gold",
+    "question_chunks",
     "select_accepted",
 ]
 
@@ -29,11 +32,13 @@ class Verdict:
 
     timed_out marks a verification that was cut off by its verifier's hard timeout: it counts
     as not correct, and callers report it separately (it is neither right nor unparseable).
+    note keeps a model-based verifier's own words (the judge's text), None for the others.
     """
 
     correct: bool
     extracted: str | None
     timed_out: bool = False
+    note: str | None = None
 
 
 @runtime_checkable
@@ -115,6 +120,36 @@ def verify_batch(
         close = getattr(instance, "close", None)
         if isinstance(verifier, str) and close is not None:
             close()
+
+
+def needs_gold(name: str) -> bool:
+    """Whether the registered verifier ``name`` checks samples against a gold answer (``majority``
+    and ``judge`` do not: a training set may then lack its answer field)."""
+    return bool(getattr(VERIFIERS[name], "needs_gold", True))
+
+
+def verify_rows(verifier: Verifier | Any, rows: Sequence[dict[str, Any]]) -> list[Verdict]:
+    """Verdicts for sample rows (``problem_id``, ``question``, ``completion``, ``gold``) with an open
+    verifier: one that reads whole rows (``verify_rows``: majority, judge) gets them as they are,
+    a gold verifier gets the (completion, gold) pairs (see :func:`verify_batch`)."""
+    by_rows = getattr(verifier, "verify_rows", None)
+    if by_rows is not None:
+        return list(by_rows(rows))
+    return verify_batch([(r["completion"], r["gold"]) for r in rows], verifier)
+
+
+def question_chunks(rows: Sequence[dict[str, Any]], size: int) -> list[list[int]]:
+    """Row indices in chunks of about ``size`` rows that never split a question (``problem_id``): a
+    chunk closes once it holds ``size`` rows, so the samples a majority vote needs stay together."""
+    groups: dict[Any, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row["problem_id"], []).append(i)
+    chunks: list[list[int]] = [[]]
+    for indices in groups.values():
+        if len(chunks[-1]) >= size:
+            chunks.append([])
+        chunks[-1].extend(indices)
+    return [c for c in chunks if c]
 
 
 def _dedup_key(text: str) -> str:
