@@ -13,8 +13,9 @@ ids without a local copy from `KNOWN_MODELS`. Per SFT worker (P parameters, N wo
   Llama/Qwen block keeps for backward (about 10 hidden + 4 intermediate + 4 KV widths), only the
   layer inputs with activation checkpointing; plus the logits of every position (12 bytes a
   vocabulary entry in fp32, 16 with bf16: logits, log-softmax and its gradient);
-* the runtime: `RUNTIME_GB` (torch, transformers and the Ray worker on a CPU: measured by
-  ``make bench-sft``; the CUDA context and allocator slack on a GPU: an assumption).
+* the runtime: `RUNTIME_GB` (on a CPU: torch, transformers and the Ray Train worker measured
+  0.57 GiB before the model loads in ``make bench-sft``, plus allocator slack; on a GPU: the CUDA
+  context and allocator slack, an assumption never measured).
 
 An inference engine holds its weights in its dtype and a KV cache: on a GPU vLLM takes
 ``gpu_memory_utilization`` of it (the check is that weights plus one full-length sequence's KV fit
@@ -206,7 +207,9 @@ def plan_stages(cfg: Any, dims: ModelDims, gpu_gb: float, host_gb: float,
     estimates = [Estimate("sft", device, train.num_workers,
                           sft_parts(dims, strategy, train.num_workers, train.micro_batch_size,
                                     train.max_length, bf16, train.activation_checkpointing, device),
-                          capacity, sft_node, strategy=strategy)
+                          capacity, sft_node, strategy=strategy,
+                          note=f"each worker first loads the whole model: {4 * dims.params / GIB:.1f} GiB "
+                               "of host memory")
                  for strategy in ("ddp", "fsdp")]
 
     gen = cfg.generate

@@ -308,6 +308,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_step = settings.micro_batch_size * settings.grad_accum_steps(world_size) * world_size
     per_epoch = steps_per_epoch(len(examples), per_step, world_size)
     total_steps = settings.epochs * per_epoch
+    runtime_rss_mb = _peak_rss_mb(device, world_size)  # before the model: torch, Ray, transformers
     load_start = time.perf_counter()
     model_dir = materialize(config["model"])  # this node's cached copy
     trainee = _build(model_dir, settings, device, bf16, world_size, total_steps)
@@ -362,6 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "train_seconds": train_seconds, "load_seconds": load_seconds,
                "startup_seconds": startup_seconds, "input_tokens": progress.input_tokens,
                "resumes": progress.resumes, "world_size": world_size, "bf16": bf16,
-               "strategy": settings.strategy, "peak_rss_mb": _peak_rss_mb(device, world_size)}
+               "strategy": settings.strategy, "peak_rss_mb": _peak_rss_mb(device, world_size),
+               "runtime_rss_mb": runtime_rss_mb}
     _publish_final(config, final, model_dir, rank,
                    {**metrics, "settings": settings.model_dump(), "history": progress.history})

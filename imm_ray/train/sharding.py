@@ -9,6 +9,9 @@ all-gathers one layer at a time. FSDP2 rather than Ray Train's ``prepare_model(p
 API, shards per parameter as DTensors that ``torch.distributed.checkpoint`` saves shard by shard,
 and takes mixed precision as a policy (bf16 parameters and gradients, fp32 reductions).
 
+Each worker still loads the whole fp32 model into host memory before sharding it (4 bytes a
+parameter per worker, 30 GB for 7B; loading on rank 0 only and broadcasting the shards would not).
+
 Resume checkpoints are ``torch.distributed.checkpoint`` folders for both strategies: each rank
 writes its own shards (DDP's replicated tensors once, by rank 0) into its own folder, and Ray Train
 merges the ranks' folders into one checkpoint.
@@ -62,21 +65,15 @@ def shard_model(model: PreTrainedModel, strategy: str, device: torch.device, bf1
 
 @contextlib.contextmanager
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Reduce gradients over the workers in this backward pass only if ``enabled`` (gradient
-    accumulation reduces once, on a step's last micro-batch)."""
-    if enabled:
+    """Under DDP, reduce gradients over the workers in this backward pass only if ``enabled``
+    (gradient accumulation reduces once, on a step's last micro-batch). FSDP reduce-scatters every
+    micro-batch: skipping it would keep whole unsharded gradients on every rank until the last one
+    (4 bytes a parameter: the memory sharding saves), for one reduction fewer per micro-batch."""
+    if enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         yield
-    elif isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    else:
         with model.no_sync():
             yield
-    else:
-        yield
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
