@@ -12,7 +12,7 @@ CLUSTER_WORKERS ?= 0
 # hub (the embedded model and the bundled sets need no network; tests run offline on their own).
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo docs lint test test-quick bench bench-merge bench-serve bench-sft bench-generate compare cluster-up cluster-down clean
+.PHONY: setup demo docs lint test test-quick bench bench-merge bench-serve bench-sft bench-generate gpu-smoke compare cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -48,9 +48,14 @@ bench-merge: setup
 bench-serve: setup
 	$(PY) tests/bench/bench_serve_hotswap.py
 
-# SFT stage: fixed overhead and packed vs padded tokens/s (BENCH_SFT_ARGS="--large 128" is quicker).
+# SFT stage: fixed overhead, packed vs padded tokens/s, and each rank's peak RSS with ddp and fsdp
+# against imm plan's estimate (BENCH_SFT_ARGS="--large 128" is quicker, "--memory-only" just the latter).
 bench-sft: setup
 	$(PY) tests/bench/bench_sft.py $(BENCH_SFT_ARGS)
+
+# The GPU path on one NVIDIA GPU in minutes (says so and exits 0 without a GPU): cluster/README.md.
+gpu-smoke: setup
+	PY=$(PY) bash scripts/gpu_smoke.sh
 
 # Generation/evaluation tokens/s: raw vLLM, the pool, ray.data.llm, hf (smaller:
 # BENCH_GENERATE_ARGS="--prompts 32 --max-tokens 128 --eval-prompts 64 --skip hf").

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -103,6 +104,28 @@ def config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``imm plan``."""
+    add_config_source_arguments(parser)
+    parser.add_argument("--gpu-gb", type=float, default=24.0, help="memory of one GPU in GiB (default 24)")
+    parser.add_argument("--host-gb", type=float, default=None,
+                        help="memory of one node in GiB for CPU stages (default: this machine's)")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """Print each stage's estimated memory per worker and whether it fits."""
+    from imm_ray.config import load_config
+    from imm_ray.devices import cpu_has_bf16
+    from imm_ray.plan import format_plan, model_dims, plan_stages
+
+    cfg = load_config(args.config, args.overrides, preset=args.preset)
+    host_gb = args.host_gb or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    dims = model_dims(cfg.model.ref, cfg.model.cache_dir)
+    sys.stdout.write(format_plan(plan_stages(cfg, dims, args.gpu_gb, host_gb, cpu_has_bf16()), dims,
+                                 cfg.model.ref))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its one-line help, a longer description, examples, and the module that holds its
@@ -159,6 +182,13 @@ COMMANDS = [
                 "imm analyze --run-dir runs/demo --probe-size 16\n"
                 "imm analyze --original base/ --model tuned=ft/ --probe-preset gsm8k --out a.json --no-ray",
                 "imm_ray.analysis.cli", "add_analyze_arguments", "run_analyze_cli"),
+        Command("plan", "estimate every stage's memory per worker (SFT with ddp and fsdp) and whether it fits",
+                "Print, for each stage, the estimated memory per worker (weights, gradients, optimizer, activations "
+                "at the configured micro-batch and length, KV cache), the node type it lands on and whether it fits "
+                "a GPU of --gpu-gb (GPU stages) or a node of --host-gb (CPU stages); SFT for both strategies.",
+                "imm plan --config jobs/configs/paper-qwen2.5-7b.yaml\n"
+                "imm plan --config jobs/configs/paper-qwen2.5-0.5b.yaml --gpu-gb 80 train.micro_batch_size=16",
+                __name__, "add_plan_arguments", "plan_command"),
         Command("config", "show every config key with its type, default and meaning",
                 "Print every key of the run configuration with its type, value and meaning: the defaults, or "
                 "the resolved config of --config/--preset/overrides.",

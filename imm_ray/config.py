@@ -711,6 +711,8 @@ RESUMABLE_CHANGES = (
     "ray.", "serve.", "storage.",
     "generate.num_actors", "generate.entropy_top_k", "generate.entropy_stride", "verify.num_actors",
     "train.max_failures", "train.checkpoint_every_steps", "train.checkpoint_min_interval_s",
+    # How SFT holds the model in memory (an SFT stage that ran out of memory resumes with fsdp).
+    "train.strategy", "train.activation_checkpointing",
 )
 
 

@@ -35,9 +35,16 @@ class SFTSettings(BaseModel):
     max_length: int = Field(512, ge=2)
     """Longest training example in tokens (prompt + answer); longer ones are truncated."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Training precision (auto: bf16 where the hardware supports it, else fp32)."""
+    """Training precision (auto: bf16 where the hardware supports it, else fp32); bf16 is autocast under ddp,
+    bf16 parameters and gradients with fp32 gradient reductions under fsdp."""
     num_workers: int = Field(1, ge=1)
     """Ray Train workers (data-parallel)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every worker holds the whole model, gradients and AdamW state (about 16 bytes a parameter);
+    fsdp: FSDP2 shards them over the workers (about 16/num_workers bytes a parameter, see `imm plan`)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (less memory,
+    about a third more compute)."""
     use_gpu: bool = False
     """Give each worker one GPU."""
     cpus_per_worker: int = Field(1, ge=1)

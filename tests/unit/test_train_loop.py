@@ -77,4 +77,6 @@ def test_packed_and_padded_runs_train_the_same_model(fake_ray_train, tiny_model_
         torch.testing.assert_close(tensor, weights[1][key], rtol=1e-3, atol=1e-5)
     # One resume checkpoint (after epoch 1, step 2), then the final report without a checkpoint
     # (rank 0 published the folder itself).
-    assert [sorted(r) for r in fake_ray_train[:2]] == [["checkpoint", "checkpoint_dir_name", "step"], []]
+    assert [sorted(r) for r in fake_ray_train[:2]] == [
+        ["checkpoint", "checkpoint_dir_name", "checkpoint_upload_mode",
+         "delete_local_checkpoint_after_upload", "step"], []]

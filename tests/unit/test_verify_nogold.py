@@ -96,7 +96,8 @@ def test_report_names_the_verifier_and_its_label_precision() -> None:
     ev = {"status": "done", "seconds": 1.0, "info": {"datasets": {"gsm8k": {"accuracy": 0.5}}, "model": "m"}}
     ver = {"status": "done", "seconds": 1.0, "info": {
         "accepted": 3, "verifier": "majority", "gold_check": {"labelled": 2, "label_precision": 0.5}}}
-    rows = metrics_rows(RunState.from_json({"stages": {"si/round-001/verify": ver, "si/round-001/evaluate": ev}}), ["si"], 1)
+    state = RunState.from_json({"stages": {"si/round-001/verify": ver, "si/round-001/evaluate": ev}})
+    rows = metrics_rows(state, ["si"], 1)
     assert rows[0]["verifier"] == "majority" and rows[0]["gold_check"]["label_precision"] == 0.5
     head, _, line = rounds_table(RunMetrics(run_dir=Location("/tmp/run"), rows=rows, config=None)).splitlines()[:3]
     cells = dict(zip([c.strip() for c in head.strip("|").split("|")], [c.strip() for c in line.strip("|").split("|")]))
