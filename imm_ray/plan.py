@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from imm_ray.errors import UserError
+from imm_ray.serve.settings import GPU_SHARE_LIMIT, engines_gpu_share
 
 GIB = 1024**3
 # Process memory besides the model (GiB) by device: see the module docstring.
 RUNTIME_GB = {"cpu": 0.75, "gpu": 1.0}
-# A GPU stage's share of its GPU that vLLM's engines may take together before Serve refuses.
-SERVE_GPU_SHARE_LIMIT = 0.95
 
 # config.json numbers of hub models a plan may meet without a local copy (copied from each model's
 # config.json on huggingface.co, Qwen/Qwen2.5-*-Instruct; the base models have the same shapes).
@@ -232,7 +231,7 @@ def plan_stages(cfg: Any, dims: ModelDims, gpu_gb: float, host_gb: float,
     serve_device = "gpu" if serve.num_gpus > 0 else "cpu"
     engines = serve.resident_models + serve.spare_engines
     one = engine_parts(dims, serve.engine, gpu_gb, serve_device, cpu_bf16)
-    share = engines * serve.engine.gpu_memory_utilization
+    share = engines_gpu_share(serve)
     serve_parts = ({"engines": share * gpu_gb, "runtime": one["runtime"]} if serve_device == "gpu"
                    else {"weights": one["weights"] * engines, "kv_cache": one["kv_cache"] * engines,
                          "runtime": one["runtime"]})
@@ -241,7 +240,7 @@ def plan_stages(cfg: Any, dims: ModelDims, gpu_gb: float, host_gb: float,
         gpu_gb if serve_device == "gpu" else host_gb,
         node_type_for({"CPU": serve.num_cpus, "GPU": serve.num_gpus}, node_types),
         note=f"{engines} engines" + (f", GPU share {share:.2f}" if serve_device == "gpu" else ""),
-        extra_ok=serve_device != "gpu" or share <= SERVE_GPU_SHARE_LIMIT))
+        extra_ok=serve_device != "gpu" or share <= GPU_SHARE_LIMIT * min(serve.num_gpus, 1.0)))
     return estimates
 
 

@@ -40,8 +40,9 @@ class EngineSettings(BaseModel):
     """vLLM on CPU: KV-cache size in GiB."""
     batch_size: int = Field(16, ge=1)
     """hf engine: sequences per batch."""
-    enforce_eager: bool = True
-    """vLLM: no CUDA graphs or compilation (faster start-up)."""
+    enforce_eager: bool | None = None
+    """vLLM: no CUDA graphs or compilation (unset: eager on CPU for a fast start, graphs on GPU, where decoding
+    a small model is launch-bound)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """vLLM on GPU: share of the GPU's memory it may take."""
     seed: int = 0
@@ -57,6 +58,22 @@ class EngineSettings(BaseModel):
         if v not in ENGINES:
             raise ValueError(unknown_name("engine", v, ENGINES))
         return v
+
+    @field_validator("extra")
+    @classmethod
+    def _one_device_per_engine(cls, v: dict[str, Any]) -> dict[str, Any]:
+        """An engine runs inside one Ray actor on that actor's own resources: vLLM's tensor or pipeline
+        parallelism would start workers outside the actor's placement, which nothing here reserves."""
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if int(v.get(key, 1)) > 1:
+                raise ValueError(f"extra.{key}={v[key]} is not supported: each engine runs in one actor on one "
+                                 "device; run more engines (generate.num_actors) or train a larger model with "
+                                 "train.strategy: fsdp")
+        return v
+
+    def eager(self, gpu: bool) -> bool:
+        """``enforce_eager`` as set, else by device: eager on CPU, CUDA graphs on GPU."""
+        return self.enforce_eager if self.enforce_eager is not None else not gpu
 
 
 # Fields that a command line cannot spell as one flag.
@@ -79,7 +96,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser | Any, defaults: Engi
         flag = "--" + ("engine" if name == "name" else name.replace("_", "-"))
         default = getattr(defaults, name)
         help_text = f"{(field.description or '').rstrip('.')} (default {default})"
-        if field.annotation is bool:
+        if _flag_type(field.annotation) is bool:
             parser.add_argument(flag, dest=f"engine_{name}", action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
         elif name == "name":

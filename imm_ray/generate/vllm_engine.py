@@ -71,7 +71,7 @@ def prepare_engine(path: Path, options: EngineSettings, **more) -> EngineStart:
         for key, value in cpu_engine_env(options.kv_cache_gb).items():
             os.environ.setdefault(key, value)
     kwargs = dict(model=str(path), dtype=engine_dtype(options.dtype, gpu), max_model_len=options.max_model_len,
-                  enforce_eager=options.enforce_eager, seed=options.seed, **more)
+                  enforce_eager=options.eager(gpu), seed=options.seed, **more)
     block = kv_block_size(options, gpu)
     if block:
         kwargs["block_size"] = block

@@ -10,7 +10,7 @@ from typing import Any
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.ray_env import actor_runtime_env
 from imm_ray.serve.auth import load_api_keys
-from imm_ray.serve.settings import ServeSettings
+from imm_ray.serve.settings import ServeSettings, check_gpu_share
 from imm_ray.storage import resolve as resolve_location
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def _settings_error(exc: Any) -> str:
 
 def build_application(settings: ServeSettings, run_dir: str | Path):
     """The bound Serve application (import of Ray happens here, not at module import)."""
+    check_gpu_share(settings)
     from imm_ray.serve.deployment import ImmOpenAI
 
     keys = load_api_keys(settings.api_keys_file)

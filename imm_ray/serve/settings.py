@@ -6,7 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from imm_ray.errors import UsageError
 from imm_ray.generate.settings import EngineSettings
+
+# The most of one GPU a replica's vLLM engines may take together: the rest is the CUDA context,
+# activations and the allocator's slack, which gpu_memory_utilization does not count.
+GPU_SHARE_LIMIT = 0.95
 
 
 class _Strict(BaseModel):
@@ -47,7 +52,8 @@ class LimitSettings(_Strict):
     """Most stop strings per request."""
 
 
-_SERVE_ENGINE = {"kv_cache_gb": 1.0, "gpu_memory_utilization": 0.4, "batch_size": 8}
+# 0.3 of a GPU each: the default 2 resident engines and 1 spare take 0.9 of it (under GPU_SHARE_LIMIT).
+_SERVE_ENGINE = {"kv_cache_gb": 1.0, "gpu_memory_utilization": 0.3, "batch_size": 8}
 
 
 class ServeSettings(_Strict):
@@ -114,3 +120,22 @@ class ServeSettings(_Strict):
             flat = {k: data.pop(k) for k in list(data) if k in EngineSettings.model_fields}
             data["engine"] = {**_SERVE_ENGINE, **flat, **engine}
         return data
+
+
+def engines_gpu_share(s: ServeSettings) -> float:
+    """The share of one GPU a replica's engines may take together (resident and spare)."""
+    return (s.resident_models + s.spare_engines) * s.engine.gpu_memory_utilization
+
+
+def check_gpu_share(s: ServeSettings) -> None:
+    """Refuse, before anything starts, a GPU replica whose vLLM engines together would claim more than
+    :data:`GPU_SHARE_LIMIT` of the GPU share it reserves: the last engine to start would fail on memory."""
+    if s.num_gpus <= 0 or s.engine.name != "vllm":
+        return
+    share, limit = engines_gpu_share(s), GPU_SHARE_LIMIT * min(s.num_gpus, 1.0)
+    if share > limit:
+        raise UsageError(
+            f"serve: {s.resident_models} resident + {s.spare_engines} spare engines x "
+            f"serve.engine.gpu_memory_utilization {s.engine.gpu_memory_utilization} = {share:.2f} of a GPU, more "
+            f"than {limit:.2f} (serve.num_gpus {s.num_gpus} x {GPU_SHARE_LIMIT}); lower "
+            "serve.engine.gpu_memory_utilization, serve.resident_models or serve.spare_engines")

@@ -52,10 +52,10 @@ def test_run_config_and_serving_embed_the_same_model():
     assert isinstance(cfg.generate.engine, EngineSettings) and cfg.generate.engine.enforce_eager is False
     assert isinstance(cfg.serve.engine, EngineSettings) and cfg.serve.engine.enforce_eager is False
     # serving's own defaults (a smaller KV cache and GPU share, batch 8), and its shorthands
-    assert ServeSettings().engine == EngineSettings(kv_cache_gb=1.0, gpu_memory_utilization=0.4, batch_size=8)
+    assert ServeSettings().engine == EngineSettings(kv_cache_gb=1.0, gpu_memory_utilization=0.3, batch_size=8)
     s = ServeSettings(engine="hf", dtype="float32", max_model_len=256)
     assert s.engine == EngineSettings(name="hf", dtype="float32", max_model_len=256, kv_cache_gb=1.0,
-                                      gpu_memory_utilization=0.4, batch_size=8)
+                                      gpu_memory_utilization=0.3, batch_size=8)
     with pytest.raises(ValidationError, match="unknown engine"):
         ServeSettings(engine="nope")
 
@@ -98,3 +98,35 @@ def test_kv_block_size_is_checked_for_the_cpu_engine():
     add_settings_arguments(parser)
     assert settings_from_namespace(parser.parse_args(["--block-size", "64"])).block_size == 64
     assert settings_from_namespace(parser.parse_args([])).block_size is None
+
+
+def test_enforce_eager_unset_is_eager_on_cpu_and_graphs_on_gpu():
+    assert EngineSettings().eager(gpu=False) is True and EngineSettings().eager(gpu=True) is False
+    assert EngineSettings(enforce_eager=False).eager(gpu=False) is False
+    assert EngineSettings(enforce_eager=True).eager(gpu=True) is True
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    assert settings_from_namespace(parser.parse_args([])).enforce_eager is None
+    assert settings_from_namespace(parser.parse_args(["--enforce-eager"])).enforce_eager is True
+
+
+@pytest.mark.parametrize("key", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_parallel_engines_are_refused_when_the_config_loads(key):
+    from imm_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"extra.{key}=2 is not supported.*generate.num_actors"):
+        load_config(None, [f"generate.engine.extra={{{key}: 2}}"])
+    assert EngineSettings(extra={key: 1}).extra == {key: 1}
+
+
+def test_serve_refuses_gpu_engines_that_claim_more_than_the_gpu():
+    from imm_ray.errors import UsageError
+    from imm_ray.serve.deploy import build_application
+    from imm_ray.serve.settings import ServeSettings, check_gpu_share
+
+    check_gpu_share(ServeSettings(num_gpus=1))  # the defaults: 2 resident + 1 spare x 0.3 = 0.9
+    check_gpu_share(ServeSettings(engine={"gpu_memory_utilization": 0.9}))  # CPU replicas: no GPU share
+    with pytest.raises(UsageError, match=r"= 1\.20 of a GPU, more than 0\.95 .*serve\.resident_models"):
+        build_application(ServeSettings(num_gpus=1, engine={"gpu_memory_utilization": 0.4}), "/nowhere")
+    with pytest.raises(UsageError, match=r"= 0\.90 of a GPU, more than 0\.47"):
+        check_gpu_share(ServeSettings(num_gpus=0.5))
