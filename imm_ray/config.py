@@ -170,6 +170,9 @@ class GenerateConfig(_Strict):
     entropy_stride: int = Field(4, ge=1)
     """Measure the entropy on every n-th training question only (1: all); a sample estimates the round's mean
     (within 2% of all questions' on GSM8K) for less work."""
+    release_during_sft: Literal["auto", "always", "never"] = "auto"
+    """Shut the generator actors down for SFT: always (their nodes can idle and scale down), never (SFT must fit
+    beside them), auto (always when the cluster autoscales, else only when SFT cannot fit beside them)."""
 
 
 class JudgeConfig(_Strict):

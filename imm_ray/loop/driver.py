@@ -56,6 +56,7 @@ from imm_ray.placement import (
     declared_node_types,
     describe,
     fits_now,
+    release_pools_for_sft,
     reserved,
 )
 from imm_ray.ray_env import connect_ray
@@ -490,9 +491,9 @@ class RoundDriver:
             bundles += req[name].bundles() if name in names else []
         self.ahead.want(arm, bundles)
 
-    def _make_room(self, request: ResourceRequest, owner: str | None) -> None:
+    def _make_room(self, request: ResourceRequest, owner: str | None, release: bool | None = None) -> None:
         """Fail at once if ``request`` can never be placed; release the generator pools (then the verifier
-        actors) if they block it.
+        actors) if they block it, or by ``release`` when given (True: always, False: never).
 
         A single-GPU node cannot hold the generator pool and the SFT worker at once: the pools shut
         down here and start again on their next generation or evaluation; they stay when the request
@@ -502,11 +503,12 @@ class RoundDriver:
         check_on_cluster(request, self.node_types)
         with self._lock:
             busy = [key for key, pool in self._pools.items() if pool.actors and key[1] == owner]
-        if busy and not fits_now(request, self.node_types):
-            logger.info("the %s (%s, %s) cannot be placed beside the %s generator pool: releasing the pool "
-                        "before the stage; it starts again for the next generation or evaluation",
+        if busy and (release if release is not None else not fits_now(request, self.node_types)):
+            why = "generate.release_during_sft" if release else "it cannot be placed beside them"
+            logger.info("the %s (%s, %s): releasing the %s generator pool before the stage (%s); it starts again "
+                        "for the next generation or evaluation",
                         request.what, ", ".join(f"{k}: {v:g}" for k, v in request.needs().items()),
-                        request.config_key, " and ".join(role for role, _ in busy))
+                        request.config_key, " and ".join(role for role, _ in busy), why)
             for key in busy:
                 self._pools[key].shutdown()
         verifiers = self._verifiers
@@ -603,7 +605,8 @@ class RoundDriver:
             return {"skipped": True, "reason": "no accepted samples", "examples": 0}
         # The SFT workers (on any node) materialize the model and publish `out` themselves.
         request = self._requests()["sft"]
-        self._make_room(request, owner)
+        self._make_room(request, owner, release_pools_for_sft(self.cfg.generate.release_during_sft,
+                                                              autoscales=bool(self.node_types.types)))
         with self._reserved(request):
             pass  # room for the workers found (a bounded, logged wait); Ray Train places them there now
         res = run_sft(model, accepted, out, self.cfg.train, start_timeout_s=self.cfg.ray.placement_timeout_s)

@@ -25,10 +25,11 @@ from imm_ray.placement.core import (
     describe,
     fits,
     packs,
+    release_pools_for_sft,
 )
 from imm_ray.placement.node_types import NO_NODE_TYPES, NodeTypes, declared_node_types, node_types_from_cluster_yaml
 
 __all__ = ["NO_NODE_TYPES", "AutoscalerRequests", "ClusterView", "NodeType", "NodeTypes", "NodeWatch", "PlacementError",
            "ResourceRequest", "at_once", "check_on_cluster", "check_request", "cluster_view", "custom_resources",
            "declared_node_types", "describe", "fits", "fits_now", "node_types_from_cluster_yaml", "packs",
-           "reserved", "wait_placed"]
+           "release_pools_for_sft", "reserved", "wait_placed"]

@@ -18,7 +18,7 @@ from itertools import combinations_with_replacement
 from imm_ray.errors import UserError
 
 __all__ = ["ClusterView", "NodeType", "PlacementError", "ResourceRequest", "at_once", "check_request",
-           "custom_resources", "describe", "fits", "packs"]
+           "custom_resources", "describe", "fits", "packs", "release_pools_for_sft"]
 
 # Config spelling of Ray's resource names, for error messages.
 _KEY_FIELD = {"CPU": "num_cpus", "GPU": "num_gpus", "memory": "memory"}
@@ -180,3 +180,11 @@ def at_once(sets: Sequence[Sequence[Mapping[str, float]]], cluster: ClusterView,
                            for combo in combinations_with_replacement(sets, n + 1)):
         n += 1
     return n
+
+
+def release_pools_for_sft(mode: str, autoscales: bool) -> bool | None:
+    """Whether SFT shuts the generator actors down first (``generate.release_during_sft``): True always,
+    False never, None only when SFT cannot be placed beside them. ``auto`` releases always on an
+    autoscaling cluster: actors kept through SFT hold their node, which then never idles and is never
+    scaled down, although they start again on the next generation anyway."""
+    return {"always": True, "never": False}.get(mode, True if autoscales else None)

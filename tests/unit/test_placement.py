@@ -13,6 +13,7 @@ from imm_ray.placement import (
     check_request,
     declared_node_types,
     packs,
+    release_pools_for_sft,
 )
 
 ONE_NODE = ClusterView(nodes=[{"CPU": 2.0, "memory": 8e9, "node:127.0.0.1": 1.0}])
@@ -160,3 +161,12 @@ def test_autoscaler_requests_merge_the_owners_wishes_and_release_them(monkeypatc
     ahead.release()
     ahead.release()  # nothing left to withdraw
     assert sent == [[{"GPU": 1}, {"CPU": 2}], [{"GPU": 1}, {"CPU": 2}, {"GPU": 1}], [{"CPU": 2}, {"GPU": 1}], []]
+
+
+@pytest.mark.parametrize(("mode", "autoscales", "release"), [
+    ("always", False, True), ("never", True, False),
+    ("auto", True, True),  # kept through SFT, the actors' node would never idle and scale down
+    ("auto", False, None),  # a fixed cluster: only when SFT cannot be placed beside them
+])
+def test_generator_actors_are_released_for_sft_by_mode(mode, autoscales, release):
+    assert release_pools_for_sft(mode, autoscales) is release
