@@ -45,7 +45,7 @@ def page_run(tiny_model_dir, tmp_path_factory):
     port = free_port()
     os.environ["IMM_API_KEYS"] = KEY
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
     try:
         start_serving(run, ServeSettings(engine="hf", dtype="float32", port=port, poll_interval_s=0.5,
                                          resident_models=3, spare_engines=0, limits=LimitSettings(max_tokens=32)))
