@@ -184,11 +184,15 @@ def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def _maybe_crash(spec: str | None, step: int, rank: int) -> None:
-    """The CRASH_ENV test hook: exit the worker process hard, once."""
+    """The CRASH_ENV test hook: exit the worker process hard, once, after the checkpoints reported so far
+    are committed. Uploads are asynchronous: a kill while one is in flight loses that checkpoint (the
+    group resumes from an earlier one), so without the wait the step a test resumes from would depend on
+    how fast the storage is."""
     if not spec or rank != 0:
         return
     at, marker = spec.split(":", 1)
     if step == int(at) and not os.path.exists(marker):
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         Path(marker).touch()
         logger.warning("SFT: test hook %s: worker exits after step %d", CRASH_ENV, step)
         os._exit(1)
