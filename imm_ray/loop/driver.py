@@ -505,8 +505,8 @@ class RoundDriver:
             busy = [key for key, pool in self._pools.items() if pool.actors and key[1] == owner]
         if busy and (release if release is not None else not fits_now(request, self.node_types)):
             why = "generate.release_during_sft" if release else "it cannot be placed beside them"
-            logger.info("the %s (%s, %s): releasing the %s generator pool before the stage (%s); it starts again "
-                        "for the next generation or evaluation",
+            logger.info("the %s (%s, %s): releasing the pool of %s generators before the stage (%s); it starts "
+                        "again for the next generation or evaluation",
                         request.what, ", ".join(f"{k}: {v:g}" for k, v in request.needs().items()),
                         request.config_key, " and ".join(role for role, _ in busy), why)
             for key in busy:
