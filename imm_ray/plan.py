@@ -221,11 +221,14 @@ def plan_stages(cfg: Any, dims: ModelDims, gpu_gb: float, host_gb: float,
                               node_type_for(gen_request, node_types)))
 
     merge = cfg.merge.resources
+    # The merge engine streams (imm_ray/merge/engine.py): elementwise methods hold a few blocks per thread,
+    # the others a few fp32 copies of the largest tensor (the embedding); 4 copies is the bound used.
+    largest = max(dims.vocab, dims.intermediate) * dims.hidden * 4 / GIB
     estimates.append(Estimate("merge", "cpu", 1,
-                              {"models": 3 * dims.params * 4 / GIB, "runtime": RUNTIME_GB["cpu"]},
+                              {"tensors": 4 * largest, "runtime": RUNTIME_GB["cpu"]},
                               host_gb, node_type_for({"CPU": merge.num_cpus, **merge.resources},
                                                      node_types),
-                              note="base, fine-tuned and merged weights in fp32"))
+                              note="streamed tensor by tensor: 4 fp32 copies of the largest tensor at most"))
 
     serve = cfg.serve
     serve_device = "gpu" if serve.num_gpus > 0 else "cpu"

@@ -88,6 +88,14 @@ def test_imm_plan_prints_every_stage(capsys):
     assert {row[0] for row in rows.values()} == {"sft", "generate+evaluate", "merge", "serve"}
 
 
+def test_the_merge_is_planned_as_streamed_not_whole_models():
+    """The merge engine streams tensors: a 7B merge fits a 16 GiB host (whole fp32 models would need 85 GiB)."""
+    cfg = load_config(REPO / "jobs/configs/paper-qwen2.5-7b.yaml")
+    merge = [e for e in plan_stages(cfg, model_dims("Qwen/Qwen2.5-7B-Instruct"), 24.0, 16.0, False)
+             if e.stage == "merge"][0]
+    assert merge.fits and 4 < merge.total_gb < 16
+
+
 def test_imm_plan_unknown_hub_model_is_one_line(capsys):
     assert main(["plan", "model.ref=someone/unknown-model"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
