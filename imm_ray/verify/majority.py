@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imm_ray.verify.answers import answers_match, extract_answer, normalize_answer
-from imm_ray.verify.verifiers import Verdict, register_verifier
+from imm_ray.verify.verifiers import Verdict, register_verifier, rows_by_question
 
 __all__ = ["MajorityVerifier", "MajorityVote", "label_precision", "majority_vote"]
 
@@ -62,11 +62,8 @@ class MajorityVerifier:
         Every sample of a question must be in ``rows``: the vote is over the samples given.
         """
         extracted = [extract_answer(r["completion"]) for r in rows]
-        groups: dict[Any, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row["problem_id"], []).append(i)
         verdicts: list[Verdict | None] = [None] * len(rows)
-        for indices in groups.values():
+        for indices in rows_by_question(rows).values():
             label = majority_vote([extracted[i] for i in indices], self.min_agreement).label
             for i in indices:
                 agrees = label is not None and extracted[i] is not None and normalize_answer(extracted[i]) == label

@@ -20,6 +20,7 @@ __all__ = [
     "verify_rows",
     "needs_gold",
     "question_chunks",
+    "rows_by_question",
     "select_accepted",
 ]
 
@@ -138,14 +139,19 @@ def verify_rows(verifier: Verifier | Any, rows: Sequence[dict[str, Any]]) -> lis
     return verify_batch([(r["completion"], r["gold"]) for r in rows], verifier)
 
 
-def question_chunks(rows: Sequence[dict[str, Any]], size: int) -> list[list[int]]:
-    """Row indices in chunks of about ``size`` rows that never split a question (``problem_id``): a
-    chunk closes once it holds ``size`` rows, so the samples a majority vote needs stay together."""
+def rows_by_question(rows: Sequence[dict[str, Any]]) -> dict[Any, list[int]]:
+    """{problem_id: indices of its rows}, questions and rows in the order they first appear."""
     groups: dict[Any, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(row["problem_id"], []).append(i)
+    return groups
+
+
+def question_chunks(rows: Sequence[dict[str, Any]], size: int) -> list[list[int]]:
+    """Row indices in chunks of about ``size`` rows that never split a question (``problem_id``): a
+    chunk closes once it holds ``size`` rows, so the samples a majority vote needs stay together."""
     chunks: list[list[int]] = [[]]
-    for indices in groups.values():
+    for indices in rows_by_question(rows).values():
         if len(chunks[-1]) >= size:
             chunks.append([])
         chunks[-1].extend(indices)
