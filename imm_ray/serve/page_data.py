@@ -1,6 +1,6 @@
 """The JSON behind the run's web page: overview, training samples, evaluation answers and votes.
 
-Everything is read through the run directory's own readers (``state.json`` through `RunDir`,
+Everything is read through the run directory's own readers (``state.json`` through `read_state`,
 ``metrics.jsonl`` through `load_run_metrics`, the per-question ledgers through `read_ledger`), so
 the page shows exactly what the run published. No Ray, no FastAPI: the routes live in
 :mod:`imm_ray.serve.page`.
@@ -16,7 +16,8 @@ from typing import Any
 from imm_ray.errors import UserError
 from imm_ray.evaluate.ledger import question_changes, read_ledger
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
-from imm_ray.run import RunDir, layout
+from imm_ray.run import RunState, StageRecord, layout
+from imm_ray.run.state import read_state
 from imm_ray.storage import Location, read_jsonl, resolve
 from imm_ray.storage.append import append_line
 
@@ -32,12 +33,12 @@ class PageInputError(UserError):
     """A page request names something the run does not have; the message says what to pick."""
 
 
-def _stage_table(state: dict[str, Any]) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
-    """(arm, round) -> stage -> {status, seconds, info} from ``state.json``'s stage records."""
-    table: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    for key, rec in state.get("stages", {}).items():
+def _stage_table(state: RunState | None) -> dict[tuple[str, int], dict[str, StageRecord]]:
+    """(arm, round) -> stage -> its record (none before the run's first stage)."""
+    table: dict[tuple[str, int], dict[str, StageRecord]] = {}
+    for rec in state or ():
         try:
-            arm, n, stage = layout.parse_stage_key(key)
+            arm, n, stage = layout.parse_stage_key(rec.key)
         except ValueError:
             continue
         table.setdefault((arm, n), {})[stage] = rec
@@ -53,12 +54,12 @@ def _accuracy(run: RunMetrics, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _round_entry(run: RunMetrics, n: int, stages: dict[str, dict[str, Any]], row: dict[str, Any] | None,
+def _round_entry(run: RunMetrics, n: int, stages: dict[str, StageRecord], row: dict[str, Any] | None,
                  stage_names: Iterable[str]) -> dict[str, Any]:
     """One round of one arm: stage status and seconds, then its metrics once its row exists."""
-    status = {s: (stages.get(s) or {}).get("status", "pending") for s in stage_names}
-    seconds = {s: rec["seconds"] for s, rec in stages.items() if isinstance(rec.get("seconds"), (int, float))}
-    merge = (stages.get("merge") or {}).get("info") or {}
+    status = {s: stages[s].status if s in stages else "pending" for s in stage_names}
+    seconds = {s: rec.seconds for s, rec in stages.items() if isinstance(rec.seconds, (int, float))}
+    merge = stages["merge"].info or {} if "merge" in stages else {}
     entry: dict[str, Any] = {"round": n, "status": status, "seconds": seconds,
                              "merge": {"method": merge.get("method"), "params": merge.get("params")} if merge else None}
     if row is not None:
@@ -78,7 +79,7 @@ class PageData:
     def overview(self) -> dict[str, Any]:
         """Arms and rounds with stage status, metrics, merge settings; the baseline as round 0; votes."""
         run = load_run_metrics(self.root)
-        table = _stage_table(RunDir(self.root).state)
+        table = _stage_table(read_state(self.root))  # reads only: the page never creates the run folder
         planned = (run.config.run.arms, run.config.run.rounds) if run.config is not None else ([], 0)
         arms = list(dict.fromkeys([*planned[0], *run.arms, *(a for a, _ in table if a != layout.BASELINE_ARM)]))
         rows = {(r.get("arm"), r.get("round")): r for r in run.rows}
