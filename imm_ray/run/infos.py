@@ -63,6 +63,9 @@ class VerifyInfo(StageInfo):
     timeouts: int | None = None
     accepted: int | None = None  # rows written to accepted.jsonl
     questions_solved: int | None = None
+    verifier: str | None = None  # the verify.verifier that judged them
+    actor_retries: int | None = None  # verifier actors replaced mid-stage
+    gold_check: Mapping[str, Any] | None = None  # a verifier without gold: its labels checked where gold exists
     diversity: Mapping[str, Any] | None = None  # collapse metrics of the k samples per question
     # train_pass@k (k: samples per question) is kept in ``extra`` under its own name.
 
@@ -95,9 +98,21 @@ class MergeInfo(StageInfo):
 
 
 @dataclass(frozen=True)
+class SweepInfo(StageInfo):
+    stage: ClassVar[str] = "sweep"
+    select: str | None = None  # merge.select
+    rule: str | None = None  # the selection rule in words
+    probe_n: Mapping[str, int] | None = None  # probe questions per eval set
+    start: Mapping[str, Any] | None = None  # the round's start model and its probe scores
+    candidates: list[Any] | None = None  # each candidate's params and probe scores
+    chosen: Mapping[str, Any] | None = None  # index and params of the merge the round keeps
+
+
+@dataclass(frozen=True)
 class EvaluateInfo(StageInfo):
     stage: ClassVar[str] = "evaluate"
     model: str | None = None  # the evaluated model: the one the round serves
+    questions: str | None = None  # "all", or "held_back" with a merge sweep (the probe questions left out)
     datasets: Mapping[str, Any] | None = None  # per data set: accuracy, its CI, pass@k, diversity...
     tokens: int | None = None
     tokens_per_s: float | None = None
@@ -105,4 +120,4 @@ class EvaluateInfo(StageInfo):
 
 
 INFO_TYPES: dict[str, type[StageInfo]] = {t.stage: t for t in (GenerateInfo, VerifyInfo, SFTInfo, MergeInfo,
-                                                               EvaluateInfo)}
+                                                               SweepInfo, EvaluateInfo)}
