@@ -17,7 +17,7 @@ from starlette.routing import Match
 from imm_ray.serve.auth import KeyChecker
 from imm_ray.serve.backends import Backend
 from imm_ray.serve.metrics import CONTENT_TYPE, ServerMetrics
-from imm_ray.serve.page import add_page_routes, is_open_path
+from imm_ray.serve.page import STATIC_PREFIX, add_page_routes
 from imm_ray.serve.protocol import (
     APIError,
     ChatRequest,
@@ -38,7 +38,15 @@ from imm_ray.serve.server import OpenAIServer
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health"})
+# Routes served without an API key: the health check, and the web page's shell and assets (they hold
+# no run data, and must load so that the page can ask for the key).
+OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIXES = (STATIC_PREFIX,)
+
+
+def is_open(route: str) -> bool:
+    """Whether ``route`` (below the app's prefix) is served without an API key."""
+    return route in OPEN_PATHS or route.startswith(OPEN_PREFIXES)
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -81,7 +89,7 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
     async def guard(request: Request, call_next):
         t0 = time.monotonic()
         route = _route(request)
-        if route not in OPEN_PATHS and not is_open_path(route) and not keys.check(request.headers.get("authorization")):
+        if not is_open(route) and not keys.check(request.headers.get("authorization")):
             resp: Response = error_response(APIError(
                 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                 type_="authentication_error", code="invalid_api_key"))

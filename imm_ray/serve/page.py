@@ -24,12 +24,6 @@ _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=ut
 _CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
 
 
-def is_open_path(route: str) -> bool:
-    """Whether ``route`` (below the app's prefix) is served without an API key: the shell and its assets
-    hold no run data, and must load so that the page can ask for the key."""
-    return route == "/" or route.startswith(STATIC_PREFIX)
-
-
 def _static(name: str) -> bytes | None:
     node = resources.files("imm_ray.serve").joinpath("static", name)
     return node.read_bytes() if "/" not in name and node.is_file() else None
