@@ -15,6 +15,7 @@ from typing import Any
 
 from imm_ray.errors import UserError
 from imm_ray.evaluate.ledger import question_changes, read_ledger
+from imm_ray.loop.arms import get_arm, round_stages  # the arm table (pure: no Ray)
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.run import RunState, StageRecord, layout
 from imm_ray.run.state import read_state
@@ -85,18 +86,23 @@ class PageData:
         rows = {(r.get("arm"), r.get("round")): r for r in run.rows}
         base_key = (layout.BASELINE_ARM, layout.BASELINE_ROUND)
         base = _round_entry(run, 0, table.get(base_key, {}), rows.get(base_key), ("evaluate",))
-        # The sweep stage exists only with merge.sweep: without one it would show as pending forever.
         sweeps = run.config is not None and bool(run.config.merge.sweep)
-        stage_names = tuple(s for s in layout.STAGES if s != "sweep" or sweeps)
-        out_arms = []
+        out_arms, shown = [], set()
         for arm in arms:
             numbers = sorted({n for a, n in table if a == arm} | set(range(1, planned[1] + 1)))
-            out_arms.append({"name": arm, "served": arm == self.arm,
-                             "rounds": [_round_entry(run, n, table.get((arm, n), {}), rows.get((arm, n)),
-                                                     stage_names) for n in numbers]})
+            entries = []
+            for n in numbers:
+                stages = table.get((arm, n), {})
+                # The stages this round runs, as the driver plans them (no merge for arms that do not merge
+                # or rounds whose SFT was skipped, no sweep without merge.sweep).
+                sft = stages["sft"].info if "sft" in stages else None
+                names = [st.name for st in round_stages(get_arm(arm), bool(sft and sft.get("skipped")), sweeps)]
+                shown.update(names)
+                entries.append(_round_entry(run, n, stages, rows.get((arm, n)), names))
+            out_arms.append({"name": arm, "served": arm == self.arm, "rounds": entries})
         return {"run": self.run_name, "served_arm": self.arm, "datasets": run.datasets,
-                "diversity_keys": run.diversity_keys, "stages": list(stage_names), "baseline": base,
-                "arms": out_arms, "votes": self.vote_counts()}
+                "diversity_keys": run.diversity_keys, "stages": [s for s in layout.STAGES if s in shown],
+                "baseline": base, "arms": out_arms, "votes": self.vote_counts()}
 
     # --- training samples -------------------------------------------------------------------
     def _round_file(self, arm: str, n: int, name: str) -> list[dict[str, Any]] | None:
