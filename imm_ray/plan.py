@@ -37,24 +37,19 @@ GIB = 1024**3
 RUNTIME_GB = {"cpu": 0.75, "gpu": 1.0}
 
 # config.json numbers of hub models a plan may meet without a local copy (copied from each model's
-# config.json on huggingface.co, Qwen/Qwen2.5-*-Instruct; the base models have the same shapes).
-KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                       num_hidden_layers=24, num_attention_heads=14,
-                                       num_key_value_heads=2, tie_word_embeddings=True),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                       num_hidden_layers=28, num_attention_heads=12,
-                                       num_key_value_heads=2, tie_word_embeddings=True),
-    "Qwen/Qwen2.5-3B-Instruct": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                                     num_hidden_layers=36, num_attention_heads=16,
-                                     num_key_value_heads=2, tie_word_embeddings=True),
-    "Qwen/Qwen2.5-7B-Instruct": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                     num_hidden_layers=28, num_attention_heads=28,
-                                     num_key_value_heads=4, tie_word_embeddings=False),
+# config.json on huggingface.co, Qwen/Qwen2.5-*-Instruct; the base models have the same shapes):
+# vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, tie_word_embeddings. Qwen2 (model_type qwen2) has q/k/v biases.
+_QWEN2_SHAPES = {
+    "Qwen/Qwen2.5-0.5B-Instruct": (151936, 896, 4864, 24, 14, 2, True),
+    "Qwen/Qwen2.5-1.5B-Instruct": (151936, 1536, 8960, 28, 12, 2, True),
+    "Qwen/Qwen2.5-3B-Instruct": (151936, 2048, 11008, 36, 16, 2, True),
+    "Qwen/Qwen2.5-7B-Instruct": (152064, 3584, 18944, 28, 28, 4, False),
 }
-_QWEN_BIAS = {"model_type": "qwen2"}  # Qwen2 has q/k/v biases
-for _dims in KNOWN_MODELS.values():
-    _dims.update(_QWEN_BIAS)
+_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings")
+KNOWN_MODELS: dict[str, dict[str, Any]] = {name: {**dict(zip(_CONFIG_KEYS, shape)), "model_type": "qwen2"}
+                                           for name, shape in _QWEN2_SHAPES.items()}
 
 
 @dataclass(frozen=True)
