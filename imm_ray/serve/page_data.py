@@ -18,6 +18,7 @@ from imm_ray.evaluate.ledger import question_changes, read_ledger
 from imm_ray.loop.arms import get_arm, round_stages  # the arm table (pure: no Ray)
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.run import RunState, StageRecord, layout
+from imm_ray.run.files import read_eval_samples
 from imm_ray.run.state import read_state
 from imm_ray.storage import Location, read_jsonl, resolve
 from imm_ray.storage.append import append_line
@@ -162,7 +163,7 @@ class PageData:
 
     # --- evaluation answers -----------------------------------------------------------------
     def _eval_rows(self, arm: str, n: int) -> list[dict[str, Any]] | None:
-        return self._round_file(arm, n, layout.EVAL_SAMPLES)
+        return read_eval_samples(self.root, arm, n)
 
     def evaluation(self, arm: str, n: int, which: str = "all", offset: int = 0) -> dict[str, Any]:
         """One page of a round's greedy evaluation answers, right or wrong, and the questions it
