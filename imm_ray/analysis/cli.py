@@ -3,7 +3,9 @@
 ``imm analyze --run-dir RUN_DIR`` compares every round's sft/merged model with the run's original model,
 measures layer importance on the original with the run's in-domain test set, and writes
 RUN_DIR/analysis.json. ``imm analyze --original DIR --model [LABEL=]DIR ... --out FILE`` does
-the same for any checkpoints (importance needs --probe-preset/--probe-path then). Every folder and
+the same for any checkpoints (importance needs --probe-preset/--probe-path then).
+``imm analyze --combine RUN_A RUN_B ...`` reads the runs' analysis.json (one run per seed) and writes
+each rho with its mean and 95% interval across the runs (imm_ray.analysis.seeds). Every folder and
 file may be an object-storage URI (``s3://...``): each Ray task materializes the checkpoints it
 reads on its own node.
 """
@@ -29,14 +31,15 @@ from imm_ray.analysis.probes import (
     probe_from_run,
     read_references,
 )
+from imm_ray.analysis.seeds import SEED_INTERVAL, SeedCorrelation, combine_analyses
 from imm_ray.cli_flags import add_data_dir, add_ray_address, add_run_dir, run_dir_of
 from imm_ray.config import load_run_config
 from imm_ray.errors import UsageError
 from imm_ray.placement import NodeTypes, declared_node_types
-from imm_ray.run import layout
+from imm_ray.run import files, layout
 from imm_ray.storage import Location, exists, is_published, resolve
 
-__all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "run_analyze_cli"]
+__all__ = ["add_analyze_arguments", "analyze", "analyze_run", "build_plan", "combine_runs", "run_analyze_cli"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,10 @@ logger = logging.getLogger(__name__)
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``imm analyze`` options to ``parser``."""
     add_run_dir(parser, f"reads run.yaml and the round models; writes {layout.ANALYSIS} there", positional=True)
+    parser.add_argument("--combine", nargs="+", metavar="RUN_DIR",
+                        help=f"combine these runs' {layout.ANALYSIS} (one run per seed): each rho's mean and 95%% "
+                             f"interval across them, written to --out (default {layout.ANALYSIS_SEEDS} in "
+                             "the runs' common folder)")
     parser.add_argument("--original", metavar="DIR", help="original model folder (default: the run's model.ref)")
     parser.add_argument("--model", action="append", default=[], metavar="[LABEL=]DIR",
                         help="a checkpoint to compare with the original (repeatable)")
@@ -206,8 +213,51 @@ def analyze_run(run_dir: str | Path | Location, *flags: str) -> Location:
     return out
 
 
+def combine_runs(runs: list[str], out: str | None) -> tuple[list[SeedCorrelation], Location]:
+    """The layer analyses of ``runs`` combined across seeds, written to ``out`` (default: beside the
+    runs); UsageError when a run has no analysis.json or no default location exists."""
+    from datetime import datetime, timezone
+
+    from imm_ray.storage import write_json
+
+    locations = [resolve(run) for run in runs]
+    analyses = {}
+    for loc in locations:
+        analysis = files.read_analysis(loc)
+        if analysis is None:
+            raise UsageError(f"{loc.uri} has no {layout.ANALYSIS}: run imm analyze --run-dir {loc.uri} first")
+        analyses[loc.uri] = analysis
+    target = resolve(out) if out else files.seed_analysis_location(locations)
+    if target is None:
+        raise UsageError("the runs lie in different folders: pass --out FILE")
+    rows = combine_analyses(analyses)
+    write_json(target, {"version": 1, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "runs": list(analyses), "interval": SEED_INTERVAL,
+                        "correlations": [row.to_json() for row in rows]})
+    return rows, target
+
+
+def _print_combined(rows: list[SeedCorrelation], target: Location) -> None:
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.3f}"
+
+    print(f"Spearman rho, layer importance vs parameter change, across {SEED_INTERVAL}:")
+    for r in rows:
+        runs = " ".join(f"{fmt(x.rho)}[{fmt(x.low)},{fmt(x.high)}]" for x in r.per_run)
+        print(f"  {r.arm} round {r.round} {r.kind} {r.measure}: mean {fmt(r.mean)} "
+              f"[{fmt(r.low)}, {fmt(r.high)}]  per run {runs}")
+    print(f"written to {target.uri}")
+
+
 def run_analyze_cli(args: argparse.Namespace) -> int:
     """Run ``imm analyze`` from parsed arguments; UsageError (and DataError/ModelError) on bad input."""
+    if args.combine:
+        if run_dir_of(args) or args.original or args.model:
+            raise UsageError("--combine reads the runs' finished analyses: give it without --run-dir, "
+                             "--original and --model")
+        rows, target = combine_runs(args.combine, args.out)
+        _print_combined(rows, target)
+        return 0
     plan, out = build_plan(args)
     if not plan.models and plan.probe is None:
         raise UsageError("nothing to do (no models found and no importance measures)")

@@ -1,6 +1,7 @@
 """Reading the files of a run directory: run.yaml's text, metrics.jsonl, analysis.json and each
-evaluation's per-question ledger (eval_samples.jsonl). Absent files read as None (or no rows):
-a run that has not got that far, or one from before the file existed."""
+evaluation's per-question ledger (eval_samples.jsonl); and where a study keeps its runs' layer
+analyses combined across seeds. Absent files read as None (or no rows): a run that has not got
+that far, or one from before the file existed."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def read_analysis(root: Location) -> dict[str, Any] | None:
     """``analysis.json`` (written by ``imm analyze``), or None."""
     text = _read_optional(root / layout.ANALYSIS)
     return json.loads(text) if text else None
+
+
+def seed_analysis_location(runs: list[Location]) -> Location | None:
+    """Where ``imm analyze --combine`` writes by default: ``analysis_seeds.json`` in the folder that
+    holds all ``runs`` (a study's), or None when they lie in different folders."""
+    parents = {run.parent.uri for run in runs}
+    return runs[0].parent / layout.ANALYSIS_SEEDS if len(parents) == 1 else None
 
 
 def eval_samples_location(root: Location, arm: str, round_idx: int) -> Location:

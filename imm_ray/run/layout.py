@@ -9,6 +9,7 @@
     RUN/votes.jsonl                   the web page's side-by-side preferences, one line per vote
     RUN/report.md, RUN/plots/         the report and its plots (derived from metrics.jsonl)
     RUN/analysis.json                 layer analysis (imm analyze)
+    STUDY/analysis_seeds.json         beside a study's runs: their layer analyses across seeds (imm analyze --combine)
     RUN/tensorboard/                  the TensorBoard sink's events (derived from metrics.jsonl)
     RUN/baseline/eval.json            the original model's evaluation (round 0)
     RUN/original/                     object storage only: the starting model, published once
@@ -33,6 +34,7 @@ VOTES = "votes.jsonl"
 REPORT = "report.md"
 PLOTS = "plots"
 ANALYSIS = "analysis.json"
+ANALYSIS_SEEDS = "analysis_seeds.json"
 TENSORBOARD = "tensorboard"
 LOCAL_LOCK = ".lock"
 LEASE = ".lease.json"
