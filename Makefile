@@ -12,7 +12,7 @@ CLUSTER_WORKERS ?= 0
 # hub (the embedded model and the bundled sets need no network; tests run offline on their own).
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo docs lint test test-quick bench bench-merge bench-serve bench-sft bench-generate gpu-smoke compare cluster-up cluster-down clean
+.PHONY: setup demo docs lint test test-quick bench bench-merge bench-serve bench-sft bench-generate gpu-smoke compare study cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,25 @@ demo: setup
 
 compare: setup
 	$(PY) -m jobs.imm_run --config jobs/configs/compare-cpu.yaml --run-dir $(if $(filter command line,$(origin RUN_DIR)),$(RUN_DIR),runs/compare-cpu)
+
+# The powered study (jobs/configs/study-cpu.yaml says what and how long): per seed a run of si, rest and
+# imm (fixed λ) and a run of imm with merge.select frontier, then the layer analysis across seeds and
+# the reports. Each run resumes where it stopped; STUDY_SEEDS=0 runs one seed.
+STUDY_SEEDS ?= 0 1
+STUDY_DIR = $(if $(filter command line,$(origin RUN_DIR)),$(RUN_DIR),runs/study-cpu)
+STUDY_RUN = $(PY) -m jobs.imm_run --config jobs/configs/study-cpu.yaml
+
+study: setup
+	set -e; for s in $(STUDY_SEEDS); do \
+	  seeds="generate.seed=$$s train.seed=$$s merge.seed=$$s"; \
+	  $(STUDY_RUN) --run-dir $(STUDY_DIR)/fixed/seed-$$s $$seeds run.name=study-cpu-fixed-seed-$$s; \
+	  $(STUDY_RUN) --run-dir $(STUDY_DIR)/frontier/seed-$$s $$seeds run.name=study-cpu-frontier-seed-$$s \
+	    'run.arms=[imm]' merge.select=frontier; \
+	done; \
+	for group in fixed frontier; do \
+	  $(PY) -m imm_ray.cli analyze --combine $(foreach s,$(STUDY_SEEDS),$(STUDY_DIR)/$$group/seed-$(s)); \
+	  for s in $(STUDY_SEEDS); do $(PY) -m imm_ray.cli report --run-dir $(STUDY_DIR)/$$group/seed-$$s; done; \
+	done
 
 # docs/config.md: every config key with its type, default and meaning, from the pydantic models.
 docs: setup

@@ -342,10 +342,12 @@ class SyntheticSplit:
 # The standard splits behind the `synthetic` dataset preset (split name -> recipe).
 SPLITS: dict[str, SyntheticSplit] = {
     "train": SyntheticSplit("add-sub", seed=0, n=1000),
-    "test": SyntheticSplit("add-sub", seed=1, n=200, disjoint_from=("train",)),
-    "ood-mul-div": SyntheticSplit("mul-div", seed=2, n=200),
-    "ood-two-step": SyntheticSplit("two-step", seed=3, n=200),
-    "ood-reworded": SyntheticSplit("reworded", seed=4, n=200),
+    # 600 each so a study can report 300+ questions per set beside a probe split; generation is
+    # sequential, so the first 200 (all a split held before) are unchanged.
+    "test": SyntheticSplit("add-sub", seed=1, n=600, disjoint_from=("train",)),
+    "ood-mul-div": SyntheticSplit("mul-div", seed=2, n=600),
+    "ood-two-step": SyntheticSplit("two-step", seed=3, n=600),
+    "ood-reworded": SyntheticSplit("reworded", seed=4, n=600),
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 from imm_ray.config import load_config
 from imm_ray.data import DATA_DIR_ENV, DatasetSpec, get_dataset_preset, load_problems
 from imm_ray.data.bundled import bundled_split
+from imm_ray.evaluate.probe import probe_split
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -24,7 +25,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("imm_ray.data.readers.load_hub_rows", refuse)
 
 
-@pytest.mark.parametrize("name", ["demo", "compare-cpu", "gpu-qwen2.5-0.5b"])
+@pytest.mark.parametrize("name", ["demo", "compare-cpu", "study-cpu", "gpu-qwen2.5-0.5b"])
 def test_every_data_set_of_a_local_config_loads_offline(name: str, offline: None) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.data.dir is None
@@ -52,3 +53,19 @@ def test_the_paper_config_names_only_sets_a_cluster_reaches() -> None:
     assert cfg.data.dir is None
     assert [s.name for s in [cfg.data.train, *cfg.data.eval] if not _reachable_from_a_node(s)] == []
     assert cfg.generate.temperature > 0 and cfg.generate.samples_per_question > 1
+
+
+def test_the_study_reports_300_held_back_questions_per_set_for_four_arms(offline: None) -> None:
+    """jobs/configs/study-cpu.yaml and the overrides `make study` gives its frontier runs: 5+ rounds,
+    the in-domain set and 3+ OOD sets (a benchmark among them), each with 300+ questions besides the
+    probe split the sweep scores its candidates on."""
+    base = load_config(CONFIGS / "study-cpu.yaml")
+    frontier = load_config(CONFIGS / "study-cpu.yaml", ["run.arms=[imm]", "merge.select=frontier"])
+    assert "'run.arms=[imm]' merge.select=frontier" in (CONFIGS.parents[1] / "Makefile").read_text()
+    assert base.run.rounds >= 5 and base.run.arms == ["si", "rest", "imm"] and base.merge.select == "fixed"
+    assert frontier.run.arms == ["imm"] and frontier.merge.select == "frontier" and frontier.merge.sweep
+    assert len(base.data.eval) >= 4 and any(s.preset != "synthetic" for s in base.data.eval[1:])
+    for spec in base.data.eval:
+        problems = load_problems(spec, base.data.dir).problems
+        split = probe_split(spec.name, problems, base.merge.probe_fraction, base.merge.probe_seed)
+        assert len(split.held_back) >= 300, spec.name

@@ -67,6 +67,9 @@ def test_splits_are_disjoint_and_sized():
     assert len(train) == SPLITS["train"].n and len(test) == SPLITS["test"].n
     assert not train & test
     assert split_items("mul-div")[0].problem.dataset == "synthetic-mul-div"  # bare family name
+    # a larger split keeps the problems a smaller one had first (earlier runs' sets are its prefix)
+    assert [i.problem for i in split_items("test")[:200]] == \
+        [i.problem for i in generate_items("add-sub", 1, 200, exclude=train, dataset="synthetic-test")]
     with pytest.raises(DataError, match="unknown synthetic split"):
         split_items("nope")
 
