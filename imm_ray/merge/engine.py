@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import threading
 import uuid
@@ -44,6 +43,7 @@ from .safetensors_io import (
     sha256_files,
 )
 from .selection import TensorSelector, count_layers, depth, params_at
+from .tensor_names import VOCAB_MATRIX, VOCAB_MATRIX_HINT
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,6 @@ PROVENANCE_FILE = "merge_provenance.json"
 PROVENANCE_FORMAT = "imm_ray.merge/2"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 BLOCK_ELEMENTS = 1 << 20
-_EMBEDDING_NAME = re.compile(
-    r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings)\.weight$"
-)
 
 
 def merge_checkpoints(
@@ -192,8 +189,8 @@ def check_compatible(anchor: CheckpointReader, models: Sequence[CheckpointReader
         info for info in (anchor.tensors[n] for n in anchor.names())
         if len(info.shape) == 2
         and (
-            _EMBEDDING_NAME.search(info.name)
-            or (info.shape[0] == vocab and re.search(r"embed|head", info.name))
+            VOCAB_MATRIX.search(info.name)
+            or (info.shape[0] == vocab and VOCAB_MATRIX_HINT.search(info.name))
         )
     ]
     for model in models:
