@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from imm_ray.errors import unknown_name
+from imm_ray.errors import known_name
 
 from .errors import MergeError
 from .methods import MERGE_METHODS
@@ -41,9 +41,7 @@ class MergeRecipe(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in MERGE_METHODS:
-            raise ValueError(unknown_name("merge method", v, MERGE_METHODS))
-        return v
+        return known_name("merge method", v, MERGE_METHODS)
 
 
 class MergeOptions(MergeRecipe):
