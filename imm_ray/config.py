@@ -33,6 +33,7 @@ from imm_ray.data.spec import PRESET_FIELDS
 from imm_ray.errors import UserError, unknown_name
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.merge.methods import DROP_RATE, IMM_LAM
+from imm_ray.merge.options import MergeRecipe
 from imm_ray.placement import custom_resources
 from imm_ray.run import layout
 from imm_ray.run.files import read_config_text
@@ -224,15 +225,12 @@ class VerifyConfig(_Strict):
 _DEFAULT_MERGE_PARAMS = {"lam": IMM_LAM, "drop_rate": DROP_RATE}  # the paper's IMM merge
 
 
-class MergeConfig(_Strict):
-    """The merge after each round's SFT (arm ``imm``)."""
+class MergeConfig(_Strict, MergeRecipe):
+    """The merge after each round's SFT (arm ``imm``): a merge recipe (method, params, seed) and where
+    the loop runs it."""
 
-    method: str = "imm"
-    """Merge method (imm = DARE drop-and-rescale of the task vector, then interpolation with the anchor)."""
     params: dict[str, Any] = Field(default_factory=lambda: dict(_DEFAULT_MERGE_PARAMS), validate_default=True)
     """The method's parameters (imm: lam, drop_rate), checked against the method even when left at the default."""
-    seed: int = 0
-    """Seed of the merge's random drop mask."""
     anchor: str = "original"
     """What the fine-tuned model is merged with: original (the run's starting model) or a model reference."""
     resources: ActorResources = ActorResources()
@@ -245,13 +243,6 @@ class MergeConfig(_Strict):
     """With a sweep: each eval set's share the candidates are scored on; every reported eval uses the rest."""
     probe_seed: int = 0
     """Seed of the probe split: which questions of each eval set are probe questions."""
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        from imm_ray.merge.methods import MERGE_METHODS
-
-        return _known("merge method", v, MERGE_METHODS)
 
     @field_validator("params")
     @classmethod

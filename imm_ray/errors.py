@@ -54,6 +54,14 @@ def unknown_name(kind: str, name: object, known: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}{hint}; choose from {', '.join(choices) or '(none registered)'}"
 
 
+def known_name(kind: str, name: str, known: Iterable[str]) -> str:
+    """``name`` if it is one of ``known``, else a ValueError saying so (a pydantic validator's error)."""
+    known = set(known)
+    if name not in known:
+        raise ValueError(unknown_name(kind, name, known))
+    return name
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, before_command: bool = True) -> None:
     """``--log-level`` and ``--debug``, accepted before the subcommand and after it."""
     # After the subcommand the defaults are suppressed, so they do not undo a flag given before it.

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imm_ray.errors import unknown_name
+from imm_ray.errors import known_name
 
 __all__ = ["BUILTIN_ENGINES", "ENGINES", "EngineSettings", "add_settings_arguments", "settings_from_namespace"]
 
@@ -55,9 +55,7 @@ class EngineSettings(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_engine(cls, v: str) -> str:
-        if v not in ENGINES:
-            raise ValueError(unknown_name("engine", v, ENGINES))
-        return v
+        return known_name("engine", v, ENGINES)
 
     @field_validator("extra")
     @classmethod

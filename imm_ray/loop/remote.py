@@ -9,6 +9,7 @@ import ray
 
 from imm_ray.merge import merge_checkpoints
 from imm_ray.merge.engine import output_sha256
+from imm_ray.merge.options import MergeOptions
 from imm_ray.models import resolve_model
 from imm_ray.ray_env import actor_runtime_env
 from imm_ray.storage import (
@@ -35,8 +36,8 @@ def merge_task(method: str, anchor: str, models: list[str], out: str, params: di
             model_dir, verified = materialize_verified(model)
             model_dirs.append(str(model_dir))
             known.update(verified)
-        merged = merge_checkpoints(method, str(anchor_dir), model_dirs, str(work / "merged"), params=params,
-                                   seed=seed, known_sha256=known, fsync=True)
+        options = MergeOptions(method=method, params=params, seed=seed, fsync=True)
+        merged = merge_checkpoints(str(anchor_dir), model_dirs, str(work / "merged"), options, known_sha256=known)
         return publish_dir(merged, resolve(out), move=True, known_sha256=output_sha256(merged)).uri
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,7 @@ from .core import slerp, task_vector_merge, weighted_average
 from .engine import PROVENANCE_FILE, check_compatible, merge_checkpoints
 from .errors import MergeError
 from .methods import MERGE_METHODS, MergeMethod, get_merge_method, register_merge_method
+from .options import MergeOptions, MergeRecipe, merge_options
 from .params import ParamSpec
 from .rng import TensorRNG
 from .sparsify import dare_drop, magnitude_mask, sparsify
@@ -19,6 +20,8 @@ __all__ = [
     "PROVENANCE_FILE",
     "MergeError",
     "MergeMethod",
+    "MergeOptions",
+    "MergeRecipe",
     "ParamSpec",
     "TensorRNG",
     "check_compatible",
@@ -26,6 +29,7 @@ __all__ = [
     "get_merge_method",
     "magnitude_mask",
     "merge_checkpoints",
+    "merge_options",
     "register_merge_method",
     "slerp",
     "sparsify",

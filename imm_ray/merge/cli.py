@@ -1,8 +1,9 @@
 """``imm merge``: command-line front end of :func:`imm_ray.merge.merge_checkpoints`.
 
 ``python -m imm_ray.merge.cli ...`` is the same command. ``--config merge.yaml`` reads the same
-settings from YAML (keys: method, base, models, weights, params, seed, dtype, include, exclude,
-out, max_shard_size, threads, checksums); options given on the command line win.
+settings from YAML (keys: base, models, weights, out and the fields of
+:class:`~imm_ray.merge.options.MergeOptions`: method, params, seed, dtype, include, exclude,
+max_shard_size, threads, checksums, fsync); options given on the command line win.
 """
 
 from __future__ import annotations
@@ -18,24 +19,24 @@ import yaml
 
 from imm_ray.errors import add_common_arguments, dispatch, unknown_name
 
-from .engine import DEFAULT_MAX_SHARD_SIZE, merge_checkpoints
+from .engine import merge_checkpoints
 from .errors import MergeError
-from .methods import MERGE_METHODS, get_merge_method
+from .methods import get_merge_method
+from .options import MergeOptions, add_options_arguments, options_from_namespace
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_KEYS = {"method", "base", "models", "weights", "params", "seed", "dtype", "include", "exclude", "out",
-                "max_shard_size", "threads", "checksums"}
+_CONFIG_KEYS = {"base", "models", "weights", "out", *MergeOptions.model_fields}
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``imm merge`` options to ``parser``."""
-    methods = ", ".join(sorted(MERGE_METHODS))
+    """Add the ``imm merge`` options to ``parser``: the inputs and output, the method's parameters,
+    and one flag per field of :class:`~imm_ray.merge.options.MergeOptions`."""
     parser.add_argument("--config", metavar="YAML", help="read the merge settings from a YAML file")
-    parser.add_argument("--method", help=f"merge method ({methods}); default imm")
     parser.add_argument("--base", help="anchor/base HF folder (for IMM: the original model)")
     parser.add_argument("--model", action="extend", nargs="+", dest="models", metavar="DIR",
                         help="fine-tuned HF folder(s) (repeat --model or list several)")
+    parser.add_argument("--out", help="output folder (must not exist)")
     parser.add_argument("--weight", action="extend", nargs="+", type=float, dest="weights", metavar="W",
                         help="per-model weight, in --model order")
     parser.add_argument("--lambda", type=float, dest="lam", metavar="L", help="task-vector scale lam")
@@ -46,18 +47,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DARE rescale: exact = 1/(1-p) (paper), l1 = mergekit's L1-norm match, none")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="any other method parameter (VALUE parsed as JSON, e.g. t=0.3 or lam=[0.2,0.8])")
-    parser.add_argument("--include", action="append", metavar="RE", help="merge only tensors matching RE")
-    parser.add_argument("--exclude", action="append", metavar="RE",
-                        help="copy tensors matching RE from the base unmerged (e.g. 'embed|norm')")
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--dtype", default=None, help="output dtype (default: the base's stored dtype)")
-    parser.add_argument("--max-shard-size", default=None,
-                        help=f"output shard size, e.g. 5GB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})")
-    parser.add_argument("--threads", type=int, help="worker threads (default: all usable cores)")
-    parser.add_argument("--no-checksums", action="store_true", help="skip sha256 of inputs/outputs in provenance")
-    parser.add_argument("--fsync", action="store_true", help="make the output durable before publishing it")
+    add_options_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--out", help="output folder (must not exist)")
 
 
 def _parse_param_items(items: Sequence[str]) -> dict[str, Any]:
@@ -129,31 +120,14 @@ def load_config(path: str | Path) -> dict[str, Any]:
 def run_merge_cli(args: argparse.Namespace) -> int:
     """Run a merge from parsed arguments; returns 0, raises MergeError on bad input (nothing published)."""
     cfg = load_config(args.config) if getattr(args, "config", None) else {}
-
-    def pick(key: str, cli: Any) -> Any:
-        return cli if cli is not None else cfg.get(key)
-
-    method = pick("method", args.method) or "imm"
-    base, models, out = pick("base", args.base), pick("models", args.models), pick("out", args.out)
+    base, models, out = (args.base or cfg.get("base"), args.models or cfg.get("models"),
+                         args.out or cfg.get("out"))
     missing = [flag for flag, v in (("--base", base), ("--model", models), ("--out", out)) if not v]
     if missing:
         raise MergeError(f"missing {', '.join(missing)} (on the command line or in --config)")
-    out_dir = merge_checkpoints(
-        method,
-        base,
-        models,
-        out,
-        params=params_from_args(args, method, cfg.get("params")),
-        seed=pick("seed", args.seed) or 0,
-        dtype=pick("dtype", args.dtype),
-        progress=not args.no_progress,
-        max_shard_size=pick("max_shard_size", args.max_shard_size) or DEFAULT_MAX_SHARD_SIZE,
-        include=pick("include", args.include),
-        exclude=pick("exclude", args.exclude),
-        threads=pick("threads", args.threads),
-        checksums=False if args.no_checksums else cfg.get("checksums", True),
-        fsync=args.fsync,
-    )
+    method = getattr(args, "method", None) or cfg.get("method") or MergeOptions().method
+    options = options_from_namespace(args, cfg, params_from_args(args, method, cfg.get("params")))
+    out_dir = merge_checkpoints(base, models, out, options, progress=not args.no_progress)
     logger.info("merged model written to %s", out_dir)
     return 0
 

@@ -16,11 +16,10 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from .dtypes import FLOAT32, DType, parse_dtype
 from .errors import MergeError
 from .methods import MergeMethod, get_merge_method
+from .options import MergeOptions
 from .rng import RNG_ALGORITHM, TensorRNG
 from .safetensors_io import (
     CheckpointReader,
@@ -44,133 +44,157 @@ from .safetensors_io import (
     sha256_files,
 )
 from .selection import TensorSelector, count_layers, depth, params_at
+from .tensor_names import VOCAB_MATRIX, VOCAB_MATRIX_HINT
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "merge_provenance.json"
 PROVENANCE_FORMAT = "imm_ray.merge/2"
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 BLOCK_ELEMENTS = 1 << 20
-_EMBEDDING_NAME = re.compile(
-    r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings)\.weight$"
-)
 
 
 def merge_checkpoints(
-    method: str,
     anchor: str | Path,
     models: Sequence[str | Path],
     out_dir: str | Path,
-    params: dict[str, Any] | None = None,
-    seed: int = 0,
-    dtype: str | None = None,
-    progress: bool = True,
+    options: MergeOptions | None = None,
     *,
-    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
-    include: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] | None = None,
-    threads: int | None = None,
-    checksums: bool = True,
+    progress: bool = True,
     known_sha256: Mapping[Path, str] | None = None,
-    fsync: bool = False,
 ) -> Path:
-    """Merge HF safetensors checkpoints with a registered method and write an HF folder to ``out_dir``.
+    """Merge HF safetensors checkpoints as ``options`` say and write an HF folder to ``out_dir``.
 
     ``anchor`` is the base (for IMM: the original model); it supplies config, tokenizer, generation
-    config and chat template files, the tensors left out by ``include``/``exclude`` (regexes on tensor
-    names, copied unmerged) and, by default, the output dtype of every tensor (``dtype`` overrides
-    it for floating tensors). ``models`` are the fine-tuned folders. Layerwise parameters may be
-    gradients over depth (lists). Computation is fp32 on ``threads`` threads (default: all usable
+    config and chat template files, the tensors left out by ``options.include``/``exclude`` (copied
+    unmerged) and, by default, the output dtype of every tensor (``options.dtype`` overrides it for
+    floating tensors). ``models`` are the fine-tuned folders. Layerwise parameters may be gradients
+    over depth (lists). Computation is fp32 on ``options.threads`` threads (default: all usable
     cores); equal inputs, parameters and seed give byte-identical output.
 
     All checks on names, shapes and vocabularies happen before anything is written; NaN/Inf in the
     result is an error. The output is built in a temporary sibling folder and renamed to ``out_dir``
-    only on success (``fsync=True`` also makes it durable first). ``checksums`` records sha256 of
-    every input and output weight file in ``merge_provenance.json`` (:func:`output_sha256` reads the
-    output's back); ``known_sha256`` are digests of input files (by path) that the caller has just
-    verified, recorded without hashing those files again. Raises MergeError.
+    only on success (``options.fsync`` also makes it durable first). ``options.checksums`` records
+    sha256 of every input and output weight file in ``merge_provenance.json`` (:func:`output_sha256`
+    reads the output's back); ``known_sha256`` are digests of input files (by path) that the caller
+    has just verified, recorded without hashing those files again. Raises MergeError.
     """
-    impl = get_merge_method(method)
-    if isinstance(models, (str, Path)):
-        raise MergeError("models must be a list of checkpoint folders, got a single path")
-    model_paths = [Path(m).absolute() for m in models]
-    anchor_path = Path(anchor).absolute()
-    resolved = impl.validate(params, len(model_paths))
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise MergeError(f"seed must be an integer, got {seed!r}")
-    out_dtype = parse_dtype(dtype) if dtype is not None else None
-    shard_bytes = parse_size(max_shard_size)
-    selector = TensorSelector(include, exclude)
-    n_threads = _thread_count(threads)
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() or out_dir.is_symlink():
-        raise MergeError(f"output folder already exists (refusing to overwrite): {out_dir}")
-
+    job = _Job.check(anchor, models, out_dir, options or MergeOptions())
     with ExitStack() as stack:
-        anchor_reader = stack.enter_context(CheckpointReader(anchor_path))
-        readers = [stack.enter_context(CheckpointReader(p)) for p in model_paths]
+        anchor_reader = stack.enter_context(CheckpointReader(job.anchor))
+        readers = [stack.enter_context(CheckpointReader(p)) for p in job.models]
         check_compatible(anchor_reader, readers)
-        out_infos = [
-            TensorInfo(
-                info.name,
-                out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype,
-                info.shape,
-            )
-            for info in (anchor_reader.tensors[n] for n in anchor_reader.names())
-        ]
-        tasks, merged = _plan(impl, resolved, out_infos, anchor_reader, selector)
+        out_infos = _output_infos(anchor_reader, job.out_dtype)
+        tasks, merged = _plan(job.impl, job.params, out_infos, anchor_reader, job.selector)
         if not merged:
             logger.warning("include/exclude left no tensor to merge: the output is a copy of the anchor")
-        inputs = _describe_inputs([anchor_reader, *readers], checksums, n_threads, known_sha256 or {})
+        inputs = _describe_inputs([anchor_reader, *readers], job.options.checksums, job.threads, known_sha256 or {})
         logger.info(
             "merging %s with %s (params=%s, seed=%d, %d/%d tensors merged, %d threads) onto anchor %s -> %s",
-            [str(p) for p in model_paths], method, resolved, seed, len(merged), len(out_infos), n_threads,
-            anchor_path, out_dir,
+            [str(p) for p in job.models], job.options.method, job.params, job.options.seed, len(merged),
+            len(out_infos), job.threads, job.anchor, job.out_dir,
         )
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()  # umask permissions (mkdtemp's are 0700: unreadable by a server under another user)
-        writer: StreamingSafetensorsWriter | None = None
-        try:
-            copied = copy_support_files(anchor_path, tmp, out_dtype)
-            writer = StreamingSafetensorsWriter(tmp, out_infos, shard_bytes)
-            worker = _Worker(impl, anchor_reader, readers, writer, seed)
-            bar = tqdm(total=len(out_infos), desc=f"merge[{method}]", unit="tensor", disable=not progress)
-            with bar:
-                _execute(tasks, worker, n_threads, bar)
-            files = writer.close(fsync=fsync)
-            hashes = sha256_files([tmp / f for f in files], n_threads) if checksums else [None] * len(files)
-            provenance = {
-                "format": PROVENANCE_FORMAT,
-                "method": method,
-                "params": resolved,
-                "seed": seed,
-                "rng": RNG_ALGORITHM if impl.uses_random else None,
-                "dtype": out_dtype.name if out_dtype is not None else None,
-                "output_dtypes": sorted({i.dtype.name for i in out_infos}),
-                "selection": {**selector.describe(), "merged": len(merged),
-                              "copied_from_anchor": len(out_infos) - len(merged)},
-                "max_shard_size": shard_bytes,
-                "checksum": "sha256" if checksums else None,
-                "anchor": inputs[0],
-                "models": inputs[1:],
-                "output": {
-                    "weight_files": dict(zip(files, hashes)),
-                    "num_tensors": len(out_infos),
-                    "total_bytes": sum(i.nbytes for i in out_infos),
-                    "copied_files": copied,
-                },
-                "versions": _versions(),
-            }
-            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-            _publish(tmp, out_dir, fsync)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    logger.info("merge written to %s", out_dir)
-    return out_dir
+        _build_and_publish(job, [anchor_reader, *readers], out_infos, tasks, progress,
+                           {"selection": {**job.selector.describe(), "merged": len(merged),
+                                          "copied_from_anchor": len(out_infos) - len(merged)},
+                            "anchor": inputs[0], "models": inputs[1:]})
+    logger.info("merge written to %s", job.out_dir)
+    return job.out_dir
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A merge's inputs, checked before any file is read: the method, resolved parameters, output
+    dtype, shard size, tensor selection and thread count."""
+
+    options: MergeOptions
+    impl: MergeMethod
+    params: dict[str, Any]
+    anchor: Path
+    models: list[Path]
+    out_dir: Path
+    out_dtype: DType | None
+    shard_bytes: int | None
+    selector: TensorSelector
+    threads: int
+
+    @classmethod
+    def check(cls, anchor: str | Path, models: Sequence[str | Path], out_dir: str | Path,
+              options: MergeOptions) -> _Job:
+        """The job of merging ``models`` onto ``anchor`` into ``out_dir``; MergeError on bad input."""
+        impl = get_merge_method(options.method)
+        if isinstance(models, (str, Path)):
+            raise MergeError("models must be a list of checkpoint folders, got a single path")
+        model_paths = [Path(m).absolute() for m in models]
+        params = impl.validate(options.params, len(model_paths))
+        out = Path(out_dir).absolute()
+        job = cls(options, impl, params, Path(anchor).absolute(), model_paths, out,
+                  parse_dtype(options.dtype) if options.dtype is not None else None,
+                  parse_size(options.max_shard_size), TensorSelector(options.include, options.exclude),
+                  _thread_count(options.threads))
+        if out.exists() or out.is_symlink():
+            raise MergeError(f"output folder already exists (refusing to overwrite): {out}")
+        return job
+
+
+def _output_infos(anchor: CheckpointReader, out_dtype: DType | None) -> list[TensorInfo]:
+    """The output's tensors: the anchor's, floating ones in ``out_dtype`` when it is set."""
+    return [
+        TensorInfo(info.name, out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype,
+                   info.shape)
+        for info in (anchor.tensors[n] for n in anchor.names())
+    ]
+
+
+def _build_and_publish(job: _Job, readers: Sequence[CheckpointReader], out_infos: Sequence[TensorInfo],
+                       tasks: Sequence[_Task], progress: bool, described: dict[str, Any]) -> None:
+    """Run ``tasks`` on the anchor's and the models' ``readers`` into a temporary sibling of
+    ``job.out_dir``, add the support files and the provenance (with the ``described`` selection and
+    inputs), and rename it into place; on any failure nothing is left behind."""
+    job.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = job.out_dir.parent / f".{job.out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # umask permissions (mkdtemp's are 0700: unreadable by a server under another user)
+    writer: StreamingSafetensorsWriter | None = None
+    try:
+        copied = copy_support_files(job.anchor, tmp, job.out_dtype)
+        writer = StreamingSafetensorsWriter(tmp, out_infos, job.shard_bytes)
+        worker = _Worker(job.impl, readers[0], readers[1:], writer, job.options.seed)
+        bar = tqdm(total=len(out_infos), desc=f"merge[{job.options.method}]", unit="tensor",
+                   disable=not progress)
+        with bar:
+            _execute(tasks, worker, job.threads, bar)
+        files = writer.close(fsync=job.options.fsync)
+        hashes = sha256_files([tmp / f for f in files], job.threads) if job.options.checksums else [None] * len(files)
+        output = {"weight_files": dict(zip(files, hashes)), "num_tensors": len(out_infos),
+                  "total_bytes": sum(i.nbytes for i in out_infos), "copied_files": copied}
+        provenance = _provenance(job, out_infos, described, output)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        _publish(tmp, job.out_dir, job.options.fsync)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _provenance(job: _Job, out_infos: Sequence[TensorInfo], described: dict[str, Any],
+                output: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``merge_provenance.json``: how the output was made, from what, and its files."""
+    return {
+        "format": PROVENANCE_FORMAT,
+        "method": job.options.method,
+        "params": job.params,
+        "seed": job.options.seed,
+        "rng": RNG_ALGORITHM if job.impl.uses_random else None,
+        "dtype": job.out_dtype.name if job.out_dtype is not None else None,
+        "output_dtypes": sorted({i.dtype.name for i in out_infos}),
+        "selection": described["selection"],
+        "max_shard_size": job.shard_bytes,
+        "checksum": "sha256" if job.options.checksums else None,
+        "anchor": described["anchor"],
+        "models": described["models"],
+        "output": output,
+        "versions": _versions(),
+    }
 
 
 def check_compatible(anchor: CheckpointReader, models: Sequence[CheckpointReader]) -> None:
@@ -192,8 +216,8 @@ def check_compatible(anchor: CheckpointReader, models: Sequence[CheckpointReader
         info for info in (anchor.tensors[n] for n in anchor.names())
         if len(info.shape) == 2
         and (
-            _EMBEDDING_NAME.search(info.name)
-            or (info.shape[0] == vocab and re.search(r"embed|head", info.name))
+            VOCAB_MATRIX.search(info.name)
+            or (info.shape[0] == vocab and VOCAB_MATRIX_HINT.search(info.name))
         )
     ]
     for model in models:
@@ -414,14 +438,13 @@ def _execute(tasks: Sequence[_Task], worker: _Worker, threads: int, bar: Any) ->
 
 
 def _thread_count(threads: int | None) -> int:
-    if threads is None:
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # not Linux
-            return max(1, os.cpu_count() or 1)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise MergeError(f"threads must be a positive integer, got {threads!r}")
-    return threads
+    """``threads``, or all usable cores when it is None."""
+    if threads is not None:
+        return threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _describe_inputs(readers: Sequence[CheckpointReader], checksums: bool, threads: int,

@@ -7,9 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import MergeError
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_BEFORE_LAYERS = re.compile(r"embed|wte|wpe|tok_embeddings|word_embeddings")
+from .tensor_names import BEFORE_LAYERS, layer_index
 
 
 def _compile(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern[str]]:
@@ -43,12 +41,6 @@ class TensorSelector:
         return {"include": [p.pattern for p in self.include], "exclude": [p.pattern for p in self.exclude]}
 
 
-def layer_index(name: str) -> int | None:
-    """Decoder layer number in a tensor name (``model.layers.7.mlp...`` -> 7), else None."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
 def count_layers(names: Iterable[str]) -> int:
     """Number of decoder layers (largest layer index + 1; 0 if none)."""
     indices = [i for i in map(layer_index, names) if i is not None]
@@ -60,7 +52,7 @@ def depth(name: str, num_layers: int) -> float:
     anything else outside the layers (final norm, lm_head) -> 1."""
     index = layer_index(name)
     if index is None:
-        return 0.0 if _BEFORE_LAYERS.search(name) else 1.0
+        return 0.0 if BEFORE_LAYERS.search(name) else 1.0
     return index / (num_layers - 1) if num_layers > 1 else 0.0
 
 

@@ -40,13 +40,13 @@ def _timed(fn) -> float:  # noqa: ANN001
 
 def _merge_hashing_twice(anchor: str, sft: str, out: str) -> None:
     """The merge task's body as it was before the merge reused known digests (for comparison)."""
-    from imm_ray.merge import merge_checkpoints
+    from imm_ray.merge import MergeOptions, merge_checkpoints
     from imm_ray.storage import materialize, publish_dir, resolve, work_dir_for
 
     work = work_dir_for(out)
     try:
-        merged = merge_checkpoints("imm", str(materialize(anchor)), [str(materialize(sft))], str(work / "merged"),
-                                   params={"lam": 0.5, "drop_rate": 0.2}, seed=0, progress=False, fsync=True)
+        merged = merge_checkpoints(str(materialize(anchor)), [str(materialize(sft))], str(work / "merged"),
+                                   MergeOptions(params={"lam": 0.5, "drop_rate": 0.2}, fsync=True), progress=False)
         publish_dir(merged, resolve(out), move=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

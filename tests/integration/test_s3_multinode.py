@@ -13,7 +13,7 @@ import ray
 from checkpoint_files import checkpoint_files
 
 from imm_ray.loop.remote import merge_remote, publish_model_remote
-from imm_ray.merge import merge_checkpoints
+from imm_ray.merge import MergeOptions, merge_checkpoints
 from imm_ray.ray_env import ray_binds_loopback
 from imm_ray.storage import StorageOptions, checkpoint_checksum, is_published, materialize, publish_dir, resolve
 from imm_ray.storage.fs import downloaded_bytes
@@ -61,8 +61,8 @@ def test_merge_on_another_node_through_s3(three_nodes, s3_bucket, tiny_model_dir
     assert not (three_nodes[1] / "cache").exists()  # node 1 was not involved
     shutil.rmtree(node2)  # the node goes away: the result lives on S3 only
 
-    local = merge_checkpoints("imm", str(tiny_model_dir), [str(scrambled_model)], str(tmp_path / "local"),
-                              params=PARAMS, seed=0)
+    local = merge_checkpoints(str(tiny_model_dir), [str(scrambled_model)], str(tmp_path / "local"),
+                              MergeOptions(method="imm", params=PARAMS, seed=0))
     assert checkpoint_files(materialize(out, cache_dir=tmp_path / "driver-cache")) == checkpoint_files(Path(local))
 
 

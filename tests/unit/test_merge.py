@@ -21,6 +21,7 @@ from imm_ray.merge import (
     TensorRNG,
     dare_drop,
     merge_checkpoints,
+    merge_options,
     register_merge_method,
     slerp,
     task_vector_merge,
@@ -38,6 +39,11 @@ from imm_ray.merge.selection import depth, value_at
 from imm_ray.merge.sparsify import magnitude_mask, top_k_mask
 
 transformers = pytest.importorskip("transformers")
+
+
+def merge(method: str, anchor: Path, models: list[Path], out: Path, progress: bool = False, **options) -> Path:
+    """``merge_checkpoints`` with ``method`` and the other :class:`MergeOptions` as keywords."""
+    return merge_checkpoints(anchor, models, out, merge_options({"method": method, **options}), progress=progress)
 
 SUPPORT_FILES = {
     "tokenizer.json": '{"dummy": true}\n',
@@ -125,7 +131,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def imm_default(ckpts, tmp_path_factory) -> Path:
-    return merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]],
+    return merge("imm", ckpts["anchor"], [ckpts["sft"]],
                              tmp_path_factory.mktemp("imm") / "out", progress=False)
 
 
@@ -363,9 +369,9 @@ def test_defaults_are_paper_settings():
 def test_unknown_method_and_param_before_writing(ckpts, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(MergeError, match="unknown merge method 'ties_x'"):
-        merge_checkpoints("ties_x", ckpts["anchor"], [ckpts["sft"]], out, progress=False)
+        merge("ties_x", ckpts["anchor"], [ckpts["sft"]], out, progress=False)
     with pytest.raises(MergeError, match="'bogus'"):
-        merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], out, params={"bogus": 1}, progress=False)
+        merge("imm", ckpts["anchor"], [ckpts["sft"]], out, params={"bogus": 1}, progress=False)
     assert not out.exists()
 
 
@@ -381,7 +387,7 @@ def test_register_custom_method(ckpts, tmp_path):
     try:
         with pytest.raises(MergeError, match="already registered"):
             register_merge_method(TakeModel)
-        out = merge_checkpoints("take_model_test", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", progress=False)
+        out = merge("take_model_test", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", progress=False)
         ref = load_all(ckpts["sft"])
         got = load_all(out)
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
@@ -392,7 +398,7 @@ def test_register_custom_method(ckpts, tmp_path):
 # ----------------------------------------------------------------------------- checkpoint merges
 
 def test_imm_p0_is_plain_average(ckpts, tmp_path):
-    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "avg",
+    out = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "avg",
                             params={"drop_rate": 0.0}, progress=False)
     a, s, m = load_all(ckpts["anchor"]), load_all(ckpts["sft"]), load_all(out)
     assert m.keys() == a.keys()
@@ -437,20 +443,20 @@ def test_provenance(ckpts, imm_default):
 
 
 def test_same_seed_identical_bytes_different_seed_differs(ckpts, imm_default, tmp_path):
-    again = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "again", progress=False)
+    again = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "again", progress=False)
     assert file_bytes(again) == file_bytes(imm_default)
-    other = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "seed1", seed=1, progress=False)
+    other = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "seed1", seed=1, progress=False)
     assert (other / "model.safetensors").read_bytes() != (imm_default / "model.safetensors").read_bytes()
 
 
 def test_sharded_input_merges_like_single_file(ckpts, imm_default, tmp_path):
     assert (ckpts["sft_sharded"] / "model.safetensors.index.json").is_file()
-    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft_sharded"]], tmp_path / "o", progress=False)
+    out = merge("imm", ckpts["anchor"], [ckpts["sft_sharded"]], tmp_path / "o", progress=False)
     assert (out / "model.safetensors").read_bytes() == (imm_default / "model.safetensors").read_bytes()
 
 
 def test_sharded_output(ckpts, imm_default, tmp_path):
-    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o",
+    out = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o",
                             progress=False, max_shard_size="60KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -462,7 +468,7 @@ def test_sharded_output(ckpts, imm_default, tmp_path):
 
 
 def test_dtype_override_bf16(ckpts, tmp_path):
-    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", dtype="bf16", progress=False)
+    out = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", dtype="bf16", progress=False)
     tensors = load_all(out)
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -478,7 +484,7 @@ def test_default_dtype_follows_anchor_storage(ckpts, tmp_path):
             (bf16 / f.name).write_bytes(f.read_bytes())
     tensors = {k: v.to(torch.bfloat16) for k, v in load_file(bf16 / "model.safetensors").items()}
     save_file(tensors, bf16 / "model.safetensors", metadata={"format": "pt"})
-    out = merge_checkpoints("imm", bf16, [ckpts["sft"]], tmp_path / "o", params={"drop_rate": 0.0}, progress=False)
+    out = merge("imm", bf16, [ckpts["sft"]], tmp_path / "o", params={"drop_rate": 0.0}, progress=False)
     got, s = load_all(out), load_all(ckpts["sft"])
     for k, v in tensors.items():
         assert got[k].dtype == torch.bfloat16
@@ -487,12 +493,12 @@ def test_default_dtype_follows_anchor_storage(ckpts, tmp_path):
 
 def test_linear_and_dare_linear_two_models(ckpts, tmp_path):
     s1, s2, a = load_all(ckpts["sft"]), load_all(ckpts["sft2"]), load_all(ckpts["anchor"])
-    out = merge_checkpoints("linear", ckpts["anchor"], [ckpts["sft"], ckpts["sft2"]], tmp_path / "lin",
+    out = merge("linear", ckpts["anchor"], [ckpts["sft"], ckpts["sft2"]], tmp_path / "lin",
                             params={"weights": [1.0, 3.0]}, progress=False)
     got = load_all(out)
     for k in a:
         torch.testing.assert_close(got[k], 0.25 * s1[k] + 0.75 * s2[k], rtol=0, atol=1e-6)
-    out = merge_checkpoints("dare_linear", ckpts["anchor"], [ckpts["sft"], ckpts["sft2"]], tmp_path / "dl",
+    out = merge("dare_linear", ckpts["anchor"], [ckpts["sft"], ckpts["sft2"]], tmp_path / "dl",
                             params={"weights": [0.5, 0.5], "drop_rate": 0.0}, progress=False)
     got = load_all(out)
     for k in a:
@@ -504,21 +510,21 @@ def test_linear_and_dare_linear_two_models(ckpts, tmp_path):
 def test_shape_mismatch_raises_before_writing(ckpts, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(MergeError, match=r"mlp\.(down|gate|up)_proj\.weight.*\[128, 64\]|\[64, 128\]") as err:
-        merge_checkpoints("imm", ckpts["anchor"], [ckpts["bad_shape"]], out, progress=False)
+        merge("imm", ckpts["anchor"], [ckpts["bad_shape"]], out, progress=False)
     assert "96" in str(err.value)
     assert leftovers(tmp_path, "o") == []
 
 
 def test_vocab_mismatch_names_both_sizes(ckpts, tmp_path):
     with pytest.raises(MergeError, match="vocab") as err:
-        merge_checkpoints("imm", ckpts["anchor"], [ckpts["bad_vocab"]], tmp_path / "o", progress=False)
+        merge("imm", ckpts["anchor"], [ckpts["bad_vocab"]], tmp_path / "o", progress=False)
     assert "256" in str(err.value) and "300" in str(err.value)
     assert leftovers(tmp_path, "o") == []
 
 
 def test_tied_anchor_vs_untied_model(ckpts, tmp_path):
     with pytest.raises(MergeError, match="lm_head.weight"):
-        merge_checkpoints("imm", ckpts["anchor"], [ckpts["untied"]], tmp_path / "o", progress=False)
+        merge("imm", ckpts["anchor"], [ckpts["untied"]], tmp_path / "o", progress=False)
     assert leftovers(tmp_path, "o") == []
 
 
@@ -531,7 +537,7 @@ def test_nan_input_publishes_nothing(ckpts, tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MergeError, match="NaN"):
-        merge_checkpoints("imm", ckpts["anchor"], [bad], tmp_path / "o", progress=False)
+        merge("imm", ckpts["anchor"], [bad], tmp_path / "o", progress=False)
     assert leftovers(tmp_path, "o") == []
 
 
@@ -547,11 +553,11 @@ def test_non_finite_result_publishes_nothing(ckpts, tmp_path):
     register_merge_method(Broken)
     try:
         with pytest.raises(MergeError, match="NaN/Inf"):
-            merge_checkpoints("broken_test", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", progress=False)
+            merge("broken_test", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", progress=False)
     finally:
         MERGE_METHODS.pop("broken_test", None)
     with pytest.raises(MergeError, match="overflow when casting to float16"):
-        merge_checkpoints("task_arithmetic", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o",
+        merge("task_arithmetic", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o",
                           params={"lam": 1e7}, dtype="float16", progress=False)
     assert leftovers(tmp_path, "o") == []
 
@@ -561,7 +567,7 @@ def test_existing_out_dir_is_not_overwritten(ckpts, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(MergeError, match="already exists"):
-        merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], out, progress=False)
+        merge("imm", ckpts["anchor"], [ckpts["sft"]], out, progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -569,7 +575,7 @@ def test_missing_weights_raise(tmp_path, ckpts):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(MergeError, match="no model.safetensors"):
-        merge_checkpoints("imm", ckpts["anchor"], [empty], tmp_path / "o", progress=False)
+        merge("imm", ckpts["anchor"], [empty], tmp_path / "o", progress=False)
 
 
 # ----------------------------------------------------------------------------- IO, CLI, purity
@@ -694,7 +700,7 @@ ALL_METHOD_PARAMS = {
 def test_every_method_matches_its_formula_and_loads(ckpts, tmp_path, method):
     models = [ckpts["sft"], ckpts["sft2"]]
     params = ALL_METHOD_PARAMS[method]
-    out = merge_checkpoints(method, ckpts["anchor"], models, tmp_path / "o", params=params, seed=3, progress=False)
+    out = merge(method, ckpts["anchor"], models, tmp_path / "o", params=params, seed=3, progress=False)
     a, ms, got = load_all(ckpts["anchor"]), [load_all(m) for m in models], load_all(out)
     impl = get_merge_method(method)
     resolved = impl.validate(params, 2)
@@ -707,10 +713,10 @@ def test_every_method_matches_its_formula_and_loads(ckpts, tmp_path, method):
 
 
 def test_slerp_merge_is_between_endpoints(ckpts, tmp_path):
-    out = merge_checkpoints("slerp", ckpts["anchor"], [ckpts["sft"]], tmp_path / "s", params={"t": 0.0}, progress=False)
+    out = merge("slerp", ckpts["anchor"], [ckpts["sft"]], tmp_path / "s", params={"t": 0.0}, progress=False)
     got, a = load_all(out), load_all(ckpts["anchor"])
     assert got.keys() == a.keys() and all(torch.equal(got[k], a[k]) for k in a)
-    out = merge_checkpoints("slerp", ckpts["anchor"], [ckpts["sft"]], tmp_path / "m", progress=False)
+    out = merge("slerp", ckpts["anchor"], [ckpts["sft"]], tmp_path / "m", progress=False)
     a, s, got = load_all(ckpts["anchor"]), load_all(ckpts["sft"]), load_all(out)
     name = "model.layers.0.mlp.up_proj.weight"
     torch.testing.assert_close(got[name], torch.from_numpy(slerp(0.5, a[name].numpy(), s[name].numpy())))
@@ -718,14 +724,14 @@ def test_slerp_merge_is_between_endpoints(ckpts, tmp_path):
 
 def test_blocks_and_threads_give_identical_bytes(ckpts, imm_default, tmp_path, monkeypatch):
     monkeypatch.setattr(merge_engine, "BLOCK_ELEMENTS", 1000)  # many blocks per tensor
-    one = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "t1", threads=1, progress=False)
-    two = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "t2", threads=2, progress=False)
+    one = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "t1", threads=1, progress=False)
+    two = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "t2", threads=2, progress=False)
     assert file_bytes(one) == file_bytes(two)
     assert (one / "model.safetensors").read_bytes() == (imm_default / "model.safetensors").read_bytes()
 
 
 def test_include_exclude_copy_anchor(ckpts, tmp_path):
-    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", params={"drop_rate": 0.0},
+    out = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "o", params={"drop_rate": 0.0},
                             exclude=[r"embed_tokens", r"norm\.weight$"], progress=False)
     a, s, got = load_all(ckpts["anchor"]), load_all(ckpts["sft"]), load_all(out)
     copied = [n for n in a if "embed_tokens" in n or n.endswith("norm.weight")]
@@ -737,7 +743,7 @@ def test_include_exclude_copy_anchor(ckpts, tmp_path):
             torch.testing.assert_close(got[name], 0.5 * (a[name] + s[name]), rtol=0, atol=1e-6)
     prov = json.loads((out / "merge_provenance.json").read_text())
     assert prov["selection"]["copied_from_anchor"] == len(copied)
-    out = merge_checkpoints("task_arithmetic", ckpts["anchor"], [ckpts["sft"]], tmp_path / "i",
+    out = merge("task_arithmetic", ckpts["anchor"], [ckpts["sft"]], tmp_path / "i",
                             include=r"layers\.1\.", progress=False)
     got = load_all(out)
     for name in a:
@@ -746,11 +752,11 @@ def test_include_exclude_copy_anchor(ckpts, tmp_path):
         else:
             assert torch.equal(got[name], a[name])
     with pytest.raises(MergeError, match="exclude regex"):
-        merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "bad", exclude="(", progress=False)
+        merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "bad", exclude="(", progress=False)
 
 
 def test_lambda_gradient_over_depth(ckpts, tmp_path):
-    out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "g",
+    out = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "g",
                             params={"lam": [0.0, 1.0], "drop_rate": 0.0}, progress=False)
     a, s, got = load_all(ckpts["anchor"]), load_all(ckpts["sft"]), load_all(out)
     up = "mlp.up_proj.weight"
@@ -789,7 +795,7 @@ def test_merged_folder_gets_umask_permissions(ckpts, tmp_path):
 
     old = os.umask(0o022)
     try:
-        out = merge_checkpoints("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "merged", params={"lam": 0.5},
+        out = merge("imm", ckpts["anchor"], [ckpts["sft"]], tmp_path / "merged", params={"lam": 0.5},
                                 seed=0)
     finally:
         os.umask(old)
@@ -804,7 +810,16 @@ def test_a_published_anchor_manifest_is_not_copied(ckpts, tmp_path):
     anchor = tmp_path / "anchor"
     shutil.copytree(ckpts["anchor"], anchor)
     (anchor / "manifest.json").write_text('{"version": 1, "files": {}}')
-    out = merge_checkpoints("imm", anchor, [ckpts["sft"]], tmp_path / "merged", params={"lam": 0.5}, seed=0)
+    out = merge("imm", anchor, [ckpts["sft"]], tmp_path / "merged", params={"lam": 0.5}, seed=0)
     assert not (Path(out) / "manifest.json").exists()
     provenance = json.loads((Path(out) / "merge_provenance.json").read_text())
     assert "manifest.json" not in provenance["output"]["copied_files"]
+
+
+def test_merge_options_name_the_bad_key():
+    """The one options model (engine, ``imm merge`` and the run config's recipe) reports bad input as MergeError."""
+    with pytest.raises(MergeError, match=r"^threads: .*greater than or equal to 1"):
+        merge_options({"threads": 0})
+    with pytest.raises(MergeError, match=r"^method: unknown merge method 'tie' \(did you mean 'ties'\?\)"):
+        merge_options({"method": "tie"})
+    assert merge_options({"include": r"layers\.1\."}).include == [r"layers\.1\."]
