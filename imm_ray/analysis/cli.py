@@ -198,15 +198,17 @@ def _run_node_types(run_dir: Location | None) -> NodeTypes:
     return declared_node_types(ray_cfg.node_types, ray_cfg.cluster_yaml)
 
 
-def analyze_run(run_dir: str | Path | Location, *flags: str) -> Location:
-    """Analyse a run directory as ``imm analyze RUN_DIR FLAGS...`` does; returns the JSON's location.
+def analyze_run(run_dir: str | Path | Location, probe_size: int = 32) -> Location:
+    """Analyse a run directory as ``imm analyze RUN_DIR`` does (its defaults, ``probe_size`` probe
+    problems); returns the JSON's location.
 
     Uses the Ray connection already open in this process (a driver's), else starts one.
     Raises UsageError (a ValueError), DataError or ModelError when the run cannot be analysed.
     """
     parser = argparse.ArgumentParser(prog="imm analyze")
     add_analyze_arguments(parser)
-    args = parser.parse_args(["--run-dir", str(run_dir), *flags])
+    args = parser.parse_args(["--run-dir", str(run_dir)])
+    args.probe_size = probe_size
     plan, out = build_plan(args)
     analyze(plan, out, use_ray=not args.no_ray, ray_address=args.ray_address,
             cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task, num_tasks=args.tasks)

@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imm_ray.data import DataError, DatasetSpec, load_problems
+from imm_ray.data import DataError, DatasetSpec, LoadResult, load_problems
 from imm_ray.data.prompts import DEFAULT_INSTRUCTION_SUFFIX, default_stop_strings, encode_prompt, render_prompt
 from imm_ray.errors import UsageError
 from imm_ray.evaluate.generation import Generator, open_generator
-from imm_ray.evaluate.ledger import sample_rows
-from imm_ray.evaluate.scoring import evaluate_completions, pick_verifier
+from imm_ray.evaluate.sets import score_sets
 from imm_ray.evaluate.specs import parse_dataset_arg
-from imm_ray.generate.engine import SamplingSpec
+from imm_ray.generate.engine import Completion, SamplingSpec
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.storage import write_jsonl
 from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier, needs_gold
@@ -87,7 +86,7 @@ class _Verifiers:
                 close()
 
 
-def _load(specs: Sequence[DatasetSpec], data_dir: str | Path | None) -> list[tuple[DatasetSpec, Any]]:
+def _load(specs: Sequence[DatasetSpec], data_dir: str | Path | None) -> list[tuple[DatasetSpec, LoadResult]]:
     loaded = []
     for spec in specs:
         result = load_problems(spec, data_dir=data_dir)
@@ -99,6 +98,41 @@ def _load(specs: Sequence[DatasetSpec], data_dir: str | Path | None) -> list[tup
     return loaded
 
 
+def _evaluate_set(generator: Generator, tokenizer: Any, model: str, name: str, loaded: LoadResult,
+                  settings: EvalSettings, verifiers: _Verifiers) -> tuple[dict[str, Any], list[dict]]:
+    """One data set's metrics (with the settings and timings) and its ledger rows, scored by :func:`score_sets`."""
+    problems = loaded.problems
+    t0 = time.perf_counter()
+    generate_s = 0.0
+
+    def generate(prompts: list[list[int]], spec: SamplingSpec, desc: str) -> list[list[Completion]]:
+        nonlocal generate_s
+        start = time.perf_counter()
+        outs = generator.generate(prompts, spec, desc=desc)
+        generate_s += time.perf_counter() - start
+        return outs
+
+    stop = tuple(default_stop_strings(settings.template))
+    prompts = [encode_prompt(tokenizer, render_prompt(p.question, settings.template, tokenizer,
+                                                      settings.system_prompt, settings.instruction_suffix))
+               for p in problems]
+    greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=settings.max_tokens, stop=stop, seed=None)
+    sampled = (SamplingSpec(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
+                            max_tokens=settings.max_tokens, stop=stop, seed=settings.seed)
+               if settings.temperature > 0 else None)
+    (score,) = score_sets(generate, [(name, problems)], prompts, greedy, sampled, settings.verifier, desc=name,
+                          verifier_of=verifiers.get, seed=settings.seed, resamples=settings.bootstrap_resamples)
+    metrics = score.evaluation.metrics
+    metrics.update({
+        "truncated": sum(c.finish_reason == "length" for c in score.greedy),
+        "verifier": score.verifier, "source": loaded.source, "malformed": loaded.malformed,
+        "generate_seconds": round(generate_s, 2), "seconds": round(time.perf_counter() - t0, 2),
+        "model": model, "settings": settings.summary(),
+    })
+    logger.info("%s: accuracy %.1f%% [%.1f, %.1f] (n=%d, unparseable %d, timeouts %d) in %.1f s",
+                name, 100 * metrics["accuracy"], *(100 * x for x in metrics["accuracy_ci95"]),
+                metrics["n"], metrics["unparseable"], metrics["timeouts"], metrics["seconds"])
+    return metrics, score.rows()
 
 
 def evaluate_model(
@@ -128,10 +162,6 @@ def evaluate_model(
     from transformers import AutoTokenizer  # after the checks: a bad input fails without loading transformers
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    stop = tuple(default_stop_strings(settings.template))
-    greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=settings.max_tokens, stop=stop, seed=None)
-    sample_spec = SamplingSpec(n=settings.samples, temperature=settings.temperature, top_p=settings.top_p,
-                               max_tokens=settings.max_tokens, stop=stop, seed=settings.seed)
     verifiers = _Verifiers(settings.verify_timeout_s)
     generator: Generator | None = None
     results: dict[str, dict[str, Any]] = {}
@@ -142,34 +172,10 @@ def evaluate_model(
             num_gpus=settings.num_gpus, progress=settings.progress,
         )
         for spec, result in loaded:
-            problems = result.problems
-            t0 = time.perf_counter()
-            prompts = [encode_prompt(tokenizer, render_prompt(p.question, settings.template, tokenizer,
-                                                              settings.system_prompt, settings.instruction_suffix))
-                       for p in problems]
-            greedy = [c[0] for c in generator.generate(prompts, greedy_spec, desc=f"{spec.name} greedy")]
-            sampled = None
-            if settings.temperature > 0:
-                sampled = generator.generate(prompts, sample_spec, desc=f"{spec.name} k={settings.samples}")
-            generate_s = time.perf_counter() - t0
-            verifier = pick_verifier(problems, settings.verifier)
-            evaluation = evaluate_completions(
-                spec.name, problems, [c.text for c in greedy],
-                [[c.text for c in comps] for comps in sampled] if sampled is not None else None,
-                verifier=verifiers.get(verifier), seed=settings.seed, resamples=settings.bootstrap_resamples,
-            )
-            metrics = evaluation.metrics
-            metrics.update({
-                "truncated": sum(c.finish_reason == "length" for c in greedy),
-                "verifier": verifier, "source": result.source, "malformed": result.malformed,
-                "generate_seconds": round(generate_s, 2), "seconds": round(time.perf_counter() - t0, 2),
-                "model": str(model), "settings": settings.summary(),
-            })
+            metrics, set_rows = _evaluate_set(generator, tokenizer, str(model), spec.name, result, settings,
+                                              verifiers)
             results[spec.name] = metrics
-            rows += sample_rows(spec.name, problems, evaluation, greedy, sampled)
-            logger.info("%s: accuracy %.1f%% [%.1f, %.1f] (n=%d, unparseable %d, timeouts %d) in %.1f s",
-                        spec.name, 100 * metrics["accuracy"], *(100 * x for x in metrics["accuracy_ci95"]),
-                        metrics["n"], metrics["unparseable"], metrics["timeouts"], metrics["seconds"])
+            rows += set_rows
     finally:
         verifiers.close()
         if generator is not None:

@@ -1,8 +1,10 @@
 """The round driver: generate -> verify -> SFT -> [merge sweep ->] merge -> evaluate, resumable stage by stage.
 
-Every stage writes its outputs atomically into the round folder and is then marked done in
-``state.json``. A stage that started but was not marked done is cleared (with the temporary
-siblings a killed writer left) and redone on resume; a finished stage is never redone.
+The stages' bodies live in :mod:`imm_ray.stages`; the driver holds the round loop, the Ray pools
+and tasks they run on, the resources they ask for and the logging, and dispatches each stage by
+name (``_STAGE_WORK``). Every stage writes its outputs atomically into the round folder and is
+then marked done in ``state.json``. A stage that started but was not marked done is cleared (with
+the temporary siblings a killed writer left) and redone on resume; a finished stage is never redone.
 
 The run directory is a local path or an object-storage URI (:mod:`imm_ray.storage`). Stages hand
 each other locations, never bare local paths: a task on another node materializes a checkpoint
@@ -18,10 +20,12 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from transformers import AutoTokenizer
 
@@ -29,22 +33,13 @@ from imm_ray.analysis.cli import analyze_run
 from imm_ray.config import ConfigError, ImmConfig, config_from_run_yaml, config_to_yaml, resume_differences
 from imm_ray.data import DatasetSpec, Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings, encode_prompt, render_prompt
-from imm_ray.evaluate import (
-    diversity_metrics,
-    evaluate_completions,
-    group_by_question,
-    mean_pass_at_k,
-    pick_verifier,
-    sample_rows,
-)
 from imm_ray.evaluate.probe import ProbeSplit, probe_split
-from imm_ray.generate.actors import ActorPlacement, GenerationStats, GeneratorPool, PoolSpec
+from imm_ray.generate.actors import ActorPlacement, GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
 from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
 from imm_ray.loop.remote import merge_remote, publish_model_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.loop.verifier_pool import VerifierPool
-from imm_ray.merge.sweep import SELECT_RULES, ProbeScore, choose_candidate, sweep_candidates
 from imm_ray.models import resolve_model
 from imm_ray.placement import (
     AutoscalerRequests,
@@ -62,9 +57,15 @@ from imm_ray.placement import (
 from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
 from imm_ray.run import RunDir, layout
-from imm_ray.run.records import SampleRow
-from imm_ray.serve.cli import serve_command
+from imm_ray.run.infos import EvaluateInfo, GenerateInfo, MergeInfo, SFTInfo, StageInfo, SweepInfo, VerifyInfo
 from imm_ray.serve.deploy import start_serving
+from imm_ray.stages.evaluate import EvalSpec, evaluate, score
+from imm_ray.stages.generate import Prompt, generate
+from imm_ray.stages.merge import merge
+from imm_ray.stages.ports import Merge, SFTOutcome
+from imm_ray.stages.sft import sft
+from imm_ray.stages.sweep import SweepSpec, sweep
+from imm_ray.stages.verify import verify
 from imm_ray.storage import (
     Location,
     StorageOptions,
@@ -73,21 +74,14 @@ from imm_ray.storage import (
     is_published,
     materialize,
     publish_dir,
-    read_json,
-    read_jsonl,
     set_default_options,
     write_json,
-    write_jsonl,
 )
 from imm_ray.storage.fs import download_file, upload_file
 from imm_ray.train import run_sft
-from imm_ray.verify import label_precision, needs_gold, select_accepted
+from imm_ray.verify import needs_gold
 
 logger = logging.getLogger(__name__)
-
-# What each round's eval.json keeps per data set (evaluate_completions computes more).
-_EVAL_KEYS = ("accuracy", "accuracy_ci95", "n", "correct", "unparseable", "timeouts")
-_SAMPLED_KEYS = ("k", "pass@1", "pass@k", "maj@k", "diversity")  # with evaluate.samples > 1
 
 
 def init_ray(cfg: ImmConfig) -> None:
@@ -106,7 +100,7 @@ class RoundDriver:
         self.rd = RunDir(run_dir, self.options, lease_ttl_s=cfg.storage.lease_ttl_s)
         self.force_unlock = force_unlock
         self._problems: dict[str, list[Problem]] = {}
-        self._student_prompts: dict[str, list[dict[str, Any]]] = {}  # rendered once per run
+        self._student_prompts: dict[str, list[Prompt]] = {}  # rendered once per run
         # Generator pools by (role, owner): the owner is the arm when arms run concurrently (each
         # with pools of its own), None for the pools shared by arms that run one after another.
         self._pools: dict[tuple[str, str | None], GeneratorPool] = {}
@@ -249,7 +243,7 @@ class RoundDriver:
                 self._verifiers = VerifierPool(placement, v.verifier, options, progress=self.cfg.run.progress)
         return self._verifiers
 
-    def prompts(self, problems: list[Problem], tokenizer: Any = None) -> list[dict[str, Any]]:
+    def prompts(self, problems: list[Problem], tokenizer: Any = None) -> list[Prompt]:
         """Render and tokenise the prompt of each problem (with the student's tokenizer by default)."""
         d = self.cfg.data
         tokenizer = tokenizer or self.tokenizer
@@ -259,10 +253,10 @@ class RoundDriver:
         out = []
         for p in problems:
             text = render_prompt(p.question, d.prompt_template, tokenizer, **kwargs)
-            out.append({"text": text, "ids": encode_prompt(tokenizer, text)})
+            out.append(Prompt(text, encode_prompt(tokenizer, text)))
         return out
 
-    def student_prompts(self, key: str, problems: list[Problem]) -> list[dict[str, Any]]:
+    def student_prompts(self, key: str, problems: list[Problem]) -> list[Prompt]:
         """The student's prompts for the train pool or the eval sets, rendered once per run."""
         if key not in self._student_prompts:
             self._student_prompts[key] = self.prompts(problems)
@@ -293,15 +287,7 @@ class RoundDriver:
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         """Run (or resume) every arm and round; return the metrics rows."""
-        self.rd.check_is_run()
-        if self.force_unlock:
-            broken = self.rd.force_unlock()
-            if broken:
-                logger.warning("--force-unlock: broke the lease of %s; if that driver still runs, it stops at its "
-                               "next stage boundary", broken)
-            else:
-                logger.warning("--force-unlock: no lease was held (a local run directory's lock ends with its driver)")
-        self.rd.lock()
+        self._take_lock()
         log_file, log_handler = self._open_log()
         finished = False
         try:
@@ -310,22 +296,8 @@ class RoundDriver:
             done = self.rd.done_keys()
             if done:
                 logger.info("resuming: %d stages already done and kept (last: %s)", len(done), done[-1])
-            self.original = self._publish_model(self.cfg.model.ref, layout.ORIGINAL)
-            self.tokenizer = AutoTokenizer.from_pretrained(materialize(self.original, weights=False))
-            if self.cfg.model.teacher:
-                self.teacher = self._publish_model(self.cfg.model.teacher, layout.TEACHER)
-            if self.cfg.merge.anchor != "original":
-                self.anchor = self._publish_model(self.cfg.merge.anchor, layout.ANCHOR)
-            self._pin_inputs()
-            self._record_probe_split()
-            self.node_types = declared_node_types(self.cfg.ray.node_types, self.cfg.ray.cluster_yaml)
-            init_ray(self.cfg)
-            self.ahead = AutoscalerRequests(enabled=bool(self.node_types.types))
-            view = cluster_view(self.node_types)
-            logger.info("cluster: %d alive node(s); node types: %s", len(view.nodes), describe(view))
-            self._nodes.changes()
-            for request in self._requests().values():  # a request the cluster can never hold fails now
-                check_on_cluster(request, self.node_types)
+            self._publish_inputs()
+            self._connect()
             if self.cfg.serve.enabled:
                 # The app follows state.json: every finished round becomes servable by itself.
                 start_serving(self.cfg.serve.run_dir or str(self.rd.root), self.cfg.serve)
@@ -335,23 +307,50 @@ class RoundDriver:
             rows = self._write_metrics()
             self._finish_outputs()
             finished = True
-            logger.info("IMM run finished: %s\n%s\nserve its rounds over HTTP (OpenAI-compatible):\n  %s",
-                        self.rd.root, format_table(rows), serve_command(str(self.rd.root)))
+            logger.info("IMM run finished: %s\n%s\nserve its rounds over HTTP (OpenAI-compatible):\n"
+                        "  imm serve --run-dir %s", self.rd.root, format_table(rows), self.rd.root)
             return rows
         finally:
             for pool in [*self._pools.values(), *([self._verifiers] if self._verifiers else [])]:
                 pool.shutdown(graceful=finished)
             self.ahead.release()
-            logging.getLogger().removeHandler(log_handler)
-            log_handler.close()
-            if log_file is not None:  # object storage: the log is kept locally and uploaded
-                try:
-                    upload_file(log_file, self.rd.log_path)
-                    shutil.rmtree(log_file.parent, ignore_errors=True)
-                except OSError as exc:
-                    logger.warning("could not upload the driver log to %s (%s); it stays in %s",
-                                   self.rd.log_path, exc, log_file)
+            self._close_log(log_file, log_handler)
             self.rd.unlock()
+
+    def _take_lock(self) -> None:
+        """Hold the run directory (breaking a stale lease first with --force-unlock)."""
+        self.rd.check_is_run()
+        if self.force_unlock:
+            broken = self.rd.force_unlock()
+            if broken:
+                logger.warning("--force-unlock: broke the lease of %s; if that driver still runs, it stops at its "
+                               "next stage boundary", broken)
+            else:
+                logger.warning("--force-unlock: no lease was held (a local run directory's lock ends with its driver)")
+        self.rd.lock()
+
+    def _publish_inputs(self) -> None:
+        """The models every stage loads (published where every node reaches them), the pinned input
+        checksums and the probe split."""
+        self.original = self._publish_model(self.cfg.model.ref, layout.ORIGINAL)
+        self.tokenizer = AutoTokenizer.from_pretrained(materialize(self.original, weights=False))
+        if self.cfg.model.teacher:
+            self.teacher = self._publish_model(self.cfg.model.teacher, layout.TEACHER)
+        if self.cfg.merge.anchor != "original":
+            self.anchor = self._publish_model(self.cfg.merge.anchor, layout.ANCHOR)
+        self._pin_inputs()
+        self._record_probe_split()
+
+    def _connect(self) -> None:
+        """Connect to Ray and check that the cluster can ever hold each stage's resources."""
+        self.node_types = declared_node_types(self.cfg.ray.node_types, self.cfg.ray.cluster_yaml)
+        init_ray(self.cfg)
+        self.ahead = AutoscalerRequests(enabled=bool(self.node_types.types))
+        view = cluster_view(self.node_types)
+        logger.info("cluster: %d alive node(s); node types: %s", len(view.nodes), describe(view))
+        self._nodes.changes()
+        for request in self._requests().values():  # a request the cluster can never hold fails now
+            check_on_cluster(request, self.node_types)
 
     def _open_log(self) -> tuple[Path | None, logging.Handler]:
         """The driver's log handler: RUN/driver.log, or a local copy uploaded there at the end."""
@@ -364,11 +363,24 @@ class RoundDriver:
             pass
         return local, _file_log_handler(local)
 
+    def _close_log(self, log_file: Path | None, handler: logging.Handler) -> None:
+        """Detach the driver's log handler; with object storage, upload the local copy to RUN/driver.log."""
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        if log_file is None:
+            return
+        try:
+            upload_file(log_file, self.rd.log_path)
+            shutil.rmtree(log_file.parent, ignore_errors=True)
+        except OSError as exc:
+            logger.warning("could not upload the driver log to %s (%s); it stays in %s",
+                           self.rd.log_path, exc, log_file)
+
     def _finish_outputs(self) -> None:
         """Layer analysis (when asked for) and the report with its plots."""
         run = self.cfg.run
         if run.analyze:
-            logger.info("layer analysis: %s", analyze_run(self.rd.root, "--probe-size", str(run.analyze_probe_size)))
+            logger.info("layer analysis: %s", analyze_run(self.rd.root, probe_size=run.analyze_probe_size))
         if run.report:
             logger.info("report: %s", write_report(self.rd.root, sinks=tuple(run.metric_sinks)))
 
@@ -415,11 +427,14 @@ class RoundDriver:
                     pool.shutdown()
 
     def _baseline(self) -> None:
+        """The original model's evaluation, once per run (RUN/baseline)."""
         key = layout.stage_key(layout.BASELINE_ARM, layout.BASELINE_ROUND, "evaluate")
         if self.rd.is_done(key):
             logger.info("[%s] already done, skipping", key)
             return
-        self._evaluate(key, self.original, self.rd.baseline_dir, owner=None)
+        folder = self.rd.baseline_dir
+        with self.stage(key, [folder / layout.EVAL, folder / layout.EVAL_SAMPLES]) as info:
+            info.update(self._evaluate_model(self.original, folder, None, key).to_json())
 
     def _round(self, arm_name: str, t: int, current: str, owner: str | None) -> str:
         """Run the unfinished stages of round ``t`` of an arm (its plan: :func:`plan_round`); return its model."""
@@ -435,33 +450,13 @@ class RoundDriver:
                 return plan.model
             self._want_ahead(arm.name, plan, owner)
             key = layout.stage_key(arm.name, t, stage.name)
-            if stage.name == "evaluate":
-                self._evaluate(key, plan.model, rdir, owner)
-                continue
+            work = _STAGE_WORK.get(stage.name)
+            if work is None:
+                raise ValueError(f"no work is defined for round stage {stage.name!r}")
             with self.stage(key, [rdir / name for name in stage.outputs]) as info:
-                info.update(self._run_stage(stage.name, t, plan, rdir, current, owner))
+                info.update(work(self, RoundStep(key, t, plan, rdir, current, owner)).to_json())
 
-    def _run_stage(self, name: str, t: int, plan: RoundPlan, rdir: Location, current: str,
-                   owner: str | None) -> dict[str, Any]:
-        """The work of one round stage (evaluate excepted) on ``owner``'s generator pools; returns
-        the info recorded in ``state.json``."""
-        samples, accepted = rdir / layout.SAMPLES, rdir / layout.ACCEPTED
-        if name == "generate":
-            if self.teacher is not None:
-                return self._generate(self.teacher, samples, t, owner, role="teacher")
-            return self._generate(current, samples, t, owner)
-        if name == "verify":
-            return self._verify(samples, accepted, rdir / layout.VERDICTS, owner)
-        if name == "sft":
-            return self._sft(plan.sft_init, accepted, rdir / layout.SFT, owner)
-        if name == "sweep":
-            return self._sweep(current, (rdir / layout.SFT).uri, rdir / layout.SWEEP, owner)
-        if name == "merge":
-            return self._merge((rdir / layout.SFT).uri, rdir / layout.MERGED, owner,
-                               plan.merge_params or dict(self.cfg.merge.params))
-        raise ValueError(f"no work is defined for round stage {name!r}")
-
-    # --- stages -----------------------------------------------------------------------------
+    # --- resources --------------------------------------------------------------------------
     def _requests(self) -> dict[str, ResourceRequest]:
         """What the generator and verifier pools, the SFT workers and the merge task ask of Ray, from the config."""
         g, t, m, v = self.cfg.generate, self.cfg.train, self.cfg.merge.resources, self.cfg.verify
@@ -528,212 +523,126 @@ class RoundDriver:
         pool.load(model)
         return pool
 
-    def _generate(self, model: str, out: Location, t: int, owner: str | None = None,
-                  role: str = "student") -> dict[str, Any]:
+    # --- the stages: their bodies (imm_ray.stages) wired to the Ray pools and tasks ------------
+    def _generate(self, step: RoundStep) -> GenerateInfo:
+        """The student (or the teacher, when configured) completes every training question k times."""
         g = self.cfg.generate
+        role, model = ("teacher", self.teacher) if self.teacher is not None else ("student", step.current)
         problems = self.problems(self.cfg.data.train)
         prompts = self.student_prompts("train", problems)  # the student's prompts: what SFT trains on
-        gen_prompts = (prompts if role == "student"
-                       else self.prompts(problems, AutoTokenizer.from_pretrained(materialize(model, weights=False))))
+        gen_ids = None if role == "student" else [
+            p.ids for p in self.prompts(problems, AutoTokenizer.from_pretrained(materialize(model, weights=False)))]
         sampling = SamplingSpec(
             n=g.samples_per_question, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-            stop=self.stop_strings(), seed=g.seed + t, entropy_top_k=g.entropy_top_k,
+            stop=self.stop_strings(), seed=g.seed + step.t, entropy_top_k=g.entropy_top_k,
             entropy_stride=g.entropy_stride,
         )
-        pool = self._load(role, model, owner)
-        outs = pool.generate([p["ids"] for p in gen_prompts], sampling, desc=f"generate round {t}")
-        rows = [
-            SampleRow(
-                problem_id=prob.id, dataset=prob.dataset, question=prob.question, gold=prob.answer,
-                prompt=prompt["text"], sample=j, completion=c.text, finish_reason=c.finish_reason,
-                num_tokens=c.num_tokens,
-                token_entropies=None if c.token_entropies is None else [round(e, 4) for e in c.token_entropies],
-            ).to_json()
-            for prob, prompt, comps in zip(problems, prompts, outs)
-            for j, c in enumerate(comps)
-        ]
-        write_jsonl(out, rows)
-        return {
-            "generated": len(rows), "questions": len(problems), "model": str(model), "generator": role,
-            "sampling": {"n": g.samples_per_question, "temperature": g.temperature, "top_p": g.top_p,
-                         "max_tokens": g.max_tokens, "greedy": sampling.greedy},
-            "truncated": sum(r["finish_reason"] == "length" for r in rows),
-            "tokens": sum(r["num_tokens"] for r in rows),
-            "tokens_per_s": round(pool.last_stats.tokens_per_s, 1),
-            "actor_retries": pool.last_stats.retries,  # generator actors replaced mid-round
-        }
+        return generate(self._load(role, model, step.owner), problems, prompts, sampling, step.rdir / layout.SAMPLES,
+                        model, role, gen_ids, desc=f"generate round {step.t}")
 
-    def _verify(self, samples: Location, out: Location, verdicts_out: Location, owner: str | None) -> dict[str, Any]:
-        v = self.cfg.verify
-        rows = read_jsonl(samples)
+    def _verify(self, step: RoundStep) -> VerifyInfo:
+        v, rdir = self.cfg.verify, step.rdir
         pool = self.verifier_pool()
         if not pool.actors:  # a judge on a GPU may need the room the generator pool holds
-            self._make_room(self._requests()["verify"], owner)
-        verdicts = pool.verify(rows, v.batch_size)
-        kept = select_accepted(rows, verdicts, dedup=v.dedup)
-        write_jsonl(out, kept)
-        write_jsonl(verdicts_out, [
-            {"problem_id": r["problem_id"], "sample": r["sample"], "extracted": vd.extracted, "correct": vd.correct,
-             **({"timed_out": True} if vd.timed_out else {}), **({"note": vd.note} if vd.note is not None else {})}
-            for r, vd in zip(rows, verdicts)])
-        verified = [{**r, "extracted": vd.extracted, "correct": vd.correct} for r, vd in zip(rows, verdicts)]
-        k = self.cfg.generate.samples_per_question
-        return {
-            "verifier": v.verifier,
-            "generated": len(rows),
-            "correct": sum(vd.correct for vd in verdicts),
-            "unparseable": sum(vd.extracted is None for vd in verdicts),
-            "timeouts": sum(vd.timed_out for vd in verdicts),
-            "accepted": len(kept),
-            "questions_solved": len({r["problem_id"] for r in kept}),
-            "actor_retries": pool.last_retries,  # verifier actors replaced mid-stage
-            # Without gold in the loop: how often the accepted answers were right, where gold exists.
-            **({} if needs_gold(v.verifier) else {"gold_check": label_precision(rows, verdicts)}),
-            f"train_pass@{k}": mean_pass_at_k(list(group_by_question(verified, field="correct").values()), k),
-            # Collapse metrics on the k samples per training question.
-            "diversity": diversity_metrics(
-                group_by_question(verified), group_by_question(verified, field="extracted"),
-                # entropy is measured on a sample of the questions (generate's entropy stride)
-                group_by_question([r for r in verified if "token_entropies" in r], field="token_entropies")
-                if any("token_entropies" in r for r in verified) else None),
-        }
+            self._make_room(self._requests()["verify"], step.owner)
+        return verify(pool, rdir / layout.SAMPLES, rdir / layout.ACCEPTED, rdir / layout.VERDICTS, v.verifier,
+                      self.cfg.generate.samples_per_question, v.batch_size, dedup=v.dedup)
 
-    def _sft(self, model: str, accepted: Location, out: Location, owner: str | None) -> dict[str, Any]:
-        n = len(read_jsonl(accepted))
-        if n == 0:
-            logger.warning("no sample was accepted this round: SFT skipped, the model stays %s", model)
-            return {"skipped": True, "reason": "no accepted samples", "examples": 0}
-        # The SFT workers (on any node) materialize the model and publish `out` themselves.
-        request = self._requests()["sft"]
-        self._make_room(request, owner, release_pools_for_sft(self.cfg.generate.release_during_sft,
-                                                              autoscales=bool(self.node_types.types)))
-        with self._reserved(request):
-            pass  # room for the workers found (a bounded, logged wait); Ray Train places them there now
-        res = run_sft(model, accepted, out, self.cfg.train, start_timeout_s=self.cfg.ray.placement_timeout_s)
-        return {
-            "skipped": False, "init_model": model, "examples": res.examples, "dropped": res.dropped,
-            "steps": res.steps, "final_loss": res.final_loss, "checkpoint": out.uri,
-            "tokens": res.tokens, "tokens_per_s": round(res.tokens_per_second, 1), "restarts": res.restarts,
-            "timings": {k: round(v, 2) for k, v in res.timings.items()},
-        }
+    def _sft(self, step: RoundStep) -> SFTInfo:
+        def make_room() -> None:
+            request = self._requests()["sft"]
+            self._make_room(request, step.owner, release_pools_for_sft(self.cfg.generate.release_during_sft,
+                                                                       autoscales=bool(self.node_types.types)))
+            with self._reserved(request):
+                pass  # room for the workers found (a bounded, logged wait); Ray Train places them there now
 
-    def _merge(self, sft: str, out: Location, owner: str | None, params: dict[str, Any]) -> dict[str, Any]:
+        def train(model: str, accepted: Location, out: Location) -> SFTOutcome:
+            return run_sft(model, accepted, out, self.cfg.train, start_timeout_s=self.cfg.ray.placement_timeout_s)
+
+        return sft(train, step.plan.sft_init, step.rdir / layout.ACCEPTED, step.rdir / layout.SFT, make_room)
+
+    def _merge(self, step: RoundStep) -> MergeInfo:
         m = self.cfg.merge
-        anchor = self.anchor or self.original
-        request = self._requests()["merge"]
-        self._make_room(request, owner)
+        return merge(self._merge_task(step.owner), m.method, self.anchor or self.original,
+                     (step.rdir / layout.SFT).uri, step.rdir / layout.MERGED, step.plan.merge_params or dict(m.params),
+                     m.seed)
+
+    def _merge_task(self, owner: str | None) -> Merge:
+        """A merge as a Ray task in a placement group of merge.resources (room made on ``owner``'s side)."""
+        m = self.cfg.merge
         r = m.resources
         resources = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "resources": dict(r.resources)}
-        with self._reserved(request) as group:  # the task runs in it: its wait for a node is bounded and logged
-            merged = merge_remote(m.method, anchor, [sft], out.uri, params, m.seed, self.options, resources,
-                                  placement_group=group)
-        return {"method": m.method, "params": params, "seed": m.seed, "anchor": anchor, "checkpoint": merged}
 
-    def _sweep(self, start: str, sft: str, folder: Location, owner: str | None) -> dict[str, Any]:
-        """Score the round's start model and each merge.sweep candidate on the probe split (each candidate
-        merged into ``folder/NN``, swapped into the running generator pool, scored, then deleted) and pick
-        the round's merge by merge.select. Each score is recorded as it is made (``folder/NN.json``): a
-        resumed sweep keeps the records made with the same inputs and redoes only the rest."""
+        def run(anchor: str, sft: str, out: Location, params: Mapping[str, Any]) -> str:
+            request = self._requests()["merge"]
+            self._make_room(request, owner)
+            with self._reserved(request) as group:  # the task runs in it: its wait for a node is bounded and logged
+                return merge_remote(m.method, anchor, [sft], out.uri, dict(params), m.seed, self.options, resources,
+                                    placement_group=group)
+
+        return run
+
+    def _sweep(self, step: RoundStep) -> SweepInfo:
         m = self.cfg.merge
-        candidates = sweep_candidates(m.params, m.sweep, keep=m.select == "fixed")
-        inputs = {"sft": sft, "anchor": self.anchor or self.original, "seed": m.seed, "method": m.method,
-                  "probe_fraction": m.probe_fraction, "probe_seed": m.probe_seed,
-                  "max_tokens": self.cfg.evaluate.max_tokens}
-        start_inputs = {**inputs, "model": start}
-        start_rec = (self._kept_record(folder / "start.json", start_inputs)
-                     or self._probe_record(folder / "start.json", start_inputs, start, owner))
-        records = []
-        for i, params in enumerate(candidates):
-            record, checkpoint = folder / f"{i:02d}.json", folder / f"{i:02d}"
-            cand_inputs = {**inputs, "params": params}
-            rec = self._kept_record(record, cand_inputs)
-            if rec is None:
-                clear_output(checkpoint)
-                rec = self._probe_record(record, cand_inputs, self._merge(sft, checkpoint, owner, params)["checkpoint"],
-                                         owner)
-            clear_output(checkpoint)  # scored: only its record is kept
-            records.append(rec)
-        chosen = choose_candidate(m.select, m.params, candidates, ProbeScore(start_rec["id"], start_rec["ood"]),
-                                  [ProbeScore(r["id"], r["ood"]) for r in records])
-        logger.info("merge sweep: candidate %d of %d chosen (%s): %s", chosen + 1, len(candidates), m.select,
-                    candidates[chosen])
-        scores = ("id", "ood", "accuracy")
-        return {"select": m.select, "rule": SELECT_RULES[m.select],
-                "probe_n": {name: len(probs) for name, probs in self.eval_sets("probe")},
-                "start": {"model": start, **{k: start_rec[k] for k in scores}},
-                "candidates": [{"params": p, **{k: r[k] for k in scores}} for p, r in zip(candidates, records)],
-                "chosen": {"index": chosen, "params": candidates[chosen]}}
+        spec = SweepSpec(method=m.method, params=m.params, grid=m.sweep, select=m.select, seed=m.seed,
+                         probe_fraction=m.probe_fraction, probe_seed=m.probe_seed,
+                         max_tokens=self.cfg.evaluate.max_tokens)
 
-    @staticmethod
-    def _kept_record(record: Location, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        """The probe scores in ``record`` if they were made from the same ``inputs``, else None."""
-        try:
-            kept = read_json(record)
-        except FileNotFoundError:
-            return None
-        if kept.get("inputs") != json.loads(json.dumps(inputs)):
-            return None
-        logger.info("merge sweep: kept the probe scores of %s", record)
-        return kept
+        def probe(model: str, desc: str) -> dict[str, dict[str, Any]]:
+            sets, prompts = self._eval_inputs("probe")
+            return score(self._load("student", model, step.owner), sets, prompts, self._eval_spec(1), desc).results
 
-    def _probe_record(self, record: Location, inputs: dict[str, Any], model: str, owner: str | None) -> dict[str, Any]:
-        """Score ``model`` greedily on the probe split and record it in ``record`` with its ``inputs``:
-        accuracy per set, on the in-domain set (``id``) and the mean over the others (``ood``)."""
-        clear_output(record)
-        results, _, _ = self._score(model, "probe", owner, f"probe {record.name}")
-        accuracy = {name: r["accuracy"] for name, r in results.items()}
-        id_set, *ood_sets = list(accuracy)
-        out = {"inputs": inputs, "accuracy": accuracy, "n": {name: r["n"] for name, r in results.items()},
-               "id": accuracy[id_set], "ood": sum(accuracy[s] for s in ood_sets) / len(ood_sets)}
-        write_json(record, out)
-        return out
+        probe_n = {name: len(probs) for name, probs in self.eval_sets("probe")}
+        return sweep(spec, step.current, (step.rdir / layout.SFT).uri, self.anchor or self.original,
+                     step.rdir / layout.SWEEP, self._merge_task(step.owner), probe, probe_n)
 
-    def _evaluate(self, key: str, model: str, folder: Location, owner: str | None) -> None:
+    def _evaluate(self, step: RoundStep) -> EvaluateInfo:
+        return self._evaluate_model(step.plan.model, step.rdir, step.owner, step.key)
+
+    def _evaluate_model(self, model: str, folder: Location, owner: str | None, key: str) -> EvaluateInfo:
         """Greedy accuracy on every eval set (with a merge sweep: on its held-back part only) and, with
         evaluate.samples k > 1, k samples per question (pass@k); eval_samples.jsonl keeps every
         completion with its verdict (the per-question ledger)."""
-        eval_json, eval_samples = folder / layout.EVAL, folder / layout.EVAL_SAMPLES
-        with self.stage(key, [eval_json, eval_samples]) as info:
-            results, rows, stats = self._score(model, "held_back", owner, f"evaluate {key.split('/evaluate')[0]}",
-                                               samples=self.cfg.evaluate.samples)
-            questions = "held_back" if self.cfg.merge.sweep else "all"  # held_back: the probe questions left out
-            write_jsonl(eval_samples, rows)
-            write_json(eval_json, {"model": model, "questions": questions, "datasets": results})
-            tokens, seconds = sum(st.tokens for st in stats), sum(st.seconds for st in stats)
-            info.update({"model": model, "questions": questions, "datasets": results, "tokens": tokens,
-                         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else 0.0,
-                         "actor_retries": sum(st.retries for st in stats)})
+        sets, prompts = self._eval_inputs("held_back")
+        questions = "held_back" if self.cfg.merge.sweep else "all"  # held_back: the probe questions left out
+        return evaluate(self._load("student", model, owner), sets, prompts, self._eval_spec(self.cfg.evaluate.samples),
+                        model, folder, questions, desc=f"evaluate {key.split('/evaluate')[0]}")
 
-    def _score(self, model: str, part: str, owner: str | None, desc: str, samples: int = 1
-               ) -> tuple[dict[str, Any], list[dict[str, Any]], list[GenerationStats]]:
-        """``model``'s greedy answers (and with ``samples`` > 1 that many at evaluate.temperature) to the
-        ``part`` of the eval sets (:meth:`eval_sets`), scored: the metrics per set, the ledger rows and
-        the generation stats. The pool swaps the model's weights in place when it serves another."""
-        e = self.cfg.evaluate
+    def _eval_inputs(self, part: str) -> tuple[list[tuple[str, list[Problem]]], list[list[int]]]:
+        """The ``part`` of the eval sets (:meth:`eval_sets`) and the student's prompt ids for them."""
         sets = self.eval_sets(part)
-        prompts = [p["ids"] for p in self.student_prompts(f"eval:{part}", [p for _, probs in sets for p in probs])]
-        greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=e.max_tokens, stop=self.stop_strings(), seed=None)
-        pool = self._load("student", model, owner)
-        outs = [o[0] for o in pool.generate(prompts, greedy, desc=desc)]
-        stats = [pool.last_stats]
-        sampled = None
-        if samples > 1:
-            spec = SamplingSpec(n=samples, temperature=e.temperature, max_tokens=e.max_tokens,
-                                stop=self.stop_strings(), seed=self.cfg.generate.seed)
-            sampled = pool.generate(prompts, spec, desc=f"{desc} k={samples}")
-            stats.append(pool.last_stats)
-        keys = _EVAL_KEYS + (_SAMPLED_KEYS if sampled is not None else ())
-        results, start, rows = {}, 0, []
-        for name, probs in sets:
-            span = slice(start, start + len(probs))
-            start += len(probs)
-            chunk = sampled[span] if sampled is not None else None
-            ev = evaluate_completions(name, probs, [c.text for c in outs[span]],
-                                      [[c.text for c in cs] for cs in chunk] if chunk is not None else None,
-                                      verifier=pick_verifier(probs, e.verifier))
-            results[name] = {k: ev.metrics[k] for k in keys if k in ev.metrics}
-            rows += sample_rows(name, probs, ev, outs[span], chunk)
-        return results, rows, stats
+        prompts = self.student_prompts(f"eval:{part}", [p for _, probs in sets for p in probs])
+        return sets, [p.ids for p in prompts]
+
+    def _eval_spec(self, samples: int) -> EvalSpec:
+        """How a model is scored: greedily, and with ``samples`` > 1 that many at evaluate.temperature."""
+        e = self.cfg.evaluate
+        return EvalSpec(max_tokens=e.max_tokens, stop=self.stop_strings(), verifier=e.verifier, samples=samples,
+                        temperature=e.temperature, seed=self.cfg.generate.seed)
+
+
+@dataclass(frozen=True)
+class RoundStep:
+    """What a round stage works on: its key, round, plan and folder, the round's start model and the
+    owner of the generator pools it uses."""
+
+    key: str
+    t: int
+    plan: RoundPlan
+    rdir: Location
+    current: str
+    owner: str | None
+
+
+# The work of each round stage, by name: each returns the info recorded in state.json.
+_STAGE_WORK: dict[str, Callable[[RoundDriver, RoundStep], StageInfo]] = {
+    "generate": RoundDriver._generate,
+    "verify": RoundDriver._verify,
+    "sft": RoundDriver._sft,
+    "sweep": RoundDriver._sweep,
+    "merge": RoundDriver._merge,
+    "evaluate": RoundDriver._evaluate,
+}
 
 
 def _brief(info: dict[str, Any]) -> str:

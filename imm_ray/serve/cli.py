@@ -78,9 +78,3 @@ def run_serve_cli(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
-
-
-def serve_command(run_dir: str, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """The shell command that serves ``run_dir`` (for the end of ``make demo``)."""
-    flags = "" if (host, port) == ("127.0.0.1", 8000) else f" --host {host} --port {port}"
-    return f".venv/bin/imm serve --run-dir {run_dir}{flags}"

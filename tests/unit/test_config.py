@@ -203,7 +203,7 @@ def test_driver_hands_entropy_stride_and_placement_waits_to_the_generator_pool(
 
     from imm_ray.generate.actors import GenerationStats
     from imm_ray.generate.engine import Completion
-    from imm_ray.loop.driver import RoundDriver
+    from imm_ray.loop.driver import RoundDriver, RoundStep
     from imm_ray.storage import Location
 
     cfg = load_config(None, [f"data.dir={tiny_data_dir}", "data.train={name: t, preset: gsm8k, split: train}",
@@ -223,5 +223,6 @@ def test_driver_hands_entropy_stride_and_placement_waits_to_the_generator_pool(
 
     driver.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     monkeypatch.setattr(driver, "_load", lambda role, model, owner: Pool())
-    driver._generate(str(tiny_model_dir), Location(str(tmp_path / "samples.jsonl")), 1)
+    driver._generate(RoundStep(key="imm/round_1/generate", t=1, plan=None, rdir=Location(str(tmp_path)),
+                               current=str(tiny_model_dir), owner=None))
     assert seen[0].entropy_stride == 3 and seen[0].entropy_top_k == cfg.generate.entropy_top_k
