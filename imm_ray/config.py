@@ -35,6 +35,7 @@ from imm_ray.generate.settings import EngineSettings
 from imm_ray.merge.methods import DROP_RATE, IMM_LAM
 from imm_ray.placement import custom_resources
 from imm_ray.run import layout
+from imm_ray.run.arms import ARMS, get_arm
 from imm_ray.run.files import read_config_text
 from imm_ray.serve.settings import ServeSettings
 from imm_ray.storage import Location, resolve
@@ -391,7 +392,7 @@ class RunSettings(_Strict):
     rounds: int = Field(2, ge=1)
     """Self-improvement rounds (generate, verify, fine-tune, merge, evaluate)."""
     arms: list[str] = Field(default_factory=lambda: ["imm"])
-    """Methods compared: imm, si, rest (what each does is the table imm_ray.loop.arms.ARMS)."""
+    """Methods compared: imm, si, rest (what each does is the table imm_ray.run.arms.ARMS)."""
     concurrent_arms: int = Field(1, ge=0)
     """Arms run at once, each with its own generator pool and SFT, when the cluster holds them all
     (1: one after another; 0: as many as fit)."""
@@ -415,8 +416,6 @@ class RunSettings(_Strict):
     @field_validator("arms")
     @classmethod
     def _arms_known_and_unique(cls, v: list[str]) -> list[str]:
-        from imm_ray.loop.arms import ARMS
-
         if not v or len(set(v)) != len(v):
             raise ValueError(f"run.arms must be a non-empty list without repeats, got {v}")
         return [_known("arm", arm, ARMS) for arm in v]
@@ -455,8 +454,6 @@ class ImmConfig(_Strict):
         if not self.data.eval:
             raise ValueError("data.eval needs at least one data set (the first is the in-domain test set)")
         if self.merge.sweep:
-            from imm_ray.loop.arms import get_arm
-
             if len(self.data.eval) < 2:
                 raise ValueError("merge.sweep scores candidates in-domain and out-of-domain: data.eval needs at "
                                  "least two sets (the first is in-domain)")

@@ -40,7 +40,7 @@ from imm_ray.evaluate import (
 from imm_ray.evaluate.probe import ProbeSplit, probe_split
 from imm_ray.generate.actors import ActorPlacement, GenerationStats, GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
-from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
+from imm_ray.loop.arms import arms_at_once
 from imm_ray.loop.remote import merge_remote, publish_model_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.loop.verifier_pool import VerifierPool
@@ -62,6 +62,7 @@ from imm_ray.placement import (
 from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
 from imm_ray.run import RunDir, layout
+from imm_ray.run.arms import RoundPlan, get_arm, plan_round
 from imm_ray.run.records import SampleRow
 from imm_ray.serve.cli import serve_command
 from imm_ray.serve.deploy import start_serving
