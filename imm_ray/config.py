@@ -38,7 +38,7 @@ from imm_ray.run import layout
 from imm_ray.run.arms import ARMS, get_arm
 from imm_ray.run.files import read_config_text
 from imm_ray.serve.settings import ServeSettings
-from imm_ray.storage import Location, resolve
+from imm_ray.storage import Location, StorageOptions, resolve
 from imm_ray.train import SFTSettings
 from imm_ray.verify.judge import DEFAULT_JUDGE_PROMPT
 
@@ -328,19 +328,6 @@ class EvalConfig(_Strict):
         return _known("evaluation verifier", v, ["auto", *(n for n in VERIFIERS if needs_gold(n))])
 
 
-class StorageConfig(_Strict):
-    """Object storage for s3:// run directories; unset keys come from the AWS environment variables."""
-
-    endpoint_url: str | None = None
-    """S3 endpoint (MinIO, moto, ...); default $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS."""
-    region: str | None = None
-    """S3 region; default $AWS_REGION, else $AWS_DEFAULT_REGION."""
-    lease_ttl_s: float = Field(60.0, ge=3)
-    """Seconds after which the run lease of a driver that died without releasing it expires."""
-    node_cache_gb: float = Field(200.0, gt=0)
-    """Bound of each node's cache of checkpoints (GB); the least recently used ones no process holds go first."""
-
-
 class NodeTypeConfig(_Strict):
     """One worker node type an autoscaler may add (``ray.node_types``)."""
 
@@ -446,7 +433,7 @@ class ImmConfig(_Strict):
     """Connecting to Ray and waiting for resources."""
     serve: ServeSettings = ServeSettings()
     """Serving the run's rounds over an OpenAI-compatible API."""
-    storage: StorageConfig = StorageConfig()
+    storage: StorageOptions = StorageOptions()
     """Object storage for s3:// run directories."""
 
     @model_validator(mode="after")

@@ -68,7 +68,6 @@ from imm_ray.serve.cli import serve_command
 from imm_ray.serve.deploy import start_serving
 from imm_ray.storage import (
     Location,
-    StorageOptions,
     checkpoint_checksum,
     clear_output,
     is_published,
@@ -101,8 +100,7 @@ class RoundDriver:
 
     def __init__(self, cfg: ImmConfig, run_dir: str | Path, force_unlock: bool = False) -> None:
         self.cfg = cfg
-        self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
-                                      node_cache_gb=cfg.storage.node_cache_gb)
+        self.options = cfg.storage
         set_default_options(self.options)
         self.rd = RunDir(run_dir, self.options, lease_ttl_s=cfg.storage.lease_ttl_s)
         self.force_unlock = force_unlock
