@@ -31,6 +31,7 @@ from pydantic import (
 from imm_ray.data import DatasetSpec
 from imm_ray.data.spec import PRESET_FIELDS
 from imm_ray.errors import UserError, unknown_name
+from imm_ray.evaluate.settings import EvalSettings
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.merge.methods import DROP_RATE, IMM_LAM
 from imm_ray.placement import custom_resources
@@ -300,34 +301,6 @@ class MergeConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
-    """Greedy evaluation of every round's model on the eval sets."""
-
-    max_tokens: int = Field(512, ge=1)
-    """Longest answer in new tokens."""
-    baseline: bool = True
-    """Also evaluate the original model (round 0)."""
-    verifier: str = "auto"
-    """auto: numeric when every gold answer of a set is a number, math-verify otherwise (MATH-500)."""
-    samples: int = Field(1, ge=1)
-    """Also sample this many answers per question at `temperature` for pass@k (1: greedy only)."""
-    temperature: float = Field(0.0, ge=0.0)
-    """Sampling temperature of those answers (greedy accuracy is unaffected); > 0 when samples > 1."""
-
-    @model_validator(mode="after")
-    def _samples_need_temperature(self) -> EvalConfig:
-        if self.samples > 1 and self.temperature <= 0:
-            raise ValueError("evaluate.samples > 1 needs evaluate.temperature > 0: greedy samples are all the same")
-        return self
-
-    @field_validator("verifier")
-    @classmethod
-    def _known_verifier(cls, v: str) -> str:
-        from imm_ray.verify import VERIFIERS, needs_gold
-
-        return _known("evaluation verifier", v, ["auto", *(n for n in VERIFIERS if needs_gold(n))])
-
-
 class NodeTypeConfig(_Strict):
     """One worker node type an autoscaler may add (``ray.node_types``)."""
 
@@ -427,7 +400,7 @@ class ImmConfig(_Strict):
     """Supervised fine-tuning on the accepted answers (Ray Train)."""
     merge: MergeConfig = MergeConfig()
     """Merging the fine-tuned model with the anchor."""
-    evaluate: EvalConfig = EvalConfig()
+    evaluate: EvalSettings = EvalSettings()
     """Greedy evaluation of every round's model."""
     ray: RayConfig = RayConfig()
     """Connecting to Ray and waiting for resources."""
