@@ -77,8 +77,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalRun:
             progress=not args.no_progress,
         )
     except ValidationError as exc:
-        raise UsageError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'flags'}: {e['msg']}"
-                                   for e in exc.errors())) from None
+        raise UsageError("; ".join(str(e["ctx"]["error"]) if e["type"] == "value_error" else
+                                   f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
 
 
 def _pct(value: Any) -> str:
