@@ -1,8 +1,10 @@
-"""A name -> item registry for the parts users extend (data-set presets, prompt templates, ...)."""
+"""A name -> item registry for the parts users extend (arms, data-set presets, prompt templates,
+engines, verifiers, importance measures): one lookup, one error type (:class:`UnknownNameError`)."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+import importlib
+from typing import Any, TypeVar
 
 from imm_ray.errors import UnknownNameError, unknown_name
 
@@ -17,9 +19,9 @@ class Registry(dict[str, T]):
         self.kind = kind
 
     def add(self, name: str, item: T, overwrite: bool = False) -> T:
-        """Register ``item`` under ``name`` (ValueError if taken and ``overwrite`` is False)."""
-        if name in self and not overwrite:
-            raise ValueError(f"{self.kind} {name!r} already exists (pass overwrite=True)")
+        """Register ``item`` under ``name`` (ValueError if another item holds it and ``overwrite`` is False)."""
+        if name in self and not overwrite and self[name] is not item:
+            raise ValueError(f"{self.kind} {name!r} is already registered (pass overwrite=True)")
         self[name] = item
         return item
 
@@ -29,3 +31,9 @@ class Registry(dict[str, T]):
             return self[name]
         except KeyError:
             raise UnknownNameError(unknown_name(self.kind, name, self)) from None
+
+
+def import_entry(ref: str) -> Any:
+    """The object a lazy ``"module:attr"`` entry names, importing its module now."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
