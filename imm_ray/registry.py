@@ -19,9 +19,9 @@ class Registry(dict[str, T]):
         self.kind = kind
 
     def add(self, name: str, item: T, overwrite: bool = False) -> T:
-        """Register ``item`` under ``name`` (ValueError if another item holds it and ``overwrite`` is False)."""
-        if name in self and not overwrite and self[name] is not item:
-            raise ValueError(f"{self.kind} {name!r} is already registered (pass overwrite=True)")
+        """Register ``item`` under ``name`` (ValueError if taken and ``overwrite`` is False)."""
+        if name in self and not overwrite:
+            raise ValueError(f"{self.kind} {name!r} already exists (pass overwrite=True)")
         self[name] = item
         return item
 

@@ -141,7 +141,7 @@ def test_register_verifier_decorator_and_duplicate() -> None:
 
     try:
         assert verify_batch([("x", "1")], verifier="always-true-test") == [Verdict(True, None)]
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(ValueError, match="already exists"):
             register_verifier("always-true-test", NumericVerifier)
     finally:
         VERIFIERS.pop("always-true-test")
