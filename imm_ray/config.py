@@ -13,7 +13,6 @@ import difflib
 import logging
 import types
 import typing
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,15 +29,17 @@ from pydantic import (
 
 from imm_ray.data import DatasetSpec
 from imm_ray.data.spec import PRESET_FIELDS
-from imm_ray.errors import UserError, unknown_name
+from imm_ray.errors import UserError, known_name, unknown_name
+from imm_ray.evaluate.settings import EvalSettings
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.merge.methods import DROP_RATE, IMM_LAM
 from imm_ray.merge.options import MergeRecipe
 from imm_ray.placement import custom_resources
 from imm_ray.run import layout
+from imm_ray.run.arms import ARMS, get_arm
 from imm_ray.run.files import read_config_text
 from imm_ray.serve.settings import ServeSettings
-from imm_ray.storage import Location, resolve
+from imm_ray.storage import Location, StorageOptions, resolve
 from imm_ray.train import SFTSettings
 from imm_ray.verify.judge import DEFAULT_JUDGE_PROMPT
 
@@ -53,14 +54,6 @@ REMOVED_KEYS: dict[str, str] = {
 
 class ConfigError(UserError, ValueError):
     """The configuration is invalid; the message says which key and how to fix it."""
-
-
-def _known(kind: str, name: str, known: Iterable[str]) -> str:
-    """``name`` if it is one of ``known``; else a ValueError listing them (a pydantic validator's error)."""
-    known = set(known)
-    if name not in known:
-        raise ValueError(unknown_name(kind, name, known))
-    return name
 
 
 class _Strict(BaseModel):
@@ -122,7 +115,7 @@ class DataConfig(_Strict):
     def _known_template(cls, v: str) -> str:
         from imm_ray.data.prompts import PROMPT_TEMPLATES
 
-        return _known("prompt template", v, PROMPT_TEMPLATES)
+        return known_name("prompt template", v, PROMPT_TEMPLATES)
 
     @field_validator("train", "eval")
     @classmethod
@@ -219,7 +212,7 @@ class VerifyConfig(_Strict):
     def _known_verifier(cls, v: str) -> str:
         from imm_ray.verify import VERIFIERS
 
-        return _known("verifier", v, VERIFIERS)
+        return known_name("verifier", v, VERIFIERS)
 
 
 _DEFAULT_MERGE_PARAMS = {"lam": IMM_LAM, "drop_rate": DROP_RATE}  # the paper's IMM merge
@@ -290,47 +283,6 @@ class MergeConfig(_Strict, MergeRecipe):
         return self
 
 
-class EvalConfig(_Strict):
-    """Greedy evaluation of every round's model on the eval sets."""
-
-    max_tokens: int = Field(512, ge=1)
-    """Longest answer in new tokens."""
-    baseline: bool = True
-    """Also evaluate the original model (round 0)."""
-    verifier: str = "auto"
-    """auto: numeric when every gold answer of a set is a number, math-verify otherwise (MATH-500)."""
-    samples: int = Field(1, ge=1)
-    """Also sample this many answers per question at `temperature` for pass@k (1: greedy only)."""
-    temperature: float = Field(0.0, ge=0.0)
-    """Sampling temperature of those answers (greedy accuracy is unaffected); > 0 when samples > 1."""
-
-    @model_validator(mode="after")
-    def _samples_need_temperature(self) -> EvalConfig:
-        if self.samples > 1 and self.temperature <= 0:
-            raise ValueError("evaluate.samples > 1 needs evaluate.temperature > 0: greedy samples are all the same")
-        return self
-
-    @field_validator("verifier")
-    @classmethod
-    def _known_verifier(cls, v: str) -> str:
-        from imm_ray.verify import VERIFIERS, needs_gold
-
-        return _known("evaluation verifier", v, ["auto", *(n for n in VERIFIERS if needs_gold(n))])
-
-
-class StorageConfig(_Strict):
-    """Object storage for s3:// run directories; unset keys come from the AWS environment variables."""
-
-    endpoint_url: str | None = None
-    """S3 endpoint (MinIO, moto, ...); default $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS."""
-    region: str | None = None
-    """S3 region; default $AWS_REGION, else $AWS_DEFAULT_REGION."""
-    lease_ttl_s: float = Field(60.0, ge=3)
-    """Seconds after which the run lease of a driver that died without releasing it expires."""
-    node_cache_gb: float = Field(200.0, gt=0)
-    """Bound of each node's cache of checkpoints (GB); the least recently used ones no process holds go first."""
-
-
 class NodeTypeConfig(_Strict):
     """One worker node type an autoscaler may add (``ray.node_types``)."""
 
@@ -382,7 +334,7 @@ class RunSettings(_Strict):
     rounds: int = Field(2, ge=1)
     """Self-improvement rounds (generate, verify, fine-tune, merge, evaluate)."""
     arms: list[str] = Field(default_factory=lambda: ["imm"])
-    """Methods compared: imm, si, rest (what each does is the table imm_ray.loop.arms.ARMS)."""
+    """Methods compared: imm, si, rest (what each does is the table imm_ray.run.arms.ARMS)."""
     concurrent_arms: int = Field(1, ge=0)
     """Arms run at once, each with its own generator pool and SFT, when the cluster holds them all
     (1: one after another; 0: as many as fit)."""
@@ -406,11 +358,9 @@ class RunSettings(_Strict):
     @field_validator("arms")
     @classmethod
     def _arms_known_and_unique(cls, v: list[str]) -> list[str]:
-        from imm_ray.loop.arms import ARMS
-
         if not v or len(set(v)) != len(v):
             raise ValueError(f"run.arms must be a non-empty list without repeats, got {v}")
-        return [_known("arm", arm, ARMS) for arm in v]
+        return [known_name("arm", arm, ARMS) for arm in v]
 
 
 class ImmConfig(_Strict):
@@ -432,13 +382,13 @@ class ImmConfig(_Strict):
     """Supervised fine-tuning on the accepted answers (Ray Train)."""
     merge: MergeConfig = MergeConfig()
     """Merging the fine-tuned model with the anchor."""
-    evaluate: EvalConfig = EvalConfig()
+    evaluate: EvalSettings = EvalSettings()
     """Greedy evaluation of every round's model."""
     ray: RayConfig = RayConfig()
     """Connecting to Ray and waiting for resources."""
     serve: ServeSettings = ServeSettings()
     """Serving the run's rounds over an OpenAI-compatible API."""
-    storage: StorageConfig = StorageConfig()
+    storage: StorageOptions = StorageOptions()
     """Object storage for s3:// run directories."""
 
     @model_validator(mode="after")
@@ -446,8 +396,6 @@ class ImmConfig(_Strict):
         if not self.data.eval:
             raise ValueError("data.eval needs at least one data set (the first is the in-domain test set)")
         if self.merge.sweep:
-            from imm_ray.loop.arms import get_arm
-
             if len(self.data.eval) < 2:
                 raise ValueError("merge.sweep scores candidates in-domain and out-of-domain: data.eval needs at "
                                  "least two sets (the first is in-domain)")

@@ -1,8 +1,10 @@
-"""A name -> item registry for the parts users extend (data-set presets, prompt templates, ...)."""
+"""A name -> item registry for the parts users extend (arms, data-set presets, prompt templates,
+engines, verifiers, importance measures): one lookup, one error type (:class:`UnknownNameError`)."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+import importlib
+from typing import Any, TypeVar
 
 from imm_ray.errors import UnknownNameError, unknown_name
 
@@ -29,3 +31,9 @@ class Registry(dict[str, T]):
             return self[name]
         except KeyError:
             raise UnknownNameError(unknown_name(self.kind, name, self)) from None
+
+
+def import_entry(ref: str) -> Any:
+    """The object a lazy ``"module:attr"`` entry names, importing its module now."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -117,9 +117,8 @@ def build_plan(args: argparse.Namespace) -> tuple[AnalysisPlan, Location]:
     given = run_dir_of(args)
     run_dir = resolve(given) if given else None
     measures = tuple(m for m in args.measures.split(",") if m and m != "none")
-    unknown = set(measures) - set(IMPORTANCE_MEASURES)
-    if unknown:
-        raise UsageError(f"unknown --measures {sorted(unknown)}; use {sorted(IMPORTANCE_MEASURES)}")
+    for measure in measures:
+        IMPORTANCE_MEASURES.lookup(measure)  # an UnknownNameError names the known measures
     models = _parse_models(args.model)
     if run_dir is not None:
         if not args.original and not exists(run_dir / layout.CONFIG):

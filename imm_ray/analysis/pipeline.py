@@ -24,6 +24,7 @@ from imm_ray.analysis.importance import (
 )
 from imm_ray.analysis.probes import ModelEntry, references_from_completions
 from imm_ray.analysis.stats import spearman
+from imm_ray.registry import Registry
 from imm_ray.storage import Location, materialize
 
 __all__ = [
@@ -38,8 +39,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# importance measure -> its column in the importance table
-IMPORTANCE_MEASURES = {"accuracy": "accuracy_drop", "loss": "loss_rise"}
+# Importance measure -> the column of the layer table it fills.
+IMPORTANCE_MEASURES: Registry[str] = Registry("importance measure")
+IMPORTANCE_MEASURES.add("accuracy", "accuracy_drop")
+IMPORTANCE_MEASURES.add("loss", "loss_rise")
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 Runner = Callable[[Sequence[Call]], list[Any]]

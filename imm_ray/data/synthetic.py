@@ -35,6 +35,7 @@ from pathlib import Path
 
 from imm_ray.data.problems import DataError, LoadResult, Problem
 from imm_ray.data.spec import DatasetSpec
+from imm_ray.registry import Registry
 from imm_ray.storage import write_jsonl
 
 __all__ = [
@@ -262,33 +263,29 @@ def _re_time(rng: random.Random, top: int) -> Draw:
             f"It lasts {a} minutes and {b} have passed, so {a} - {b} = {a - b}.")
 
 
-FAMILIES: dict[str, SyntheticFamily] = {
-    fam.name: fam
-    for fam in (
-        SyntheticFamily("add-sub", "ID: one-step addition/subtraction about a person's things, "
-                        "numbers up to 10", (("buy", _id_buy), ("give", _id_give),
-                                             ("find", _id_find), ("lose", _id_lose)), top=10),
-        SyntheticFamily("mul-div", "OOD operation: one-step multiplication/exact division",
-                        (("boxes", _mul_boxes), ("rows", _mul_rows), ("share", _div_share),
-                         ("groups", _div_groups)), top=9),
-        SyntheticFamily("two-step", "OOD structure: two chained additions/subtractions",
-                        (("buy-give", _two_buy_give), ("bus", _two_bus), ("gifts", _two_gifts)),
-                        top=4),
-        SyntheticFamily("reworded", "OOD wording: one-step add/sub with other entities, units "
-                        "and sentence shapes", (("arrive", _re_arrive), ("eat", _re_eat),
-                                                ("money", _re_money), ("distance", _re_distance),
-                                                ("time", _re_time)), top=10),
-    )
-}
+FAMILIES: Registry[SyntheticFamily] = Registry("synthetic family")
+for _fam in (
+    SyntheticFamily("add-sub", "ID: one-step addition/subtraction about a person's things, "
+                    "numbers up to 10", (("buy", _id_buy), ("give", _id_give),
+                                         ("find", _id_find), ("lose", _id_lose)), top=10),
+    SyntheticFamily("mul-div", "OOD operation: one-step multiplication/exact division",
+                    (("boxes", _mul_boxes), ("rows", _mul_rows), ("share", _div_share),
+                     ("groups", _div_groups)), top=9),
+    SyntheticFamily("two-step", "OOD structure: two chained additions/subtractions",
+                    (("buy-give", _two_buy_give), ("bus", _two_bus), ("gifts", _two_gifts)),
+                    top=4),
+    SyntheticFamily("reworded", "OOD wording: one-step add/sub with other entities, units "
+                    "and sentence shapes", (("arrive", _re_arrive), ("eat", _re_eat),
+                                            ("money", _re_money), ("distance", _re_distance),
+                                            ("time", _re_time)), top=10),
+):
+    FAMILIES.add(_fam.name, _fam)
 
 
 def _family(name: str | SyntheticFamily) -> SyntheticFamily:
     if isinstance(name, SyntheticFamily):
         return name
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise DataError(f"unknown synthetic family {name!r}; known: {sorted(FAMILIES)}") from None
+    return FAMILIES.lookup(name)
 
 
 def generate_items(family: str | SyntheticFamily, seed: int, n: int, exclude: Iterable[str] = (),

@@ -12,7 +12,7 @@ from imm_ray.evaluate.diversity import (
     self_bleu,
     token_entropy,
 )
-from imm_ray.evaluate.harness import EvalSettings, evaluate_model
+from imm_ray.evaluate.harness import EvalRun, evaluate_model
 from imm_ray.evaluate.ledger import Changes, Ledger, question_changes, read_ledger, sample_rows
 from imm_ray.evaluate.metrics import (
     bootstrap_ci,
@@ -24,12 +24,14 @@ from imm_ray.evaluate.metrics import (
 )
 from imm_ray.evaluate.paired import PairedDifference, mcnemar_exact, paired_difference
 from imm_ray.evaluate.scoring import DatasetEvaluation, evaluate_completions, pick_verifier
+from imm_ray.evaluate.settings import EvalSettings
 from imm_ray.evaluate.specs import parse_dataset_arg, parse_dataset_args
 
 __all__ = [
     "Changes",
     "DatasetEvaluation",
     "DatasetScore",
+    "EvalRun",
     "EvalSettings",
     "Ledger",
     "PairedDifference",

@@ -10,8 +10,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from imm_ray.cli_flags import add_data_dir, add_ray_address
-from imm_ray.evaluate.harness import EvalSettings, evaluate_model
+from imm_ray.errors import UsageError
+from imm_ray.evaluate.harness import EvalRun, evaluate_model
 from imm_ray.generate.settings import EngineSettings, add_settings_arguments, settings_from_namespace
 from imm_ray.storage import write_json
 
@@ -60,18 +63,22 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def settings_from_args(args: argparse.Namespace) -> EvalSettings:
-    """EvalSettings from parsed ``imm eval`` arguments."""
+def settings_from_args(args: argparse.Namespace) -> EvalRun:
+    """EvalRun from parsed ``imm eval`` arguments; a UsageError names the flags that do not fit."""
     options = settings_from_namespace(args, seed=args.seed)
     suffix = {} if args.instruction_suffix is None else {"instruction_suffix": args.instruction_suffix}
-    return EvalSettings(
-        engine=options.name, template=args.template, system_prompt=args.system_prompt, **suffix,
-        samples=args.samples, temperature=args.temperature,
-        top_p=args.top_p, max_tokens=args.max_tokens, verifier=args.verifier,
-        verify_timeout_s=args.verify_timeout, seed=args.seed, engine_options=options,
-        ray_address=args.ray_address, actors=args.actors, num_gpus=args.gpus_per_actor,
-        progress=not args.no_progress,
-    )
+    try:
+        return EvalRun(
+            engine=options.name, template=args.template, system_prompt=args.system_prompt, **suffix,
+            samples=args.samples, temperature=args.temperature,
+            top_p=args.top_p, max_tokens=args.max_tokens, verifier=args.verifier,
+            verify_timeout_s=args.verify_timeout, seed=args.seed, engine_options=options,
+            ray_address=args.ray_address, actors=args.actors, num_gpus=args.gpus_per_actor,
+            progress=not args.no_progress,
+        )
+    except ValidationError as exc:
+        raise UsageError("; ".join(str(e["ctx"]["error"]) if e["type"] == "value_error" else
+                                   f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
 
 
 def _pct(value: Any) -> str:

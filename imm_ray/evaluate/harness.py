@@ -5,59 +5,57 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from imm_ray.data import DataError, DatasetSpec, LoadResult, load_problems
 from imm_ray.data.prompts import DEFAULT_INSTRUCTION_SUFFIX, default_stop_strings, encode_prompt, render_prompt
-from imm_ray.errors import UsageError
 from imm_ray.evaluate.generation import Generator, open_generator
 from imm_ray.evaluate.sets import score_sets
+from imm_ray.evaluate.settings import EvalSettings
 from imm_ray.evaluate.specs import parse_dataset_arg
 from imm_ray.generate.engine import Completion, SamplingSpec
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.storage import write_jsonl
-from imm_ray.verify.verifiers import VERIFIERS, Verifier, get_verifier, needs_gold
+from imm_ray.verify.verifiers import Verifier, get_verifier
 
-__all__ = ["EvalSettings", "evaluate_model"]
+__all__ = ["EvalRun", "evaluate_model"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EvalSettings:
-    """How to generate and score (defaults: the paper's zero-shot greedy evaluation)."""
+class EvalRun(EvalSettings):
+    """One ``imm eval`` run: the evaluation settings and how to generate (defaults: the paper's
+    zero-shot greedy evaluation)."""
 
     engine: str = "vllm"
+    """The text-generation engine: vllm or hf."""
     template: str = "chat"
+    """The prompt template."""
     system_prompt: str | None = None
+    """A system message before each question."""
     instruction_suffix: str | None = DEFAULT_INSTRUCTION_SUFFIX
-    samples: int = 1
-    temperature: float = 0.0
+    """Text after each question (None: the template's own)."""
     top_p: float = 1.0
-    max_tokens: int = 512
-    verifier: str = "auto"
+    """Nucleus sampling of the sampled answers."""
     verify_timeout_s: float = 5.0
+    """Longest math verification of one answer, in seconds."""
     seed: int = 0
+    """Seed of the sampled answers and of the bootstrap."""
     bootstrap_resamples: int = 1000
-    engine_options: EngineSettings = field(default_factory=lambda: EngineSettings(dtype="auto"))
+    """Resamples of the accuracy's bootstrap confidence interval."""
+    engine_options: EngineSettings = Field(default_factory=lambda: EngineSettings(dtype="auto"))
+    """The engine's own settings."""
     ray_address: str | None = None
+    """Generate on this Ray cluster (None: in this process)."""
     actors: int = 1
+    """Generator actors on Ray."""
     num_gpus: float = 0.0
+    """GPUs per generator actor on Ray."""
     progress: bool = True
-
-    def check(self) -> None:
-        """UsageError (a ValueError) on inconsistent settings."""
-        if self.samples < 1:
-            raise UsageError(f"samples must be >= 1, got {self.samples}")
-        if self.samples > 1 and self.temperature <= 0:
-            raise UsageError("samples > 1 needs temperature > 0: greedy samples are all the same")
-        if self.max_tokens < 1:
-            raise UsageError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        gold = sorted(name for name in VERIFIERS if needs_gold(name))  # accuracy is measured against gold
-        if self.verifier != "auto" and self.verifier not in gold:
-            raise UsageError(f"verifier {self.verifier!r} cannot score against gold; use auto or one of {gold}")
+    """Show progress bars."""
 
     def summary(self) -> dict[str, Any]:
         """The settings that shape the completions (recorded with every dataset's metrics)."""
@@ -99,7 +97,7 @@ def _load(specs: Sequence[DatasetSpec], data_dir: str | Path | None) -> list[tup
 
 
 def _evaluate_set(generator: Generator, tokenizer: Any, model: str, name: str, loaded: LoadResult,
-                  settings: EvalSettings, verifiers: _Verifiers) -> tuple[dict[str, Any], list[dict]]:
+                  settings: EvalRun, verifiers: _Verifiers) -> tuple[dict[str, Any], list[dict]]:
     """One data set's metrics (with the settings and timings) and its ledger rows, scored by :func:`score_sets`."""
     problems = loaded.problems
     t0 = time.perf_counter()
@@ -138,7 +136,7 @@ def _evaluate_set(generator: Generator, tokenizer: Any, model: str, name: str, l
 def evaluate_model(
     model: str | Path,
     datasets: Sequence[str | DatasetSpec],
-    settings: EvalSettings | None = None,
+    settings: EvalRun | None = None,
     data_dir: str | Path | None = None,
     limit: int | None = None,
     cache_dir: str | Path | None = None,
@@ -154,8 +152,7 @@ def evaluate_model(
     """
     from imm_ray.models import resolve_model
 
-    settings = settings or EvalSettings()
-    settings.check()
+    settings = settings or EvalRun()
     specs = [parse_dataset_arg(d, limit) if isinstance(d, str) else d for d in datasets]
     model_path = resolve_model(str(model), cache_dir)  # first: a missing model fails before any data is read
     loaded = _load(specs, data_dir)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from imm_ray.errors import unknown_name
 from imm_ray.generate.settings import ENGINES, EngineSettings
+from imm_ray.registry import import_entry
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,9 @@ class Engine(Protocol):
 
 
 def create_engine(name: str, model_path: str | Path, options: EngineSettings) -> Engine:
-    """Build the engine called ``name`` (a key of :data:`ENGINES`, whose module is imported now) on ``model_path``."""
-    if name not in ENGINES:
-        raise ValueError(unknown_name("engine", name, ENGINES))
-    module, _, cls = ENGINES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(Path(model_path), options)
+    """Build the engine called ``name`` (a key of :data:`ENGINES`, whose module is imported now) on
+    ``model_path``; an UnknownNameError names the known engines."""
+    return import_entry(ENGINES.lookup(name))(Path(model_path), options)
 
 
 def collect(batches: Iterator[Finished], count: int) -> list[list[Completion]]:

@@ -14,14 +14,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imm_ray.errors import known_name
+from imm_ray.registry import Registry
 
 __all__ = ["BUILTIN_ENGINES", "ENGINES", "EngineSettings", "add_settings_arguments", "settings_from_namespace"]
 
 # Engine name -> "module:class" of the engine; the module is imported only when the engine is created.
-ENGINES: dict[str, str] = {
-    "vllm": "imm_ray.generate.vllm_engine:VLLMEngine",
-    "hf": "imm_ray.generate.hf_engine:HFEngine",
-}
+ENGINES: Registry[str] = Registry("engine")
+ENGINES.add("vllm", "imm_ray.generate.vllm_engine:VLLMEngine")
+ENGINES.add("hf", "imm_ray.generate.hf_engine:HFEngine")
 BUILTIN_ENGINES = tuple(ENGINES)
 
 

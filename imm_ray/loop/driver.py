@@ -36,7 +36,7 @@ from imm_ray.data.prompts import default_stop_strings, encode_prompt, render_pro
 from imm_ray.evaluate.probe import ProbeSplit, probe_split
 from imm_ray.generate.actors import ActorPlacement, GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec
-from imm_ray.loop.arms import RoundPlan, arms_at_once, get_arm, plan_round
+from imm_ray.loop.arms import arms_at_once
 from imm_ray.loop.remote import merge_remote, publish_model_remote
 from imm_ray.loop.summary import format_table, metrics_rows
 from imm_ray.loop.verifier_pool import VerifierPool
@@ -57,6 +57,7 @@ from imm_ray.placement import (
 from imm_ray.ray_env import connect_ray
 from imm_ray.report import write_report
 from imm_ray.run import RunDir, layout
+from imm_ray.run.arms import RoundPlan, get_arm, plan_round
 from imm_ray.run.infos import EvaluateInfo, GenerateInfo, MergeInfo, SFTInfo, StageInfo, SweepInfo, VerifyInfo
 from imm_ray.serve.deploy import start_serving
 from imm_ray.stages.evaluate import EvalSpec, evaluate, score
@@ -68,7 +69,6 @@ from imm_ray.stages.sweep import SweepSpec, sweep
 from imm_ray.stages.verify import verify
 from imm_ray.storage import (
     Location,
-    StorageOptions,
     checkpoint_checksum,
     clear_output,
     is_published,
@@ -94,8 +94,7 @@ class RoundDriver:
 
     def __init__(self, cfg: ImmConfig, run_dir: str | Path, force_unlock: bool = False) -> None:
         self.cfg = cfg
-        self.options = StorageOptions(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
-                                      node_cache_gb=cfg.storage.node_cache_gb)
+        self.options = cfg.storage
         set_default_options(self.options)
         self.rd = RunDir(run_dir, self.options, lease_ttl_s=cfg.storage.lease_ttl_s)
         self.force_unlock = force_unlock

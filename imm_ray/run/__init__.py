@@ -1,7 +1,8 @@
 """The run directory as typed data: its layout, the records between stages, its stage state and the
 object that holds the run.
 
-No Ray and no config: :mod:`imm_ray.run.layout` (every name under a run, stage keys),
+No Ray and no config: :mod:`imm_ray.run.layout` (every name under a run, stage keys, the stages
+of a round), :mod:`imm_ray.run.arms` (the arm table and the resume plan of a round),
 :mod:`imm_ray.run.records` (the rows of samples.jsonl, accepted.jsonl, eval_samples.jsonl),
 :mod:`imm_ray.run.state` (the read-only view of state.json), :mod:`imm_ray.run.files` (readers of
 the run's files), :mod:`imm_ray.run.rundir` (the lock, stage marks, pinned inputs, checkpoints).

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import NamedTuple
 
 CONFIG = "run.yaml"
@@ -56,7 +57,29 @@ PROBE_SPLIT = "probe_split.json"
 # lock clears what a killed holder's writes of them left (a stage's outputs are cleared when it reruns).
 LOCK_HOLDER_FILES = (CONFIG, STATE, STATE_BACKUP, METRICS, LEASE, PROBE_SPLIT)
 
-STAGES = ("generate", "verify", "sft", "sweep", "merge", "evaluate")
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a round and the names (in the round directory) it writes."""
+
+    name: str
+    outputs: tuple[str, ...]  # cleared before the stage runs (a half-finished stage is redone)
+    merge_only: bool = False  # runs only for arms that merge, and only when SFT trained
+    sweep_only: bool = False  # runs only with merge.sweep
+
+
+# The stages of a round, in the order they run.
+ROUND_STAGES: tuple[Stage, ...] = (
+    Stage("generate", (SAMPLES,)),
+    Stage("verify", (ACCEPTED, VERDICTS)),
+    Stage("sft", (SFT,)),  # clearing it clears its temp siblings (Ray Train's run folder too)
+    # Nothing cleared: a resumed sweep keeps the candidates it scored and redoes only the rest.
+    Stage("sweep", (), merge_only=True, sweep_only=True),
+    Stage("merge", (MERGED,), merge_only=True),
+    Stage("evaluate", (EVAL, EVAL_SAMPLES)),
+)
+STAGES = tuple(s.name for s in ROUND_STAGES)
+
 BASELINE_ROUND = 0
 BASELINE_ARM = "base"
 

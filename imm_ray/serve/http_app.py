@@ -80,10 +80,21 @@ def _route_label(app: FastAPI, request: Request) -> str:
 
 
 def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | None = None) -> FastAPI:
-    """The ASGI app of one replica."""
+    """The ASGI app of one replica: the key check and metrics around every request, OpenAI-style
+    errors, the status and model routes, the generation routes and the web page."""
     metrics = metrics or ServerMetrics()
-    limits = server.settings.limits
     app = FastAPI(title="imm-ray OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_guard(app, keys, metrics)
+    _add_error_handlers(app)
+    _add_status_routes(app, server, metrics)
+    _add_generation_routes(app, server, metrics)
+    add_page_routes(app, server)
+    return app
+
+
+def _add_guard(app: FastAPI, keys: KeyChecker, metrics: ServerMetrics) -> None:
+    """Check the API key (except on the open routes), turn any escaped exception into an OpenAI-style
+    500, and count every request and its latency by route."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -103,6 +114,10 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
         metrics.latency.labels(label).observe(time.monotonic() - t0)
         return resp
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """API errors and Starlette's own (404, 405) answered in the OpenAI error format."""
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
@@ -111,6 +126,10 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "method_not_allowed" if exc.status_code == 405 else None
         return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+
+def _add_status_routes(app: FastAPI, server: OpenAIServer, metrics: ServerMetrics) -> None:
+    """``/health``, ``/metrics`` (Prometheus) and the OpenAI model list."""
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -137,6 +156,11 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
     async def get_model(model_id: str) -> JSONResponse:
         server.resolve(model_id)
         return JSONResponse(models_list([model_id])["data"][0])
+
+
+def _add_generation_routes(app: FastAPI, server: OpenAIServer, metrics: ServerMetrics) -> None:
+    """``/v1/chat/completions`` and ``/v1/completions``, streamed or whole."""
+    limits = server.settings.limits
 
     async def generate(request: Request, cls: type[ChatRequest] | type[CompletionRequest]) -> Response:
         req = parse_request(cls, await read_body(request, limits.max_body_bytes), limits)
@@ -174,10 +198,6 @@ def create_app(server: OpenAIServer, keys: KeyChecker, metrics: ServerMetrics | 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await generate(request, CompletionRequest)
-
-    add_page_routes(app, server)
-
-    return app
 
 
 async def _stream(backend: Backend, params: GenParams, stack: AsyncExitStack, rid: str, model_id: str, chat: bool,

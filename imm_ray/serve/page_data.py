@@ -15,9 +15,9 @@ from typing import Any
 
 from imm_ray.errors import UserError
 from imm_ray.evaluate.ledger import question_changes, read_ledger
-from imm_ray.loop.arms import get_arm, round_stages  # the arm table (pure: no Ray)
 from imm_ray.report.metrics import RunMetrics, load_run_metrics
 from imm_ray.run import RunState, StageRecord, layout
+from imm_ray.run.arms import get_arm, round_stages
 from imm_ray.run.files import read_eval_samples
 from imm_ray.run.state import read_state
 from imm_ray.storage import Location, read_jsonl, resolve

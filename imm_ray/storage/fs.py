@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field
 
 from imm_ray.errors import UserError
 
@@ -44,13 +45,22 @@ class StorageError(UserError):
     """A storage location cannot be used; the message says which and what to do."""
 
 
-@dataclass(frozen=True)
-class StorageOptions:
-    """Overrides of what the environment says about object storage (``storage.*`` in the config)."""
+class StorageOptions(BaseModel):
+    """Object storage for s3:// run directories; unset keys come from the AWS environment variables.
+
+    The config's ``storage`` section; what it sets overrides what the environment says.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     endpoint_url: str | None = None
+    """S3 endpoint (MinIO, moto, ...); default $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL, else AWS."""
     region: str | None = None
-    node_cache_gb: float = 200.0  # the bound of a node's cache of materialized checkpoints
+    """S3 region; default $AWS_REGION, else $AWS_DEFAULT_REGION."""
+    lease_ttl_s: float = Field(60.0, ge=3)
+    """Seconds after which the run lease of a driver that died without releasing it expires."""
+    node_cache_gb: float = Field(200.0, gt=0)
+    """Bound of each node's cache of checkpoints (GB); the least recently used ones no process holds go first."""
 
 
 def _env(*names: str) -> str | None:

@@ -16,7 +16,7 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from imm_ray.ray_env import actor_runtime_env
 from imm_ray.storage import (
@@ -33,7 +33,7 @@ from imm_ray.storage import (
 )
 from imm_ray.train.loop import CRASH_ENV, STATE_FILE, train_loop_per_worker
 from imm_ray.train.settings import SFTError, SFTSettings
-from imm_ray.train.sft_data import pad_token_id, read_rows, tokenize_rows
+from imm_ray.train.sft_data import TokenizedExample, pad_token_id, read_rows, tokenize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -151,31 +151,14 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
     model_loc, out_loc = resolve(model), resolve(out)
     if exists(out_loc):
         raise SFTError(f"SFT output already exists: {out_loc}")
-    try:
-        model_dir = materialize(model_loc, weights=False)  # the driver only tokenizes
-    except CheckpointError as exc:
-        raise SFTError(f"cannot load the SFT start model: {exc}") from exc
-    if not (model_dir / "config.json").is_file():
-        raise SFTError(f"not a Hugging Face model folder (no config.json): {model_loc}")
-
-    rows = read_rows(data)
-    if not rows:
-        raise SFTError(f"SFT data file has no examples: {data}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples, dropped = tokenize_rows(tokenizer, rows, settings.max_length)
-    if dropped:
-        logger.warning("SFT: dropped %d of %d examples whose prompt alone reaches max_length %d",
-                       dropped, len(rows), settings.max_length)
-    if not examples:
-        raise SFTError(f"all {len(rows)} SFT examples were dropped: every prompt reaches "
-                       f"max_length {settings.max_length}")
+    model_dir = _start_model(model_loc)
+    tokenizer, examples, dropped = _examples(model_dir, data, settings.max_length)
     crash = _crash_hook()
 
     clear_output(out_loc)  # temp siblings (work folders, Ray Train's run folder) of a killed attempt
     run_root = (resolve(storage_dir) if storage_dir is not None
                 else out_loc.parent / f"{temp_prefix(out_loc.name)}ray-train")
     run_name = f"sft-{out_loc.name}-{uuid.uuid4().hex[:8]}"
-    resources = settings.worker_resources()
     prepared = time.perf_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -191,7 +174,7 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
             "crash_after_step": crash,
         },
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=settings.worker_resources()),
         run_config=RunConfig(name=run_name,
                              storage_path=run_root.path,
                              storage_filesystem=None if run_root.is_local else run_root.fs,
@@ -211,8 +194,44 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
     fitted = time.perf_counter()
     if not is_published(out_loc):
         raise SFTError(f"SFT run finished without publishing its model to {out_loc}")
-    metrics = read_json(out_loc / STATE_FILE)
+    return _result(out_loc, len(examples), dropped, (start, prepared, fitted))
 
+
+def _start_model(model_loc: Location) -> Path:
+    """The start model's folder on this node, without its weights (the driver only tokenizes);
+    SFTError if it is not a Hugging Face model."""
+    try:
+        model_dir = materialize(model_loc, weights=False)
+    except CheckpointError as exc:
+        raise SFTError(f"cannot load the SFT start model: {exc}") from exc
+    if not (model_dir / "config.json").is_file():
+        raise SFTError(f"not a Hugging Face model folder (no config.json): {model_loc}")
+    return model_dir
+
+
+def _examples(model_dir: Path, data: str | Path | Location,
+              max_length: int) -> tuple[PreTrainedTokenizerBase, list[TokenizedExample], int]:
+    """The model's tokenizer, the examples of the JSONL at ``data`` tokenized with it and how many
+    were dropped (their prompt alone reaches ``max_length``); SFTError when none is left."""
+    rows = read_rows(data)
+    if not rows:
+        raise SFTError(f"SFT data file has no examples: {data}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, dropped = tokenize_rows(tokenizer, rows, max_length)
+    if dropped:
+        logger.warning("SFT: dropped %d of %d examples whose prompt alone reaches max_length %d",
+                       dropped, len(rows), max_length)
+    if not examples:
+        raise SFTError(f"all {len(rows)} SFT examples were dropped: every prompt reaches "
+                       f"max_length {max_length}")
+    return tokenizer, examples, dropped
+
+
+def _result(out_loc: Location, examples: int, dropped: int, marks: tuple[float, float, float]) -> SFTResult:
+    """The SFT result from the workers' metrics published with the model, and the driver's time
+    ``marks`` (start, inputs prepared, fit returned)."""
+    start, prepared, fitted = marks
+    metrics = read_json(out_loc / STATE_FILE)
     seconds = time.perf_counter() - start
     worker = {key: float(metrics[f"{key}_seconds"]) for key in ("startup", "load", "train", "save")}
     timings = {"prepare": prepared - start, **worker,
@@ -225,7 +244,7 @@ def run_sft(model: str | Path | Location, data: str | Path | Location, out: str 
     logger.info("SFT done in %.1f s (%s): %d steps, %d tokens (%.0f tokens/s), final loss %.4f "
                 "-> %s", seconds, ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
                 metrics["steps"], tokens, tokens / seconds, metrics["final_loss"], out_loc)
-    return SFTResult(checkpoint=out_loc.uri, steps=int(metrics["steps"]), examples=len(examples),
+    return SFTResult(checkpoint=out_loc.uri, steps=int(metrics["steps"]), examples=examples,
                      dropped=dropped, final_loss=float(metrics["final_loss"]), seconds=seconds,
                      tokens=tokens, train_seconds=worker["train"], restarts=restarts,
                      timings={k: round(v, 3) for k, v in timings.items()})

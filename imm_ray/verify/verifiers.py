@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from imm_ray.registry import Registry
 from imm_ray.verify.answers import answers_match, extract_answer
 
 __all__ = [
@@ -67,7 +68,7 @@ class NumericVerifier:
         return Verdict(correct=correct, extracted=extracted)
 
 
-VERIFIERS: dict[str, Callable[..., Verifier]] = {}
+VERIFIERS: Registry[Callable[..., Verifier]] = Registry("verifier")
 
 
 def register_verifier(
@@ -76,10 +77,7 @@ def register_verifier(
     """Register a verifier class/factory under name; usable as a decorator when factory is None."""
 
     def _register(f: Callable[..., Verifier]) -> Callable[..., Verifier]:
-        if name in VERIFIERS and not overwrite and VERIFIERS[name] is not f:
-            raise ValueError(f"verifier {name!r} is already registered (pass overwrite=True)")
-        VERIFIERS[name] = f
-        return f
+        return VERIFIERS.add(name, f, overwrite=overwrite)
 
     return _register if factory is None else _register(factory)
 
@@ -88,18 +86,13 @@ register_verifier(NumericVerifier.name, NumericVerifier)
 
 
 def get_verifier(name: str | Verifier, **kwargs: Any) -> Verifier:
-    """Instantiate the registered verifier `name` with kwargs (an instance is returned as is)."""
+    """Instantiate the registered verifier `name` with kwargs (an instance is returned as is); an
+    UnknownNameError names the registered ones."""
     if not isinstance(name, str):
         if kwargs:
             raise ValueError("verifier options are only accepted with a verifier name")
         return name
-    try:
-        factory = VERIFIERS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown verifier {name!r}; registered: {sorted(VERIFIERS)}"
-        ) from None
-    return factory(**kwargs)
+    return VERIFIERS.lookup(name)(**kwargs)
 
 
 def verify_batch(

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from imm_ray.loop.arms import ARMS, ROUND_STAGES, arms_at_once, get_arm, plan_round, round_stages
+from imm_ray.loop.arms import arms_at_once
 from imm_ray.placement import ClusterView, NodeType
 from imm_ray.run import layout
-from imm_ray.run.layout import stage_key
+from imm_ray.run.arms import ARMS, get_arm, plan_round, round_stages
+from imm_ray.run.layout import ROUND_STAGES, stage_key
 
 CUR, ORIG, RDIR = Path("/r/imm/round-001/merged"), Path("/models/orig"), Path("/r/arm/round-002")
 

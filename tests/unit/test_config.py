@@ -111,7 +111,7 @@ def test_registry_names_and_merge_params_fail_at_load_time(override, key, choice
 def test_evaluation_samples_need_a_temperature():
     cfg = load_config(None, ["evaluate.samples=4", "evaluate.temperature=0.8"])
     assert (cfg.evaluate.samples, cfg.evaluate.temperature) == (4, 0.8)
-    with pytest.raises(ConfigError, match=r"evaluate\.samples > 1 needs evaluate\.temperature > 0"):
+    with pytest.raises(ConfigError, match=r"evaluate: samples > 1 needs temperature > 0"):
         load_config(None, ["evaluate.samples=4"])
 
 

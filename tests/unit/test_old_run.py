@@ -10,9 +10,9 @@ import pytest
 
 from imm_ray.cli import main as imm_main
 from imm_ray.config import ConfigError, config_from_run_yaml, load_run_config
-from imm_ray.loop.arms import plan_round
 from imm_ray.loop.driver import RoundDriver
 from imm_ray.run import RunDir, layout
+from imm_ray.run.arms import plan_round
 from imm_ray.serve.catalog import read_catalog
 
 OLD_RUN = Path(__file__).parents[1] / "fixtures" / "old_run"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from imm_ray.errors import UnknownNameError
 from imm_ray.verify import (
     VERIFIERS,
     NumericVerifier,
@@ -126,7 +127,7 @@ def test_numeric_verifier_and_registry() -> None:
     assert NumericVerifier().verify("I do not know", "7") == Verdict(False, None)
     assert VERIFIERS["numeric"] is NumericVerifier
     assert get_verifier("numeric", rel_tol=0.1).rel_tol == 0.1
-    with pytest.raises(KeyError, match="numeric"):
+    with pytest.raises(UnknownNameError, match="unknown verifier 'nope'; choose from .*numeric"):
         get_verifier("nope")
 
 
@@ -140,7 +141,7 @@ def test_register_verifier_decorator_and_duplicate() -> None:
 
     try:
         assert verify_batch([("x", "1")], verifier="always-true-test") == [Verdict(True, None)]
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(ValueError, match="already exists"):
             register_verifier("always-true-test", NumericVerifier)
     finally:
         VERIFIERS.pop("always-true-test")
