@@ -1,10 +1,12 @@
 """Fault matrix, the driver line: ``imm run`` killed (SIGKILL) in a stage, then the same command again.
 
 One uninterrupted reference run (the session's, tests/integration/conftest.py), and one run killed in
-each stage in turn (resumed each time):
-the resumed run finishes, counts every stage once, leaves no temp file and no process of a killed
-driver, and its merged checkpoint is byte-identical to the reference (the ``hf`` engine samples
-with the run's seed on the CPU, so generation is deterministic on the tiny model).
+each stage after generate in turn (resumed each time): the resumed run finishes, counts every stage
+once, leaves no temp file and no process of a killed driver, and its merged checkpoint is
+byte-identical to the reference (the ``hf`` engine samples with the run's seed on the CPU, so
+generation is deterministic on the tiny model). A kill at generate's start is not one of them: it
+would take the same resume path as verify's (a stage recorded started with nothing written is
+cleared and redone) with fewer processes to outlive it (no generator actor yet).
 
 Each kill lands at the same point whatever the machine's speed: the driver to be killed stops at a
 chosen point of the stage and says so in a marker file; the test kills it then. The points: right
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 HANG_S = 900  # a driver that takes longer to finish or reach its stop point hangs (a bound, not a timing)
 # The stages the resumed sequence kills, in run order, and where: "start" (recorded as started, no work
 # done) or "end" (work done, not recorded: redone in full, so only where that is cheap).
-KILL_IN = (("generate", "start"), ("verify", "start"), ("sft", "start"), ("merge", "end"), ("evaluate", "start"))
+KILL_IN = (("verify", "start"), ("sft", "start"), ("merge", "end"), ("evaluate", "start"))
 
 
 # ``imm run`` (as ``python -m jobs.imm_run`` runs it) that stops at the start or the end of stage KEY
