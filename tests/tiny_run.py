@@ -32,6 +32,14 @@ def tiny_run_config(model_dir: Path, data_dir: Path, **sections: dict[str, Any])
     return deep_merge(tree, sections)
 
 
+
+def driver_config(model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The tiny imm round as ``imm run`` gets it in the driver fault tests: no baseline, no report, the
+    driver's own 4-CPU Ray head; each keyword is merged over its section as in :func:`tiny_run_config`."""
+    tree = tiny_run_config(model_dir, data_dir, run={"report": False}, evaluate={"baseline": False},
+                           ray={"num_cpus": 4})
+    return deep_merge(tree, sections)
+
 def write_finished_round(run_dir: Path, arm: str, n: int, model: Path, wrong_eval: int = 0) -> None:
     """Publish round ``n`` of ``arm`` (round 0: the baseline) into ``run_dir`` as the driver does:
     its stage files (samples verified by the numeric verifier, the per-question evaluation ledger),

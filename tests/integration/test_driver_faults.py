@@ -1,9 +1,12 @@
 """Fault matrix, the driver line: ``imm run`` killed (SIGKILL) in a stage, then the same command again.
 
-One uninterrupted reference run, and one run killed in each stage in turn (resumed each time):
-the resumed run finishes, counts every stage once, leaves no temp file and no process of a killed
-driver, and its merged checkpoint is byte-identical to the reference (the ``hf`` engine samples
-with the run's seed on the CPU, so generation is deterministic on the tiny model).
+One uninterrupted reference run (the session's, tests/integration/conftest.py), and one run killed in
+each stage after generate in turn (resumed each time): the resumed run finishes, counts every stage
+once, leaves no temp file and no process of a killed driver, and its merged checkpoint is
+byte-identical to the reference (the ``hf`` engine samples with the run's seed on the CPU, so
+generation is deterministic on the tiny model). A kill at generate's start is not one of them: it
+would take the same resume path as verify's (a stage recorded started with nothing written is
+cleared and redone) with fewer processes to outlive it (no generator actor yet).
 
 Each kill lands at the same point whatever the machine's speed: the driver to be killed stops at a
 chosen point of the stage and says so in a marker file; the test kills it then. The points: right
@@ -24,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from tiny_run import tiny_run_config
+from tiny_run import driver_config
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 HANG_S = 900  # a driver that takes longer to finish or reach its stop point hangs (a bound, not a timing)
 # The stages the resumed sequence kills, in run order, and where: "start" (recorded as started, no work
 # done) or "end" (work done, not recorded: redone in full, so only where that is cheap).
-KILL_IN = (("generate", "start"), ("verify", "start"), ("sft", "start"), ("merge", "end"), ("evaluate", "start"))
-
-
-def _config(model_dir: Path, data_dir: Path) -> dict:
-    """The tiny imm round (tests/tiny_run.py) without a baseline, on the driver's own 4-CPU Ray head."""
-    return tiny_run_config(model_dir, data_dir, run={"name": "faults", "report": False},
-                           evaluate={"baseline": False}, ray={"num_cpus": 4})
+KILL_IN = (("verify", "start"), ("sft", "start"), ("merge", "end"), ("evaluate", "start"))
 
 
 # ``imm run`` (as ``python -m jobs.imm_run`` runs it) that stops at the start or the end of stage KEY
@@ -123,13 +120,10 @@ def _safetensors(folder: Path) -> dict[str, bytes]:
     return files
 
 
-def test_killed_driver_resumes_to_the_same_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_killed_driver_resumes_to_the_same_checkpoint(reference_run, tiny_model_dir, tiny_data_dir, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(_config(tiny_model_dir, tiny_data_dir)))
+    config.write_text(yaml.safe_dump(driver_config(tiny_model_dir, tiny_data_dir, run={"name": "faults"})))
     log = tmp_path / "driver-out.log"
-
-    reference = tmp_path / "reference"
-    _finish(_start(config, reference, log), log)
 
     run_dir = tmp_path / "killed"
     orphans = {}
@@ -148,9 +142,9 @@ def test_killed_driver_resumes_to_the_same_checkpoint(tiny_model_dir, tiny_data_
         assert not alive, f"killed in {stage}: its processes still run: {alive}"
     stages = _stages(run_dir)
     assert all(rec["status"] == "done" for rec in stages.values()), stages
-    assert set(stages) == set(_stages(reference))  # each stage recorded once, as in the uninterrupted run
+    assert set(stages) == set(_stages(reference_run))  # each stage recorded once, as in the uninterrupted run
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["arm"], r["round"]) for r in rows] == [("imm", 1)]
     assert not [str(p) for p in run_dir.rglob("*") if ".tmp" in p.name]
-    assert _safetensors(run_dir / "imm/round-001/merged") == _safetensors(reference / "imm/round-001/merged")
-    assert _safetensors(run_dir / "imm/round-001/sft") == _safetensors(reference / "imm/round-001/sft")
+    assert _safetensors(run_dir / "imm/round-001/merged") == _safetensors(reference_run / "imm/round-001/merged")
+    assert _safetensors(run_dir / "imm/round-001/sft") == _safetensors(reference_run / "imm/round-001/sft")

@@ -73,27 +73,70 @@ def raw_llm_generate(actor, prompts: list[list[int]], sampling: SamplingSpec) ->
     return ray.get(actor.__ray_call__.remote(call, prompts, sampling.max_tokens))
 
 
-def test_streaming_pool_matches_llm_generate_and_advances_before_the_end(ray_local, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(actors_mod, "tqdm", RecordingBar)
-    ids = prompt_ids(tiny_model_dir, 6)  # 48 prompts of different answer lengths
+@pytest.fixture(scope="module")
+def tiny_pool(ray_local, tiny_model_dir):
+    """One vLLM actor on the tiny model, 8 sequences at a time, shared by the tests that only read it
+    (an engine start is most of their time)."""
     pool = GeneratorPool(vllm_spec(1, max_num_seqs=8), progress=True)  # 8 at a time: several waves
     try:
         pool.load(tiny_model_dir)
-        outs = pool.generate(ids, GREEDY)
-        assert [o[0].text for o in outs] == raw_llm_generate(pool.actors[0], ids, GREEDY)
-        updates = RecordingBar.updates
-        assert sum(n for _, n in updates) == len(ids) and len(updates) >= 3
-        assert updates[0][0] < updates[-1][0]  # the first prompts came back before the last ones
-        stats = pool.last_stats
-        assert stats.prompts == stats.completions == len(ids) and stats.retries == 0
-        assert stats.tokens == sum(o[0].num_tokens for o in outs) and stats.tokens_per_s > 0
-        # k samples per question stay one request; entropy only on every entropy_stride-th prompt
-        sampled = pool.generate(ids[:8], SamplingSpec(n=3, temperature=0.8, max_tokens=16, seed=0,
-                                                      entropy_top_k=5, entropy_stride=4))
-        assert [len(o) for o in sampled] == [3] * 8
-        assert [all(c.token_entropies is not None for c in o) for o in sampled] == [i % 4 == 0 for i in range(8)]
+        yield pool
     finally:
         pool.shutdown()
+
+
+def test_streaming_pool_matches_llm_generate_and_advances_before_the_end(tiny_pool, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(actors_mod, "tqdm", RecordingBar)
+    ids = prompt_ids(tiny_model_dir, 6)  # 48 prompts of different answer lengths
+    pool = tiny_pool
+    outs = pool.generate(ids, GREEDY)
+    assert [o[0].text for o in outs] == raw_llm_generate(pool.actors[0], ids, GREEDY)
+    updates = RecordingBar.updates
+    assert sum(n for _, n in updates) == len(ids) and len(updates) >= 3
+    assert updates[0][0] < updates[-1][0]  # the first prompts came back before the last ones
+    stats = pool.last_stats
+    assert stats.prompts == stats.completions == len(ids) and stats.retries == 0
+    assert stats.tokens == sum(o[0].num_tokens for o in outs) and stats.tokens_per_s > 0
+    # k samples per question stay one request; entropy only on every entropy_stride-th prompt
+    sampled = pool.generate(ids[:8], SamplingSpec(n=3, temperature=0.8, max_tokens=16, seed=0,
+                                                  entropy_top_k=5, entropy_stride=4))
+    assert [len(o) for o in sampled] == [3] * 8
+    assert [all(c.token_entropies is not None for c in o) for o in sampled] == [i % 4 == 0 for i in range(8)]
+
+
+def top_k_entropies(positions: list[list[float]]) -> list[float]:
+    """The full computation: per position, the entropy of vLLM's own top-k log-probs, renormalised."""
+    return [token_entropy(top) for top in positions]
+
+
+def test_recorded_entropies_equal_those_of_vllm_s_log_probs(tiny_pool, tiny_model_dir):
+    """The engine's logits processor gives every entropy_stride-th prompt the entropies of vLLM's
+    top-k log-probs (the full computation), leaves the other prompts without, and changes no output."""
+    ids = prompt_ids(tiny_model_dir, 4)  # 32 prompts
+    spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=4)
+
+    def reference(actor_self) -> list[list[list[float]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5)
+        outs = actor_self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        return [[[lp.logprob for lp in pos.values() if lp.rank <= 5] for pos in r.outputs[0].logprobs] for r in outs]
+
+    plain = tiny_pool.generate(ids, replace(spec, entropy_top_k=0))
+    cheap = tiny_pool.generate(ids, spec)
+    full = [top_k_entropies(r) for r in ray.get(tiny_pool.actors[0].__ray_call__.remote(reference))]
+    assert [o[0].text for o in cheap] == [o[0].text for o in plain]
+    for i, o in enumerate(cheap):
+        if i % 4 == 0:
+            assert len(o[0].token_entropies) == o[0].num_tokens
+            assert o[0].token_entropies == pytest.approx(full[i], rel=1e-4, abs=1e-5)
+        else:
+            assert o[0].token_entropies is None
+    assert any(e > 0.01 for i in range(0, len(ids), 4) for e in full[i])  # not an all-certain model
+    # The round's metric (the sampled prompts' mean) is thus the full computation's on them. How far
+    # that sample's mean is from the all-prompt mean is a property of the data: on SmolLM2 and GSM8K
+    # see entropy_rel_err of tests/bench/bench_generate.py and bench_entropy_cost.py (stated tolerance 5%).
 
 
 def test_killed_actor_and_engine_are_replaced_and_only_unfinished_prompts_redone(
@@ -134,46 +177,6 @@ def test_an_impossible_request_fails_in_seconds_naming_the_key(ray_local, tiny_m
     with pytest.raises(PlacementError, match=r"GPU: 1 \(generate.resources.num_gpus\), but none of"):
         pool.load(tiny_model_dir)
     assert pool.actors == []
-
-
-def top_k_entropies(positions: list[list[float]]) -> list[float]:
-    """The full computation: per position, the entropy of vLLM's own top-k log-probs, renormalised."""
-    return [token_entropy(top) for top in positions]
-
-
-def test_recorded_entropies_equal_those_of_vllm_s_log_probs(ray_local, tiny_model_dir):
-    """The engine's logits processor gives every entropy_stride-th prompt the entropies of vLLM's
-    top-k log-probs (the full computation), leaves the other prompts without, and changes no output."""
-    ids = prompt_ids(tiny_model_dir, 4)  # 32 prompts
-    spec = SamplingSpec(n=1, temperature=0.0, max_tokens=32, seed=None, entropy_top_k=5, entropy_stride=4)
-
-    def reference(actor_self) -> list[list[list[float]]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(temperature=0.0, max_tokens=32, logprobs=5)
-        outs = actor_self.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
-        return [[[lp.logprob for lp in pos.values() if lp.rank <= 5] for pos in r.outputs[0].logprobs] for r in outs]
-
-    pool = GeneratorPool(vllm_spec(1), progress=False)
-    try:
-        pool.load(tiny_model_dir)
-        plain = pool.generate(ids, replace(spec, entropy_top_k=0))
-        cheap = pool.generate(ids, spec)
-        full = [top_k_entropies(r) for r in ray.get(pool.actors[0].__ray_call__.remote(reference))]
-    finally:
-        pool.shutdown()
-    assert [o[0].text for o in cheap] == [o[0].text for o in plain]
-    for i, o in enumerate(cheap):
-        if i % 4 == 0:
-            assert len(o[0].token_entropies) == o[0].num_tokens
-            assert o[0].token_entropies == pytest.approx(full[i], rel=1e-4, abs=1e-5)
-        else:
-            assert o[0].token_entropies is None
-    assert any(e > 0.01 for i in range(0, len(ids), 4) for e in full[i])  # not an all-certain model
-    # The round's metric (the sampled prompts' mean) is thus the full computation's on them. How far
-    # that sample's mean is from the all-prompt mean is a property of the data: on SmolLM2 and GSM8K
-    # see entropy_rel_err of tests/bench/bench_generate.py and bench_entropy_cost.py (stated tolerance 5%).
 
 
 @pytest.mark.parametrize("block_size", [None, 32], ids=["blocks-128", "blocks-32"])

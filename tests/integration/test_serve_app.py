@@ -65,8 +65,10 @@ def served(tiny_model_dir, tmp_path_factory):
     # Ray runs workers at niceness 15: on a busy shared box a replica starting vLLM then starves.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve")
+    # No spare engine: vLLM on the CPU restarts a spare instead of swapping into it (the spare logic is
+    # tests/unit/test_serve*.py's), and a second engine start per replica only competes for the CPU.
     common = dict(port=port, dtype="float32", max_model_len=256, kv_cache_gb=1, poll_interval_s=0.5,
-                  resident_models=2, limits=LimitSettings(max_tokens=64, max_prompt_tokens=128))
+                  resident_models=2, spare_engines=0, limits=LimitSettings(max_tokens=64, max_prompt_tokens=128))
     try:
         start_serving(run, ServeSettings(engine="vllm", app_name="vllm", route_prefix="/vllm", **common))
         os.environ.pop("IMM_API_KEYS")
@@ -171,7 +173,7 @@ def test_killed_vllm_engine_fails_its_streams_and_the_replica_is_replaced(served
     replica_pid = ray.get(replica.__ray_call__.remote(lambda self: os.getpid()))
     engines = [p for p in _children(replica_pid) if b"EngineCore" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert engines, "no vLLM engine-core process under the replica"
-    for pid in engines:  # resident rounds and the spare
+    for pid in engines:  # every resident round's
         os.kill(pid, signal.SIGKILL)
     time.sleep(2)
     with pytest.raises(openai.APIError):  # its own requests fail (no hang: the client's timeout is 60 s)

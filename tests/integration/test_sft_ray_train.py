@@ -107,33 +107,12 @@ def test_sft_single_worker(single_worker_run, tiny_model_dir, sft_data):
     assert sum(result.timings.values()) == pytest.approx(result.seconds, abs=0.1)
 
 
-def test_worker_killed_mid_run_resumes_from_its_checkpoint(
-        single_worker_run, tiny_model_dir, sft_data, tmp_path, monkeypatch, caplog):
-    marker = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_ENV, f"3:{marker}")  # rank 0 exits hard after step 3 of 4, once
-    out = tmp_path / "sft-model"
-    with caplog.at_level("WARNING", logger="imm_ray.train.trainer"):
-        result = run_sft(tiny_model_dir, sft_data, out,
-                         SFTSettings(**SETTINGS, checkpoint_every_steps=1), tmp_path / "storage")
-
-    assert marker.is_file()
-    assert result.restarts == 1 and result.steps == 4
-    assert "recovered from 1 worker failure" in caplog.text
-    state = json.loads((out / STATE_FILE).read_text())
-    assert [r["step"] for r in state["history"]] == [1, 2, 3, 4]
-    # Resumed from step 3's weights, optimizer and schedule: the same model as without the kill.
-    plain_root, plain = single_worker_run
-    assert state["history"] == json.loads((plain_root / "sft-model" / STATE_FILE).read_text())["history"]
-    expected = load_weights(plain_root / "sft-model")
-    actual = load_weights(out)
-    assert all(torch.equal(expected[k], actual[k]) for k in expected)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed", "sft-model", "storage"]
-
-
 def test_sft_on_s3_resumes_from_checkpoints_kept_on_s3(
-        single_worker_run, tiny_model_dir, sft_data, s3_bucket, tmp_path, monkeypatch):
+        single_worker_run, tiny_model_dir, sft_data, s3_bucket, tmp_path, monkeypatch, caplog):
     """Model, data and output on S3, Ray Train's run folder beside the output there: the worker
-    materializes the model, a killed worker resumes from a checkpoint on S3, rank 0 publishes."""
+    materializes the model, a worker killed after step 3 of 4 resumes from step 3's checkpoint on S3
+    (weights, optimizer and schedule: the same model as without the kill), rank 0 publishes. (A
+    killed worker on local storage: the FSDP test below.)"""
     root = resolve(s3_bucket) / "run"
     publish_dir(tiny_model_dir, root / "original")
     upload_file(sft_data, root / "accepted.jsonl")
@@ -142,16 +121,21 @@ def test_sft_on_s3_resumes_from_checkpoints_kept_on_s3(
     monkeypatch.setenv(CRASH_ENV, f"3:{marker}")
     out = root / "sft"
 
-    result = run_sft((root / "original").uri, root / "accepted.jsonl", out.uri,
-                     SFTSettings(**SETTINGS, checkpoint_every_steps=1))
+    with caplog.at_level("WARNING", logger="imm_ray.train.trainer"):
+        result = run_sft((root / "original").uri, root / "accepted.jsonl", out.uri,
+                         SFTSettings(**SETTINGS, checkpoint_every_steps=1))
 
-    assert marker.is_file() and result.restarts == 1 and result.checkpoint == out.uri
+    assert marker.is_file() and result.restarts == 1 and result.steps == 4 and result.checkpoint == out.uri
+    assert "recovered from 1 worker failure" in caplog.text
     assert is_published(out)
     assert sorted(list_files(root)) == sorted(  # no Ray Train folder, temp or partial file left
         [f"original/{f}" for f in list_files(root / "original")] + ["accepted.jsonl"]
         + [f"sft/{f}" for f in list_files(out)])
     plain_root, _ = single_worker_run
     local = materialize(out, cache_dir=tmp_path / "check")
+    history = json.loads((local / STATE_FILE).read_text())["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert history == json.loads((plain_root / "sft-model" / STATE_FILE).read_text())["history"]
     assert (local / "model.safetensors").read_bytes() == (plain_root / "sft-model/model.safetensors").read_bytes()
     assert (local / "tokenizer.json").read_bytes() == (plain_root / "sft-model/tokenizer.json").read_bytes()
 
@@ -204,6 +188,7 @@ def test_fsdp_worker_killed_resumes_from_sharded_checkpoint(
 
     assert marker.is_file() and result.restarts == 1 and result.steps == 4
     assert (out / "model.safetensors").read_bytes() == (fsdp_run / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed", "sft-model", "storage"]  # no temp left
 
 
 def test_worker_failure_surfaces_root_cause(ray_local, tiny_model_dir, sft_data, tmp_path):
