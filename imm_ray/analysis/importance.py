@@ -23,8 +23,9 @@ import torch
 from imm_ray.data.problems import Problem
 from imm_ray.data.prompts import encode_prompt, render_prompt
 from imm_ray.evaluate import score_completions
+from imm_ray.train.sft_data import SFTRow
 
-__all__ = ["LayerScore", "ProbeSpec", "PromptStyle", "Reference", "decoder_layers",
+__all__ = ["LayerScore", "ProbeSpec", "PromptStyle", "decoder_layers",
            "generate_greedy", "layer_importance", "load_model", "probe_accuracy",
            "reference_loss", "render_probe_prompts", "skip_layers"]
 
@@ -48,19 +49,12 @@ class PromptStyle:
 
 
 @dataclass(frozen=True)
-class Reference:
-    """A known-correct solution: the rendered prompt text and the completion that follows it."""
-
-    prompt: str
-    solution: str
-
-
-@dataclass(frozen=True)
 class ProbeSpec:
     """Everything a layer-importance task needs besides the model and the layers."""
 
     problems: tuple[Problem, ...] = ()
-    references: tuple[Reference, ...] = ()
+    references: tuple[SFTRow, ...] = ()
+    """Known-correct solutions (the rows SFT trains on): the probe of the loss-based measures."""
     prompt: PromptStyle = PromptStyle()
     max_new_tokens: int = 256
     batch_size: int = 16
@@ -203,20 +197,20 @@ def probe_accuracy(model: Any, tokenizer: Any, probe: ProbeSpec,
     return score.accuracy, score.correct, texts
 
 
-def _reference_rows(tokenizer: Any, references: Sequence[Reference]) -> list[tuple[list[int], int]]:
+def _reference_rows(tokenizer: Any, references: Sequence[SFTRow]) -> list[tuple[list[int], int]]:
     """(prompt + solution [+ eos] ids, prompt length) per reference."""
     eos = tokenizer.eos_token_id
     rows = []
     for ref in references:
         prompt = encode_prompt(tokenizer, ref.prompt)
-        target = list(tokenizer(ref.solution, add_special_tokens=False)["input_ids"])
+        target = list(tokenizer(ref.completion, add_special_tokens=False)["input_ids"])
         if eos is not None:
             target.append(int(eos))
         rows.append((prompt + target, len(prompt)))
     return rows
 
 
-def reference_loss(model: Any, tokenizer: Any, references: Sequence[Reference],
+def reference_loss(model: Any, tokenizer: Any, references: Sequence[SFTRow],
                    batch_size: int = 16) -> float | None:
     """Mean token cross-entropy of the reference solutions given their prompts (None if empty)."""
     rows = _reference_rows(tokenizer, references)

@@ -13,13 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from imm_ray.analysis.importance import ProbeSpec, PromptStyle, Reference
+from imm_ray.analysis.importance import ProbeSpec, PromptStyle
 from imm_ray.config import load_run_config
 from imm_ray.data import Problem, load_problems
 from imm_ray.data.prompts import default_stop_strings
 from imm_ray.run import layout
 from imm_ray.storage import Location, exists, is_published, read_jsonl, resolve
 from imm_ray.storage.fs import list_files, list_names
+from imm_ray.train.sft_data import SFTRow
 
 __all__ = ["ModelEntry", "discover_models", "probe_from_run", "read_references",
            "references_from_completions"]
@@ -61,13 +62,13 @@ def discover_models(run_dir: str | Path | Location) -> list[ModelEntry]:
 
 
 def read_references(path: str | Path | Location, limit: int | None = None,
-                    style: PromptStyle | None = None, tokenizer: Any = None) -> list[Reference]:
+                    style: PromptStyle | None = None, tokenizer: Any = None) -> list[SFTRow]:
     """Reference solutions from JSONL (a path or a URI): rows with prompt + completion
     (accepted.jsonl), or question + solution (rendered with ``style``, which then needs ``tokenizer``).
 
     One reference per problem_id when rows carry one; at most ``limit``.
     """
-    refs: list[Reference] = []
+    refs: list[SFTRow] = []
     seen: set[str] = set()
     for row in read_jsonl(path):
         pid = row.get("problem_id")
@@ -81,7 +82,7 @@ def read_references(path: str | Path | Location, limit: int | None = None,
             continue
         if pid is not None:
             seen.add(pid)
-        refs.append(Reference(prompt, solution))
+        refs.append(SFTRow(prompt, solution))
         if limit is not None and len(refs) >= limit:
             break
     return refs
@@ -89,12 +90,12 @@ def read_references(path: str | Path | Location, limit: int | None = None,
 
 def references_from_completions(problems: Sequence[Problem], completions: Sequence[str],
                                 prompts: Sequence[str], verifier: str = "numeric",
-                                limit: int | None = None) -> list[Reference]:
+                                limit: int | None = None) -> list[SFTRow]:
     """The model's own correct greedy completions as reference solutions."""
     from imm_ray.verify.verifiers import verify_batch
 
     verdicts = verify_batch([(c, p.answer) for p, c in zip(problems, completions)], verifier=verifier)
-    refs = [Reference(prompt, text) for prompt, text, v in zip(prompts, completions, verdicts)
+    refs = [SFTRow(prompt, text) for prompt, text, v in zip(prompts, completions, verdicts)
             if v.correct]
     return refs[:limit] if limit is not None else refs
 

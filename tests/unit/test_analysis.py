@@ -153,6 +153,6 @@ def test_a_run_on_object_storage_is_read_through_the_storage_layer(s3_bucket, ti
         ("si/r2/sft", f"{root.uri}/si/round-002/sft")]
     assert load_run_config(root.uri).data.eval[0].name == "t"
     probe, source = probe_from_run(root.uri)
-    assert source == f"{root.uri}/imm/round-001/accepted.jsonl" and [r.solution for r in probe.references] == ["c"]
+    assert source == f"{root.uri}/imm/round-001/accepted.jsonl" and [r.completion for r in probe.references] == ["c"]
     change = parameter_change(f"{root.uri}/imm/round-001/sft", tiny_model_dir)
     assert change.total == 0.0  # the same weights, read from the bucket through this node's cache

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from imm_ray.analysis import (
     ProbeSpec,
     PromptStyle,
-    Reference,
     layer_importance,
     reference_loss,
     skip_layers,
@@ -23,6 +22,7 @@ from imm_ray.analysis.pipeline import AnalysisPlan, run_analysis
 from imm_ray.analysis.probes import ModelEntry, read_references
 from imm_ray.data import Problem
 from imm_ray.storage import StorageError
+from imm_ray.train.sft_data import SFTRow
 from tiny_model import TINY_PROBLEMS
 
 STYLE = PromptStyle("chat", None, "")  # the tiny model memorised prompts without a suffix
@@ -41,8 +41,8 @@ def tiny(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
-def _references(tokenizer) -> tuple[Reference, ...]:
-    return tuple(Reference(STYLE.render(q, tokenizer), s) for q, s, _ in TINY_PROBLEMS)
+def _references(tokenizer) -> tuple[SFTRow, ...]:
+    return tuple(SFTRow(STYLE.render(q, tokenizer), s) for q, s, _ in TINY_PROBLEMS)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -162,8 +162,8 @@ def test_references_one_per_problem_from_accepted_rows(tmp_path: Path):
             {"prompt": "P4", "completion": "S4"}]
     path = tmp_path / "accepted.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert read_references(path) == [Reference("P1", "S1"), Reference("P2", "S2"), Reference("P4", "S4")]
-    assert read_references(path, limit=1) == [Reference("P1", "S1")]
+    assert read_references(path) == [SFTRow("P1", "S1"), SFTRow("P2", "S2"), SFTRow("P4", "S4")]
+    assert read_references(path, limit=1) == [SFTRow("P1", "S1")]
     path.write_text('{"problem_id": "a"\n')
     with pytest.raises(StorageError, match=r"accepted\.jsonl:1: invalid JSON"):
         read_references(path)
