@@ -10,7 +10,6 @@ from imm_ray.evaluate.diversity import (
     group_by_question,
     mean_token_entropy,
     self_bleu,
-    token_entropy,
 )
 from imm_ray.evaluate.harness import EvalRun, evaluate_model
 from imm_ray.evaluate.ledger import Changes, Ledger, question_changes, read_ledger, sample_rows
@@ -26,6 +25,7 @@ from imm_ray.evaluate.paired import PairedDifference, mcnemar_exact, paired_diff
 from imm_ray.evaluate.scoring import DatasetEvaluation, evaluate_completions, pick_verifier
 from imm_ray.evaluate.settings import EvalSettings
 from imm_ray.evaluate.specs import parse_dataset_arg, parse_dataset_args
+from imm_ray.generate.entropy import token_entropy
 
 __all__ = [
     "Changes",

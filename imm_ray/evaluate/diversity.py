@@ -14,7 +14,7 @@ questions where it is defined, so it measures how varied the answers to the *sam
 - distinct answers: number of different final answers among the samples (unparseable ones do
   not count), answers from extract_answer unless given;
 - mean token entropy: mean over all generated tokens of the per-token entropy (nats), when
-  per-token entropies (or distributions, see token_entropy) are supplied.
+  per-token entropies (or distributions, see imm_ray.generate.entropy) are supplied.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ __all__ = [
     "group_by_question",
     "mean_token_entropy",
     "self_bleu",
-    "token_entropy",
 ]
 
 Tokenize = Callable[[str], Sequence[str]]
@@ -91,21 +90,6 @@ def self_bleu(texts: Sequence[str], tokenize: Tokenize = str.split, max_n: int =
     tokens = [list(tokenize(t)) for t in texts]
     scores = [bleu(tokens[i], tokens[:i] + tokens[i + 1 :], max_n) for i in range(len(tokens))]
     return sum(scores) / len(scores)
-
-
-def token_entropy(distribution: Mapping[Any, float] | Sequence[float]) -> float:
-    """Entropy (nats) of one next-token distribution given as log-probabilities.
-
-    Accepts a {token: logprob} mapping (vLLM's per-position logprobs) or a list of logprobs.
-    A truncated top-k distribution is renormalised to sum to 1 first.
-    """
-    logprobs = list(distribution.values()) if isinstance(distribution, Mapping) else list(distribution)
-    finite = [lp for lp in logprobs if lp is not None and math.isfinite(lp)]
-    if not finite:
-        return 0.0
-    top = max(finite)
-    log_z = top + math.log(sum(math.exp(lp - top) for lp in finite))
-    return -sum(math.exp(lp - log_z) * (lp - log_z) for lp in finite)
 
 
 def mean_token_entropy(entropies: Sequence[Sequence[float]]) -> float | None:

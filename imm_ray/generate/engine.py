@@ -39,7 +39,7 @@ class Completion:
     finish_reason: str  # "stop" (eos or a stop string) or "length"
     num_tokens: int
     # Per generated token: entropy (nats) of the model's next-token distribution over its
-    # SamplingSpec.entropy_top_k most likely tokens, renormalised (evaluate.token_entropy).
+    # SamplingSpec.entropy_top_k most likely tokens, renormalised (generate.entropy.token_entropy).
     token_entropies: tuple[float, ...] | None = None
 
 

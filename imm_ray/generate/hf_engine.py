@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from imm_ray.devices import engine_dtype
-from imm_ray.evaluate.diversity import token_entropy
 from imm_ray.generate.engine import Completion, Finished, SamplingSpec, collect, truncate_at_stop
+from imm_ray.generate.entropy import token_entropy
 from imm_ray.generate.settings import EngineSettings
 
 logger = logging.getLogger(__name__)

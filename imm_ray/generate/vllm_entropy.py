@@ -4,7 +4,7 @@ Asking vLLM for top-k log-probs makes its sampler copy the logits, take a top k 
 token for *every* row of every step in which any request asks (about 7% of a CPU decode step at
 256 rows, whatever share of the rows asks). :class:`EntropyRecorder` instead sees the step's raw
 logits (before temperature and penalties, where vLLM takes its log-probs) and computes the entropy
-of their top k renormalised (:func:`imm_ray.evaluate.diversity.token_entropy` of vLLM's top-k
+of their top k renormalised (:func:`imm_ray.generate.entropy.token_entropy` of vLLM's top-k
 log-probs) for the requests whose ``SamplingParams.extra_args`` carry :data:`EXTRA_KEY`, and for
 no other row.
 

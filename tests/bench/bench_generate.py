@@ -121,7 +121,7 @@ def run_entropy_check(args) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from imm_ray.evaluate.diversity import token_entropy
+    from imm_ray.generate.entropy import token_entropy
 
     model, ids = prompt_ids(args, "train", args.prompts)
     spec = sampling(args, False, TOP_K)

@@ -14,9 +14,9 @@ from transformers import AutoTokenizer
 
 import imm_ray.generate.actors as actors_mod
 from imm_ray.data.prompts import encode_prompt, render_prompt
-from imm_ray.evaluate.diversity import token_entropy
 from imm_ray.generate.actors import GeneratorPool, PoolSpec
 from imm_ray.generate.engine import SamplingSpec, collect
+from imm_ray.generate.entropy import token_entropy
 from imm_ray.generate.settings import EngineSettings
 from imm_ray.placement import PlacementError
 from tiny_model import TINY_PROBLEMS

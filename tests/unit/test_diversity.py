@@ -13,8 +13,8 @@ from imm_ray.evaluate import (
     group_by_question,
     mean_token_entropy,
     self_bleu,
-    token_entropy,
 )
+from imm_ray.generate.entropy import token_entropy
 
 
 def test_distinct_n_hand_worked() -> None:

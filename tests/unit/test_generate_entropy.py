@@ -11,8 +11,8 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from imm_ray.evaluate.diversity import token_entropy
 from imm_ray.generate.engine import Completion, SamplingSpec, collect, entropy_mask
+from imm_ray.generate.entropy import token_entropy
 from imm_ray.generate.vllm_entropy import RECORD, EntropyReader, EntropyRecorder, sample_entropies
 
 
