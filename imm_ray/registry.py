@@ -14,9 +14,10 @@ T = TypeVar("T")
 class Registry(dict[str, T]):
     """A dict of named items whose errors say what kind of item is missing and which exist."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, error: type[UnknownNameError] = UnknownNameError) -> None:
         super().__init__()
         self.kind = kind
+        self.error = error
 
     def add(self, name: str, item: T, overwrite: bool = False) -> T:
         """Register ``item`` under ``name`` (ValueError if taken and ``overwrite`` is False)."""
@@ -26,11 +27,11 @@ class Registry(dict[str, T]):
         return item
 
     def lookup(self, name: str) -> T:
-        """The item called ``name``; an UnknownNameError (a KeyError) naming the nearest and the known ones."""
+        """The item called ``name``; else ``error`` (an UnknownNameError) naming the nearest and the known ones."""
         try:
             return self[name]
         except KeyError:
-            raise UnknownNameError(unknown_name(self.kind, name, self)) from None
+            raise self.error(unknown_name(self.kind, name, self)) from None
 
 
 def import_entry(ref: str) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imm_ray.errors import UserError
+from imm_ray.errors import UnknownNameError, UserError
 
 
 class MergeError(UserError):
@@ -10,3 +10,7 @@ class MergeError(UserError):
 
     Raised before anything is published: when it comes from the engine, ``out_dir`` does not exist.
     """
+
+
+class UnknownMergeMethodError(MergeError, UnknownNameError):
+    """A merge method name that is not registered (a MergeError, and the registries' UnknownNameError)."""

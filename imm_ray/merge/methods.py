@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from imm_ray.registry import Registry
+
 from .core import slerp, task_vector_merge, weighted_average
-from .errors import MergeError
+from .errors import MergeError, UnknownMergeMethodError
 from .params import ParamSpec, validate_params
 from .rng import TensorRNG
 from .sparsify import RESCALE_MODES
@@ -71,7 +73,7 @@ class MergeMethod(ABC):
         ``params`` hold scalars (depth gradients already evaluated for this tensor)."""
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {}
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method", UnknownMergeMethodError)
 
 
 def register_merge_method(method: type[MergeMethod] | MergeMethod, *, overwrite: bool = False):
@@ -84,18 +86,13 @@ def register_merge_method(method: type[MergeMethod] | MergeMethod, *, overwrite:
         raise MergeError(f"{method!r} has no name")
     if name in MERGE_METHODS and not overwrite:
         raise MergeError(f"merge method {name!r} is already registered")
-    MERGE_METHODS[name] = instance
+    MERGE_METHODS.add(name, instance, overwrite=True)
     return method
 
 
 def get_merge_method(name: str) -> MergeMethod:
-    """Look a method up by name; MergeError listing the known ones if it is unknown."""
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise MergeError(
-            f"unknown merge method {name!r} (known: {', '.join(sorted(MERGE_METHODS))})"
-        ) from None
+    """Look a method up by name; an UnknownMergeMethodError naming the known ones if it is unknown."""
+    return MERGE_METHODS.lookup(name)
 
 
 # --- parameter specs shared by several methods -------------------------------------------------
