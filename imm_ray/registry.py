@@ -1,5 +1,5 @@
 """A name -> item registry for the parts users extend (arms, data-set presets, prompt templates,
-engines, verifiers, importance measures): one lookup, one error type (:class:`UnknownNameError`)."""
+engines, verifiers, importance measures, merge methods): one lookup, one error type (:class:`UnknownNameError`)."""
 
 from __future__ import annotations
 
