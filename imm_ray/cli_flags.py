@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import typing
+from typing import Any
 
 from imm_ray.errors import UsageError
 
-__all__ = ["add_data_dir", "add_ray_address", "add_run_dir", "run_dir_of"]
+__all__ = ["add_data_dir", "add_ray_address", "add_run_dir", "flag_type", "run_dir_of"]
 
 
 def add_run_dir(parser: argparse.ArgumentParser, reads: str, positional: bool = False,
@@ -44,3 +46,10 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", metavar="DIR",
                         help="data root the data-set presets look in first, <DIR>/<dataset>/<split>.jsonl "
                              "(default: $IMM_DATA_DIR)")
+
+
+def flag_type(annotation: Any) -> Any:
+    """The type a flag generated from a settings field parses its value with: ``X`` for a field of
+    type ``X`` or ``X | None`` when X is int, float, str or bool; str for anything wider."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return args[0] if len(args) == 1 and args[0] in (int, float, str, bool) else str

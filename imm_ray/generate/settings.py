@@ -8,11 +8,11 @@ flags are generated from (:func:`add_settings_arguments`). Pure pydantic: no tor
 from __future__ import annotations
 
 import argparse
-import typing
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imm_ray.cli_flags import flag_type
 from imm_ray.errors import known_name
 from imm_ray.registry import Registry
 
@@ -78,12 +78,6 @@ class EngineSettings(BaseModel):
 _NO_FLAG = {"extra"}
 
 
-def _flag_type(annotation: Any) -> Any:
-    """The type a flag parses its value with: ``X`` for a field of type ``X`` or ``X | None``."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if len(args) == 1 else annotation
-
-
 def add_settings_arguments(parser: argparse.ArgumentParser | Any, defaults: EngineSettings | None = None,
                            skip: tuple[str, ...] = ()) -> None:
     """Add one ``--field-name`` flag per field of :class:`EngineSettings` (booleans get ``--no-...``)."""
@@ -94,13 +88,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser | Any, defaults: Engi
         flag = "--" + ("engine" if name == "name" else name.replace("_", "-"))
         default = getattr(defaults, name)
         help_text = f"{(field.description or '').rstrip('.')} (default {default})"
-        if _flag_type(field.annotation) is bool:
+        if flag_type(field.annotation) is bool:
             parser.add_argument(flag, dest=f"engine_{name}", action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
         elif name == "name":
             parser.add_argument(flag, dest=f"engine_{name}", choices=BUILTIN_ENGINES, default=default, help=help_text)
         else:
-            parser.add_argument(flag, dest=f"engine_{name}", type=_flag_type(field.annotation), default=default,
+            parser.add_argument(flag, dest=f"engine_{name}", type=flag_type(field.annotation), default=default,
                                 help=help_text, metavar=name.split("_")[-1].upper())
 
 

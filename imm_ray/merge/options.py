@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from imm_ray.cli_flags import flag_type
 from imm_ray.errors import known_name
 
 from .errors import MergeError
@@ -83,12 +84,6 @@ def merge_options(values: Mapping[str, Any]) -> MergeOptions:
 _NO_FLAG = {"params"}
 
 
-def _flag_type(annotation: Any) -> Any:
-    """The type a flag parses its value with: ``X`` for ``X | None``; str for anything wider."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if len(args) == 1 and args[0] in (int, float, str, bool) else str
-
-
 def add_options_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--field-name`` flag per field of :class:`MergeOptions` but the parameters (booleans get
     ``--no-...``, lists repeat). A flag left out leaves no attribute, so that a YAML file's value shows through."""
@@ -108,7 +103,7 @@ def add_options_arguments(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(field.annotation) is list:
             parser.add_argument(flag, action="append", metavar="RE", **common)
         else:
-            parser.add_argument(flag, type=_flag_type(field.annotation), metavar=name.split("_")[-1].upper(), **common)
+            parser.add_argument(flag, type=flag_type(field.annotation), metavar=name.split("_")[-1].upper(), **common)
 
 
 def options_from_namespace(args: argparse.Namespace, base: Mapping[str, Any] | None = None,

@@ -654,13 +654,13 @@ def test_cli(ckpts, imm_default, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-PURE_IMPORTS = ("imm_ray.errors", "imm_ray.registry")
+PURE_IMPORTS = ("imm_ray.cli_flags", "imm_ray.errors", "imm_ray.registry")
 
 
 def test_merge_package_does_not_import_ray():
     """The merge package is pure: it imports neither ray nor other imm_ray packages (which might),
     except the stdlib-only imm_ray.errors (UserError, the one-line error reporting) and
-    imm_ray.registry (the one registry style)."""
+    imm_ray.registry (the one registry style) and imm_ray.cli_flags (flags from settings)."""
     import ast
 
     import imm_ray.merge
